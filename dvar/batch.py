@@ -1,0 +1,347 @@
+"""The frozen evaluation batch: the inputs of the DVAR loss, drawn once and then reused.
+
+DVAR's signal comes from evaluating the training objective on inputs whose random
+parts never change, so that the loss moves only because the trained parameters move.
+:class:`FixedEvalBatch` draws those parts once from private generators; any of them
+can instead be redrawn at every evaluation, for the paper's ablation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+PARTS: Tuple[str, ...] = ("images", "latents", "noise", "captions", "timesteps")
+
+IMAGE_KEYS = ("pixel_values", "instance_images", "images", "image")
+CAPTION_KEYS = ("prompt", "prompts", "caption", "captions", "text", "instance_prompt")
+TOKEN_KEYS = ("input_ids", "instance_prompt_ids", "prompt_ids")
+
+
+@contextlib.contextmanager
+def isolated_global_rng(seed: Optional[int] = None) -> Iterator[None]:
+    """Run code that uses Python's, NumPy's or torch's global RNGs without disturbing them.
+
+    Dataset ``__getitem__`` methods (random flips, random prompt templates) draw from the
+    global generators; reading evaluation examples inside this context leaves the training
+    run's random streams exactly where they were. With ``seed`` the code inside sees
+    freshly seeded generators, so what it draws is itself reproducible.
+
+    >>> state = random.getstate()
+    >>> with isolated_global_rng(seed=1):
+    ...     _ = random.random()
+    >>> random.getstate() == state
+    True
+    """
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        try:
+            if seed is not None:
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                torch.manual_seed(seed)
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def _dataset_of(data: Any) -> Any:
+    """Examples in dataset order: a DataLoader's dataset, or the sequence itself."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return data.dataset
+    if not hasattr(data, "__getitem__") or not hasattr(data, "__len__"):
+        raise TypeError(
+            f"Expected a map-style dataset, a DataLoader over one, or a list of examples; got {type(data).__name__}. "
+            "Pass FixedEvalBatch.from_tensors(pixel_values, captions) for other data sources."
+        )
+    return data
+
+
+def _example_parts(example: Any) -> Tuple[torch.Tensor, Union[str, torch.Tensor, None]]:
+    """(image tensor [C, H, W], caption string or token ids) from one dataset item."""
+    if isinstance(example, Mapping):
+        image = next((example[key] for key in IMAGE_KEYS if key in example), None)
+        if image is None:
+            raise KeyError(
+                f"Cannot find the image in a dataset item with keys {sorted(example)}; "
+                f"expected one of {IMAGE_KEYS}."
+            )
+        caption = next((example[key] for key in CAPTION_KEYS if key in example), None)
+        if caption is None:
+            caption = next((example[key] for key in TOKEN_KEYS if key in example), None)
+    elif isinstance(example, (tuple, list)) and len(example) >= 1:
+        image, caption = example[0], (example[1] if len(example) > 1 else None)
+    else:
+        raise TypeError(f"Dataset items must be dicts or (image, caption) tuples; got {type(example).__name__}.")
+    image = torch.as_tensor(image)
+    if image.ndim == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.ndim != 3:
+        raise ValueError(f"Expected an image tensor shaped [C, H, W]; got shape {tuple(image.shape)}.")
+    if isinstance(caption, torch.Tensor) and caption.ndim == 2 and caption.shape[0] == 1:
+        caption = caption[0]
+    return image, caption
+
+
+def is_flow_matching(noise_scheduler: Any) -> bool:
+    """True for rectified-flow schedulers (SD3 / Flux style ``FlowMatch*``)."""
+    return noise_scheduler is not None and type(noise_scheduler).__name__.startswith("FlowMatch")
+
+
+@dataclass
+class EvalBatch:
+    """The inputs of one DVAR evaluation (the frozen parts, plus any redrawn ones).
+
+    Attributes:
+        pixel_values: images in the training range (usually [-1, 1]), ``[k, C, H, W]``.
+        captions: prompt strings, or None when the dataset gives token ids.
+        input_ids: token ids ``[k, L]`` when the dataset gives them, else None.
+        latents: scaled VAE latents (pixel values for pixel-space models), or None.
+        noise: diffusion noise shaped like ``latents``, or None.
+        timesteps: one timestep per example (distinct), or None.
+        sigmas: flow-matching noise levels matching ``timesteps``, or None.
+        indices: dataset indices of the examples.
+        generator: a private CPU generator for custom objectives that need more randomness.
+        cache_key: equal for evaluations whose inputs are identical (None when redrawn).
+    """
+
+    pixel_values: torch.Tensor
+    captions: Optional[List[str]] = None
+    input_ids: Optional[torch.Tensor] = None
+    latents: Optional[torch.Tensor] = None
+    noise: Optional[torch.Tensor] = None
+    timesteps: Optional[torch.Tensor] = None
+    sigmas: Optional[torch.Tensor] = None
+    indices: List[int] = field(default_factory=list)
+    generator: Optional[torch.Generator] = None
+    text_cache_key: Optional[Tuple[Any, ...]] = None
+    input_cache_key: Optional[Tuple[Any, ...]] = None
+
+    def __len__(self) -> int:
+        return int(self.pixel_values.shape[0])
+
+    def select(self, positions: Sequence[int]) -> "EvalBatch":
+        """The sub-batch at ``positions`` (used to split the batch across processes)."""
+        positions = list(positions)
+        index = torch.tensor(positions, dtype=torch.long)
+
+        def take(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if t is None else t.index_select(0, index.to(t.device))
+
+        key = tuple(positions)
+        return replace(
+            self,
+            pixel_values=take(self.pixel_values),
+            captions=None if self.captions is None else [self.captions[i] for i in positions],
+            input_ids=take(self.input_ids),
+            latents=take(self.latents),
+            noise=take(self.noise),
+            timesteps=take(self.timesteps),
+            sigmas=take(self.sigmas),
+            indices=[self.indices[i] for i in positions],
+            text_cache_key=None if self.text_cache_key is None else self.text_cache_key + key,
+            input_cache_key=None if self.input_cache_key is None else self.input_cache_key + key,
+        )
+
+    def shard(self, rank: int, world_size: int) -> "EvalBatch":
+        """Contiguous share of process ``rank``; shares differ in size by at most one."""
+        bounds = np.linspace(0, len(self), world_size + 1).round().astype(int)
+        return self.select(range(bounds[rank], bounds[rank + 1]))
+
+
+class FixedEvalBatch:
+    """The DVAR evaluation batch: images, latents, noise, captions and timesteps drawn once.
+
+    Args:
+        train_data: the training dataset (or a DataLoader over it); the first
+            ``batch_size`` examples in dataset order are used.
+        vae: encodes the images once; its latent distribution is sampled with a private
+            generator and multiplied by ``vae.config.scaling_factor``. None for pixel-space
+            models or objectives that need no latents.
+        noise_scheduler: gives the timestep range, and (``FlowMatch*``) the sigmas.
+        batch_size: K, the number of frozen examples (the paper uses 4).
+        seed: seed of the private generators; the same seed gives the same batch.
+        resample: parts in ``PARTS`` to redraw at every evaluation instead (ablation).
+
+    Nothing here touches the global random generators, so attaching it does not change
+    the training run's own random streams.
+
+    Example:
+        >>> batch = FixedEvalBatch(train_dataset, vae=vae, noise_scheduler=scheduler)  # doctest: +SKIP
+        >>> inputs = batch.next()  # the same inputs every call
+    """
+
+    def __init__(
+        self,
+        train_data: Any,
+        vae: Optional[torch.nn.Module] = None,
+        noise_scheduler: Any = None,
+        batch_size: int = 4,
+        seed: int = 0,
+        resample: Iterable[str] = (),
+    ) -> None:
+        self.resample = frozenset(resample)
+        unknown = self.resample - set(PARTS)
+        if unknown:
+            raise ValueError(f"Unknown part(s) to resample: {sorted(unknown)}; choose from {PARTS}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size}).")
+        self.dataset = _dataset_of(train_data)
+        if len(self.dataset) == 0:
+            raise ValueError("The training dataset is empty: DVAR needs at least one example to freeze.")
+        self.vae = vae
+        self.noise_scheduler = noise_scheduler
+        self.flow_matching = is_flow_matching(noise_scheduler)
+        self.batch_size = min(batch_size, len(self.dataset))
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.num_draws = 0
+        self.frozen = self._draw(list(range(self.batch_size)))
+
+    @classmethod
+    def from_tensors(
+        cls,
+        pixel_values: torch.Tensor,
+        captions: Union[Sequence[str], torch.Tensor, None] = None,
+        **kwargs: Any,
+    ) -> "FixedEvalBatch":
+        """Build from ready tensors: ``pixel_values`` ``[N, C, H, W]`` and N captions (or token ids)."""
+        examples = [
+            (pixel_values[i], None if captions is None else captions[i]) for i in range(pixel_values.shape[0])
+        ]
+        return cls(examples, **kwargs)
+
+    # -- drawing -------------------------------------------------------------------------
+
+    def _next_seed(self) -> int:
+        return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
+
+    def _read_examples(self, indices: Sequence[int]) -> Tuple[torch.Tensor, List[Any]]:
+        with isolated_global_rng(seed=self._next_seed()):
+            parts = [_example_parts(self.dataset[i]) for i in indices]
+        pixel_values = torch.stack([image.float() for image, _ in parts])
+        return pixel_values, [caption for _, caption in parts]
+
+    @torch.no_grad()
+    def _encode(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of the scaled latent distribution (computed once per image set)."""
+        if self.vae is None:
+            return pixel_values, torch.zeros_like(pixel_values)
+        param = next(self.vae.parameters())
+        encoded = self.vae.encode(pixel_values.to(param.device, param.dtype))
+        dist = getattr(encoded, "latent_dist", None)
+        if dist is not None:
+            mean, std = dist.mean.float(), dist.std.float()
+        else:  # deterministic encoders (e.g. AutoencoderTiny)
+            mean = encoded.latents.float()
+            std = torch.zeros_like(mean)
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        scale = getattr(config, "scaling_factor", 1.0)
+        return ((mean - shift) * scale).cpu(), (std * scale).cpu()
+
+    def _draw_timesteps(self, k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        scheduler = self.noise_scheduler
+        num_train_timesteps = scheduler.config.num_train_timesteps
+        positions = torch.randperm(num_train_timesteps, generator=self.generator)[:k]
+        if k > num_train_timesteps:
+            raise ValueError(f"Cannot draw {k} distinct timesteps from {num_train_timesteps}.")
+        if not self.flow_matching:
+            return positions, None
+        # A fresh scheduler: the user's may have been set up for inference (set_timesteps).
+        fresh = type(scheduler).from_config(scheduler.config)
+        return fresh.timesteps[positions].float(), fresh.sigmas[positions].float()
+
+    def _draw(self, indices: List[int], base: Optional[EvalBatch] = None) -> EvalBatch:
+        """Draw the parts that are frozen (``base is None``) or resampled (``base`` given)."""
+        redraw = (lambda part: True) if base is None else (lambda part: part in self.resample)
+        if base is None or "images" in self.resample or "captions" in self.resample:
+            pixel_values, captions = self._read_examples(indices)
+        if base is not None and "images" not in self.resample:
+            pixel_values, indices = base.pixel_values, base.indices
+        if base is not None and "captions" not in self.resample:
+            caption_list: List[Any] = base.captions if base.captions is not None else list(base.input_ids)
+        else:
+            caption_list = captions
+        texts, input_ids = _split_captions(caption_list)
+
+        if base is None or "images" in self.resample:
+            latent_mean, latent_std = self._encode(pixel_values)
+        else:
+            latent_mean, latent_std = self._latent_mean, self._latent_std
+        k = pixel_values.shape[0]
+        wants_latents = self.vae is not None or self.noise_scheduler is not None
+        latents = noise = timesteps = sigmas = None
+        if wants_latents:
+            if redraw("latents") or "images" in self.resample:
+                eps = torch.randn(latent_mean.shape, generator=self.generator)
+                latents = latent_mean + latent_std * eps
+            else:
+                latents = base.latents
+        if self.noise_scheduler is not None:
+            noise = torch.randn(latents.shape, generator=self.generator) if redraw("noise") else base.noise
+            if redraw("timesteps"):
+                timesteps, sigmas = self._draw_timesteps(k)
+            else:
+                timesteps, sigmas = base.timesteps, base.sigmas
+        if base is None:
+            self._latent_mean, self._latent_std = latent_mean, latent_std
+
+        text_frozen = not ({"images", "captions"} & self.resample)
+        inputs_frozen = not self.resample
+        return EvalBatch(
+            pixel_values=pixel_values,
+            captions=texts,
+            input_ids=input_ids,
+            latents=latents,
+            noise=noise,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            indices=list(indices),
+            generator=self.generator,
+            text_cache_key=("text",) if text_frozen else None,
+            input_cache_key=("inputs",) if inputs_frozen else None,
+        )
+
+    def next(self) -> EvalBatch:
+        """The inputs of the next evaluation: the frozen batch, with resampled parts redrawn."""
+        self.num_draws += 1
+        if not self.resample:
+            return self.frozen
+        indices = list(range(self.batch_size))
+        if "images" in self.resample:
+            indices = torch.randperm(len(self.dataset), generator=self.generator)[: self.batch_size].tolist()
+        return self._draw(indices, base=self.frozen)
+
+    # -- checkpointing -------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"seed": self.seed, "num_draws": self.num_draws, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"Checkpoint used seed {state['seed']} for the evaluation batch, this run {self.seed}.")
+        self.num_draws = state["num_draws"]
+        self.generator.set_state(state["generator"])
+
+    def __repr__(self) -> str:
+        frozen = [p for p in PARTS if p not in self.resample]
+        return f"FixedEvalBatch(k={self.batch_size}, seed={self.seed}, frozen={frozen}, resampled={sorted(self.resample)})"
+
+
+def _split_captions(captions: List[Any]) -> Tuple[Optional[List[str]], Optional[torch.Tensor]]:
+    if all(isinstance(c, str) for c in captions):
+        return list(captions), None
+    if all(isinstance(c, torch.Tensor) for c in captions):
+        return None, torch.stack([c.long() for c in captions])
+    if all(c is None for c in captions):
+        return None, None
+    raise TypeError("Captions must all be strings or all token-id tensors.")

@@ -1,0 +1,360 @@
+"""``DVAREarlyStopping``: the drop-in callback for diffusers/accelerate training loops."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+
+from .batch import PARTS, FixedEvalBatch
+from .criterion import DVARCriterion, NonFinitePolicy, resolve_preset
+from .objectives import DiffusionObjective, Models, Objective
+
+HISTORY_COLUMNS = ("step", "eval_loss", "normalized_variance", "train_loss")
+
+
+@dataclass
+class DVARConfig:
+    """Settings of :class:`DVAREarlyStopping`.
+
+    Example:
+        >>> DVARConfig(preset="textual_inversion").resolved_window_threshold()
+        (310, 0.15)
+    """
+
+    preset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth."},
+    )
+    window: Optional[int] = field(
+        default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
+    )
+    threshold: Optional[float] = field(
+        default=None, metadata={"help": "alpha: stop when var(last N) / var(all) falls below it (overrides the preset)."}
+    )
+    eval_every: int = field(
+        default=1, metadata={"help": "Evaluate the frozen batch every this many optimizer steps (window stays in steps)."}
+    )
+    eval_batch_size: int = field(default=4, metadata={"help": "K: frozen examples (first K of the dataset)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the private generators that freeze the batch."})
+    resample: Tuple[str, ...] = field(
+        default=(), metadata={"help": f"Parts redrawn at every evaluation (ablation), from {PARTS}."}
+    )
+    nonfinite: NonFinitePolicy = field(
+        default="stop", metadata={"help": "On a NaN/inf eval loss: stop (default), skip it, or raise."}
+    )
+    max_train_steps: Optional[int] = field(
+        default=None, metadata={"help": "The step budget, to reject a window the run can never fill."}
+    )
+
+    def resolved_window_threshold(self) -> Tuple[int, float]:
+        preset = resolve_preset(self.preset) if self.preset else None
+        window = self.window if self.window is not None else (preset.window if preset else None)
+        threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
+        if window is None or threshold is None:
+            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion') or both window and threshold.")
+        DVARCriterion(window, threshold)  # validates both, with the criterion's own messages
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every must be >= 1 (got {self.eval_every}).")
+        if self.max_train_steps is not None and window > self.max_train_steps:
+            raise ValueError(
+                f"DVAR window ({window} steps) is larger than the step budget ({self.max_train_steps}): "
+                "it could never fire. Lower the window or raise max_train_steps."
+            )
+        return window, threshold
+
+
+@dataclass
+class HistoryRow:
+    step: int
+    eval_loss: float
+    normalized_variance: float
+    train_loss: float
+
+
+@contextlib.contextmanager
+def eval_mode(modules: Iterator[torch.nn.Module]) -> Iterator[None]:
+    """Put modules in eval mode (no dropout), then restore each one's own mode."""
+    modules = list(modules)
+    was_training = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, training in zip(modules, was_training):
+            module.train(training)
+
+
+class DVAREarlyStopping:
+    """Stop training when the loss on a frozen batch plateaus (DVAR, Voronov et al. 2023).
+
+    Call :meth:`step` once per optimizer step; it evaluates the training objective on
+    the frozen batch (every ``eval_every`` steps) and returns True, on every process at
+    the same step, once ``var(last window) / var(all) < threshold``.
+
+    Args:
+        unet, transformer: the denoiser (diffusers class).
+        vae: encodes the frozen images once.
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2: text side (SD: one; SDXL: two).
+        noise_scheduler: the training noise scheduler.
+        train_dataset: the training dataset or DataLoader (first K examples in order).
+        accelerator: an ``accelerate.Accelerator``: device, autocast, trackers, multi-process.
+        objective: a custom ``(models, batch) -> loss``; default: the diffusion loss.
+        models: extra named modules for a custom objective (put in eval mode while evaluating).
+        config: a :class:`DVARConfig`; or give its fields as keyword arguments.
+
+    Example (inside a diffusers training script)::
+
+        stopper = DVAREarlyStopping(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    noise_scheduler=noise_scheduler, train_dataset=train_dataset,
+                                    preset="textual_inversion", accelerator=accelerator)
+        accelerator.register_for_checkpointing(stopper)
+        ...
+        if stopper.step(global_step, loss): break   # after each optimizer step
+    """
+
+    def __init__(
+        self,
+        *,
+        unet: Optional[torch.nn.Module] = None,
+        transformer: Optional[torch.nn.Module] = None,
+        vae: Optional[torch.nn.Module] = None,
+        text_encoder: Optional[torch.nn.Module] = None,
+        tokenizer: Any = None,
+        text_encoder_2: Optional[torch.nn.Module] = None,
+        tokenizer_2: Any = None,
+        noise_scheduler: Any = None,
+        train_dataset: Any = None,
+        accelerator: Any = None,
+        objective: Optional[Objective] = None,
+        models: Optional[Mapping[str, torch.nn.Module]] = None,
+        prompt_encoder: Any = None,
+        config: Optional[DVARConfig] = None,
+        **config_kwargs: Any,
+    ) -> None:
+        if config is not None and config_kwargs:
+            raise TypeError("Pass either config=DVARConfig(...) or its fields as keywords, not both.")
+        self.config = config or DVARConfig(**config_kwargs)
+        self.window, self.threshold = self.config.resolved_window_threshold()
+        if train_dataset is None:
+            raise ValueError("DVAREarlyStopping needs the training dataset (train_dataset=...) to freeze its batch.")
+        self.accelerator = accelerator
+
+        named = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        self.models: Dict[str, torch.nn.Module] = {k: v for k, v in named.items() if v is not None}
+        self.models.update(models or {})
+        if objective is None:
+            if unet is None and transformer is None:
+                raise ValueError("Pass the denoiser (unet= or transformer=), or a custom objective=.")
+            if noise_scheduler is None:
+                raise ValueError("The diffusion objective needs noise_scheduler=.")
+            objective = DiffusionObjective(noise_scheduler, prompt_encoder, tokenizer, tokenizer_2)
+        self.objective = objective
+
+        # The criterion counts evaluations; the window is meant in optimizer steps.
+        evals_in_window = max(2, math.ceil(self.window / self.config.eval_every))
+        self.criterion = DVARCriterion(evals_in_window, self.threshold, nonfinite=self.config.nonfinite)
+        self.eval_batch = FixedEvalBatch(
+            train_dataset,
+            vae=_unwrap(vae, accelerator) if vae is not None else None,
+            noise_scheduler=noise_scheduler,
+            batch_size=self.config.eval_batch_size,
+            seed=self.config.seed,
+            resample=self.config.resample,
+        )
+        self.history: List[HistoryRow] = []
+        self.stop_step: Optional[int] = None
+        self.reason: Optional[str] = None
+        self.eval_seconds = 0.0
+
+    # -- the decision --------------------------------------------------------------------
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_step is not None
+
+    @property
+    def rank_and_world(self) -> Tuple[int, int]:
+        if self.accelerator is not None:
+            return self.accelerator.process_index, self.accelerator.num_processes
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def _all_reduce_sum(self, values: List[float], device: torch.device) -> List[float]:
+        _, world = self.rank_and_world
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        if world > 1:
+            if self.accelerator is not None:
+                tensor = self.accelerator.reduce(tensor, reduction="sum")
+            else:
+                torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _device(self) -> torch.device:
+        if self.accelerator is not None:
+            return self.accelerator.device
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if torch.distributed.get_backend() == "nccl":
+                return torch.device("cuda", torch.cuda.current_device())
+            return torch.device("cpu")
+        module = next(iter(self.models.values()), None)
+        return next(module.parameters()).device if module is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The objective on the frozen batch, split across processes and averaged over all examples."""
+        started = time.perf_counter()
+        rank, world = self.rank_and_world
+        batch = self.eval_batch.next()
+        shard = batch.shard(rank, world)
+        models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
+        local_sum = 0.0
+        if len(shard):
+            autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
+            with eval_mode(models.values()), autocast:
+                local_sum = float(self.objective(models, shard)) * len(shard)
+        total, count = self._all_reduce_sum([local_sum, float(len(shard))], self._device())
+        self.eval_seconds += time.perf_counter() - started
+        return total / count
+
+    def step(self, global_step: int, train_loss: Any = None) -> bool:
+        """Call once per optimizer step (after ``optimizer.step()``); True means stop now.
+
+        Every process must call it at every step: the evaluation is split across them and
+        the decision is agreed, so all return the same value at the same step.
+        """
+        if self.should_stop:
+            return True
+        if global_step % self.config.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
+            return False  # not an evaluation step, or already evaluated (e.g. called twice)
+        eval_loss = self.evaluate()
+        local_stop = self.criterion.update(eval_loss)
+        stop = self._all_reduce_sum([float(local_stop)], self._device())[0] > 0
+        row = HistoryRow(global_step, eval_loss, self.criterion.normalized_variance, _to_float(train_loss))
+        self.history.append(row)
+        if self.accelerator is not None:
+            self.accelerator.log(
+                {"dvar/eval_loss": eval_loss, "dvar/normalized_variance": row.normalized_variance}, step=global_step
+            )
+        if stop:
+            self.stop_step = global_step
+            self.reason = self.criterion.reason or "stopped by another process"
+            if self.config.eval_every > 1 and self.reason.startswith("plateau"):
+                self.reason += f" (evaluated every {self.config.eval_every} steps)"
+        return stop
+
+    # -- reporting -----------------------------------------------------------------------
+
+    @property
+    def normalized_variance(self) -> float:
+        return self.criterion.normalized_variance
+
+    def progress_postfix(self) -> Dict[str, str]:
+        """Short fields for a tqdm progress bar: frozen-batch loss and nvar vs threshold."""
+        if not self.history:
+            return {}
+        row = self.history[-1]
+        nvar = "n/a" if math.isnan(row.normalized_variance) else f"{row.normalized_variance:.3f}"
+        return {"dvar_loss": f"{row.eval_loss:.4f}", "nvar": f"{nvar}/{self.threshold:g}"}
+
+    def summary(self, max_train_steps: Optional[int] = None) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "stopped_early": self.should_stop,
+            "stop_step": self.stop_step,
+            "reason": self.reason,
+            "window": self.window,
+            "threshold": self.threshold,
+            "eval_every": self.config.eval_every,
+            "num_evaluations": len(self.history),
+            "eval_seconds": round(self.eval_seconds, 3),
+        }
+        if max_train_steps is not None:
+            out["max_train_steps"] = max_train_steps
+            out["steps_saved"] = max_train_steps - self.stop_step if self.stop_step is not None else 0
+        return out
+
+    def save_history(self, output_dir: str, plot: bool = True, prefix: str = "dvar_history") -> List[Path]:
+        """Write the history to ``<prefix>.csv`` (and ``<prefix>.png``); returns the paths."""
+        from .plotting import plot_history
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        csv_path = out / f"{prefix}.csv"
+        with open(csv_path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(HISTORY_COLUMNS)
+            for row in self.history:
+                writer.writerow([row.step, repr(row.eval_loss), repr(row.normalized_variance), repr(row.train_loss)])
+        paths = [csv_path]
+        if plot:
+            paths.append(plot_history(self.history, self.threshold, self.stop_step, out / f"{prefix}.png"))
+        return paths
+
+    # -- checkpointing -------------------------------------------------------------------
+
+    def _settings(self) -> Dict[str, Any]:
+        """What a checkpoint must agree on to be resumed by this callback."""
+        config = self.config
+        return {
+            "window": self.window,
+            "threshold": self.threshold,
+            "eval_every": config.eval_every,
+            "eval_batch_size": config.eval_batch_size,
+            "seed": config.seed,
+            "resample": sorted(config.resample),
+        }
+
+    def state_dict(self) -> Dict[str, Any]:
+        """State for ``accelerator.register_for_checkpointing`` (plain Python + one tensor)."""
+        return {
+            "settings": self._settings(),
+            "criterion": self.criterion.state_dict(),
+            "eval_batch": self.eval_batch.state_dict(),
+            "history": [asdict(row) for row in self.history],
+            "stop_step": self.stop_step,
+            "reason": self.reason,
+            "eval_seconds": self.eval_seconds,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        for key, value in self._settings().items():
+            if state["settings"][key] != value:
+                raise ValueError(
+                    f"The checkpoint's DVAR {key} is {state['settings'][key]!r} but this run uses {value!r}; "
+                    "resume with the same early-stopping settings."
+                )
+        self.criterion.load_state_dict(state["criterion"])
+        self.eval_batch.load_state_dict(state["eval_batch"])
+        self.history = [HistoryRow(**row) for row in state["history"]]
+        self.stop_step = state["stop_step"]
+        self.reason = state["reason"]
+        self.eval_seconds = state["eval_seconds"]
+
+    def __repr__(self) -> str:
+        return (
+            f"DVAREarlyStopping(window={self.window}, threshold={self.threshold}, eval_every={self.config.eval_every}, "
+            f"evaluations={len(self.history)}, stop_step={self.stop_step})"
+        )
+
+
+def _unwrap(module: torch.nn.Module, accelerator: Any) -> torch.nn.Module:
+    """The plain module behind DDP/compile wrappers: evaluation must not run DDP collectives."""
+    if accelerator is not None:
+        return accelerator.unwrap_model(module)
+    return getattr(module, "module", module)
+
+
+def _to_float(value: Any) -> float:
+    if value is None:
+        return math.nan
+    if isinstance(value, torch.Tensor):
+        return float(value.detach().float().mean())
+    return float(value)

@@ -1,0 +1,162 @@
+"""Tiny, randomly initialised diffusers components built in code.
+
+For tests, the overhead benchmark and smoke runs: the real diffusers/transformers
+classes (``UNet2DConditionModel``, ``AutoencoderKL``, ``CLIPTextModel``...) at toy sizes,
+with the Stable Diffusion 1.x tokenizer that ships with dvar. Nothing is downloaded.
+
+Example:
+    >>> parts = tiny_sd(seed=0)
+    >>> sorted(parts)
+    ['noise_scheduler', 'text_encoder', 'tokenizer', 'unet', 'vae']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "mini-sd" / "tokenizer"
+
+
+def sd_tokenizer() -> Any:
+    """The Stable Diffusion 1.x CLIP tokenizer, from the files bundled with dvar."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+
+
+def _text_config(hidden_size: int = 32, projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+
+
+def tiny_sd(seed: int = 0, prediction_type: str = "epsilon", resolution: int = 16) -> Dict[str, Any]:
+    """SD 1.x-shaped parts: UNet (cross-attention), VAE (4 latent channels, 2x down), CLIP text encoder, DDPM."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    text_encoder = CLIPTextModel(_text_config())
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": sd_tokenizer(), "noise_scheduler": scheduler}
+
+
+def tiny_sdxl(seed: int = 0, resolution: int = 16) -> Dict[str, Any]:
+    """SDXL-shaped parts: two text encoders (the second with projection), text_time UNet."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    parts = tiny_sd(seed, resolution=resolution)
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet2DConditionModel(
+        sample_size=resolution // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+        cross_attention_dim=64,
+        norm_num_groups=8,
+    )
+    parts["text_encoder"] = CLIPTextModel(_text_config())
+    parts["text_encoder_2"] = CLIPTextModelWithProjection(_text_config(projection_dim=32))
+    parts["tokenizer_2"] = parts["tokenizer"]
+    parts["noise_scheduler"] = EulerDiscreteScheduler(num_train_timesteps=1000)
+    return parts
+
+
+def tiny_sd3(seed: int = 0, resolution: int = 16) -> Dict[str, Any]:
+    """SD3-shaped parts: an MMDiT transformer and a flow-matching scheduler (text side given as embeddings)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    parts = tiny_sd(seed, resolution=resolution)
+    torch.manual_seed(seed + 2)
+    parts.pop("unet")
+    parts["transformer"] = SD3Transformer2DModel(
+        sample_size=resolution // 2,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+    )
+    parts["noise_scheduler"] = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return parts
+
+
+class ToyConceptDataset(torch.utils.data.Dataset):
+    """A few smooth random "photos" of one concept with a caption, shaped like the diffusers
+    example datasets (``pixel_values`` in [-1, 1] and ``prompt``), with a random flip
+    drawn from the global RNG as the real ones do."""
+
+    def __init__(
+        self, num_images: int = 5, resolution: int = 16, seed: int = 0, prompt: str = "a photo of sks dog", flip: bool = True
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        coarse = torch.rand(num_images, 3, 4, 4, generator=generator) * 2 - 1
+        self.images = torch.nn.functional.interpolate(coarse, size=resolution, mode="bilinear", align_corners=False)
+        self.prompt = prompt
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        image = self.images[index]
+        if self.flip and torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return {"pixel_values": image, "prompt": self.prompt}
+
+
+def collate(examples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]),
+        "prompt": [e["prompt"] for e in examples],
+    }
