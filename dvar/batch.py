@@ -104,6 +104,7 @@ class EvalBatch:
         pixel_values: images in the training range (usually [-1, 1]), ``[k, C, H, W]``.
         captions: prompt strings, or None when the dataset gives token ids.
         input_ids: token ids ``[k, L]`` when the dataset gives them, else None.
+        prompt_embeds: precomputed text-encoder states ``[k, L, D]`` when the dataset gives them.
         latents: scaled VAE latents (pixel values for pixel-space models), or None.
         noise: diffusion noise shaped like ``latents``, or None.
         timesteps: one timestep per example (distinct), or None.
@@ -116,6 +117,7 @@ class EvalBatch:
     pixel_values: torch.Tensor
     captions: Optional[List[str]] = None
     input_ids: Optional[torch.Tensor] = None
+    prompt_embeds: Optional[torch.Tensor] = None
     latents: Optional[torch.Tensor] = None
     noise: Optional[torch.Tensor] = None
     timesteps: Optional[torch.Tensor] = None
@@ -142,6 +144,7 @@ class EvalBatch:
             pixel_values=take(self.pixel_values),
             captions=None if self.captions is None else [self.captions[i] for i in positions],
             input_ids=take(self.input_ids),
+            prompt_embeds=take(self.prompt_embeds),
             latents=take(self.latents),
             noise=take(self.noise),
             timesteps=take(self.timesteps),
@@ -268,10 +271,9 @@ class FixedEvalBatch:
         if base is not None and "images" not in self.resample:
             pixel_values, indices = base.pixel_values, base.indices
         if base is not None and "captions" not in self.resample:
-            caption_list: List[Any] = base.captions if base.captions is not None else list(base.input_ids)
+            texts, input_ids, prompt_embeds = base.captions, base.input_ids, base.prompt_embeds
         else:
-            caption_list = captions
-        texts, input_ids = _split_captions(caption_list)
+            texts, input_ids, prompt_embeds = _split_captions(captions)
 
         if base is None or "images" in self.resample:
             latent_mean, latent_std = self._encode(pixel_values)
@@ -301,6 +303,7 @@ class FixedEvalBatch:
             pixel_values=pixel_values,
             captions=texts,
             input_ids=input_ids,
+            prompt_embeds=prompt_embeds,
             latents=latents,
             noise=noise,
             timesteps=timesteps,
@@ -337,11 +340,15 @@ class FixedEvalBatch:
         return f"FixedEvalBatch(k={self.batch_size}, seed={self.seed}, frozen={frozen}, resampled={sorted(self.resample)})"
 
 
-def _split_captions(captions: List[Any]) -> Tuple[Optional[List[str]], Optional[torch.Tensor]]:
+def _split_captions(captions: List[Any]) -> Tuple[Optional[List[str]], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(strings, token ids, precomputed prompt embeddings): whichever the dataset gives."""
     if all(isinstance(c, str) for c in captions):
-        return list(captions), None
-    if all(isinstance(c, torch.Tensor) for c in captions):
-        return None, torch.stack([c.long() for c in captions])
+        return list(captions), None, None
+    if all(isinstance(c, torch.Tensor) and not c.is_floating_point() for c in captions):
+        return None, torch.stack([c.long() for c in captions]), None
+    if all(isinstance(c, torch.Tensor) and c.is_floating_point() for c in captions):
+        # e.g. train_dreambooth.py --pre_compute_text_embeddings: [1, L, D] per item
+        return None, None, torch.stack([c[0] if c.ndim == 3 else c for c in captions]).float()
     if all(c is None for c in captions):
-        return None, None
-    raise TypeError("Captions must all be strings or all token-id tensors.")
+        return None, None, None
+    raise TypeError("Captions must all be strings, all token-id tensors or all prompt-embedding tensors.")

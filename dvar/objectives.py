@@ -213,6 +213,8 @@ class DiffusionObjective:
         return self.prompt_encoder
 
     def _prompt_embeddings(self, models: Models, batch: EvalBatch) -> Optional[PromptEmbeddings]:
+        if batch.prompt_embeds is not None and self.prompt_encoder is None:  # precomputed by the dataset
+            return PromptEmbeddings(batch.prompt_embeds)
         encoder = self._encoder(models)
         if encoder is None:
             return None

@@ -24,3 +24,28 @@ def toy_dataset():
     from dvar.tiny import ToyConceptDataset
 
     return ToyConceptDataset(num_images=6, resolution=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A randomly initialised SD-format pipeline folder (16x16 images), saved with save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+
+    from dvar.tiny import tiny_sd
+
+    parts = tiny_sd(seed=0, resolution=16)
+    pipe = StableDiffusionPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+        scheduler=parts["noise_scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    path = tmp_path_factory.mktemp("tiny-sd")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def concept_dir():
+    """A bundled synthetic concept folder (5 PNGs + concept.json)."""
+    from dvar.world import list_concepts
+
+    return list_concepts("textual_inversion")[0].path

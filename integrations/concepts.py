@@ -1,0 +1,38 @@
+"""The bundled synthetic concepts as default training data, and their metadata."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+GROUP_OF_METHOD = {
+    "textual_inversion": "textual_inversion",
+    "custom_diffusion": "custom_diffusion",
+    "dreambooth": "dreambooth",
+    "dreambooth_lora": "dreambooth",
+}
+
+
+def bundled_concept(method: str) -> Any:
+    """The first bundled concept of the method's group (the paper's split: 9 TI / 9 CD / 30 DB)."""
+    from dvar.world import list_concepts
+
+    return list_concepts(GROUP_OF_METHOD[method])[0]
+
+
+def concept_metadata(folder: Optional[str]) -> Optional[Dict[str, Any]]:
+    """``concept.json`` of a bundled-format concept folder, or None for a plain folder of photos."""
+    if folder is None:
+        return None
+    path = Path(folder) / "concept.json"
+    if not path.is_file():
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def concept_prompts(folder: Optional[str]) -> Optional[List[str]]:
+    """Training prompt templates (with ``{}`` for the concept) when the folder gives them."""
+    meta = concept_metadata(folder)
+    return None if meta is None else list(meta.get("train_prompts") or []) or None

@@ -1,0 +1,239 @@
+"""The shared trainer, through Textual Inversion on a tiny random SD pipeline: outputs that
+diffusers loads, early stop, resume, Ctrl-C/errors, several processes, and bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dvar.integrations import textual_inversion
+from dvar.integrations.data import load_image_folder, to_rgb
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_PHOTOS = REPO.parent / "shared" / "datasets" / "dreambooth" / "dog"
+
+
+@pytest.fixture
+def ti_args(tiny_pipeline_dir, concept_dir, tmp_path):
+    def make(*extra, out="out", steps=20):
+        return [
+            "--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--train_data_dir", str(concept_dir),
+            "--output_dir", str(tmp_path / out), "--max_train_steps", str(steps), "--placeholder_token", "<thing>",
+            "--num_validation_images", "1", "--num_inference_steps", "2", "--checkpointing_steps", "1000", *extra,
+        ]
+    return make
+
+
+EARLY = ["--early-stop", "--early-stop-window", "6", "--early-stop-threshold", "0.5"]
+
+
+def summary(path):
+    return json.loads((Path(path) / "dvar_summary.json").read_text())
+
+
+def test_full_budget_without_early_stop(ti_args, tmp_path):
+    assert textual_inversion.main(ti_args(steps=8)) == 0
+    result = summary(tmp_path / "out")
+    assert result["outcome"] == "budget" and result["final_step"] == 8 and result["early_stop"] is False
+    assert (tmp_path / "out" / "samples" / "00.png").exists()
+
+
+def test_early_stop_writes_weights_history_and_summary(ti_args, tiny_pipeline_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    assert textual_inversion.main(ti_args(*EARLY, steps=60)) == 0
+    out = tmp_path / "out"
+    result = summary(out)
+    assert result["outcome"] == "early_stop" and 6 <= result["stop_step"] < 60
+    assert result["steps_saved"] == 60 - result["stop_step"] and result["reason"].startswith("plateau")
+    for name in ("learned_embeds.safetensors", "dvar_history.csv", "dvar_history.png", "samples/00.png"):
+        assert (out / name).exists(), name
+
+    # plain diffusers loads the embedding and it changes the placeholder prompt's encoding
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir, safety_checker=None)
+    pipe.load_textual_inversion(out)
+    ids = pipe.tokenizer("a photo of a <thing>", return_tensors="pt").input_ids
+    assert pipe.tokenizer.convert_ids_to_tokens(int(ids[0, 5])) == "<thing>"
+    learned = pipe.text_encoder.get_input_embeddings().weight[ids[0, 5]]
+    initial = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("star", add_special_tokens=False).input_ids[0]]
+    assert not torch.allclose(learned, initial)
+
+
+def test_resume_reaches_the_same_stop_step(ti_args, tmp_path):
+    assert textual_inversion.main(ti_args(*EARLY, out="full", steps=60)) == 0
+    full = summary(tmp_path / "full")
+
+    interrupted_at = full["stop_step"] - 3
+    with pytest.MonkeyPatch.context() as patch:
+        calls = {"n": 0}
+        original = textual_inversion.TextualInversion.after_optimizer_step
+
+        def interrupt(self, parts, accelerator):
+            original(self, parts, accelerator)
+            calls["n"] += 1
+            if calls["n"] == interrupted_at:
+                raise KeyboardInterrupt
+
+        patch.setattr(textual_inversion.TextualInversion, "after_optimizer_step", interrupt)
+        args = ti_args(*EARLY, "--checkpointing_steps", "2", out="resumed", steps=60)
+        assert textual_inversion.main(args) == 130  # Ctrl-C: exit 130, weights saved
+    partial = summary(tmp_path / "resumed")
+    assert partial["outcome"] == "interrupted" and (tmp_path / "resumed" / "learned_embeds.safetensors").exists()
+
+    assert textual_inversion.main(ti_args(*EARLY, "--resume_from_checkpoint", "latest", out="resumed", steps=60)) == 0
+    resumed = summary(tmp_path / "resumed")
+    assert resumed["stop_step"] == full["stop_step"]
+    history_full = (tmp_path / "full" / "dvar_history.csv").read_text()
+    assert (tmp_path / "resumed" / "dvar_history.csv").read_text() == history_full
+
+
+def test_an_error_after_training_started_still_saves_the_weights(ti_args, tmp_path, monkeypatch):
+    def broken_loss(self, batch, parts, weight_dtype, args):
+        if getattr(self, "_calls", 0) >= 3:
+            return torch.tensor(float("nan"), requires_grad=True)
+        self._calls = getattr(self, "_calls", 0) + 1
+        return textual_inversion.Method.loss(self, batch, parts, weight_dtype, args)
+
+    monkeypatch.setattr(textual_inversion.TextualInversion, "loss", broken_loss)
+    with pytest.raises(FloatingPointError, match="training loss became nan at step 4"):
+        textual_inversion.main(ti_args(steps=20))
+    assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
+    assert summary(tmp_path / "out")["outcome"] == "error"
+
+
+def test_two_processes_stop_together(ti_args, tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "integrations" / "textual_inversion.py"), *ti_args(*EARLY, "--checkpointing_steps", "4", steps=60),
+    ]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ends = sorted(line for line in out.stdout.splitlines() if line.startswith("[rank "))
+    result = summary(tmp_path / "out")
+    assert ends == [f"[rank {r}] training ended at step {result['stop_step']} (early_stop)" for r in (0, 1)]
+    assert result["stop_step"] < 60 and (tmp_path / "out" / "learned_embeds.safetensors").exists()
+
+
+# -- bad input ---------------------------------------------------------------------------
+
+
+def write_images(folder, count=2, size=(20, 14)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(np.full((size[1], size[0], 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+def make_bad_folder(kind, tmp_path):
+    folder = tmp_path / "data"
+    if kind == "missing":
+        return folder
+    folder.mkdir()
+    if kind == "not images":
+        (folder / "notes.txt").write_text("hello")
+        (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty"),
+        ("not images", "has no readable images"),
+    ],
+)
+def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
+    args = ti_args()
+    args[args.index("--train_data_dir") + 1] = str(make_bad_folder(kind, tmp_path))
+    assert textual_inversion.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "--train_data_dir" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--placeholder_token", "sks"], "'sks' is already in the tokenizer's vocabulary (id 48136)"),
+        (["--placeholder_token", "dog"], "'dog' is already in the tokenizer's vocabulary (id 1929)"),
+        (["--initializer_token", "a dog"], "--initializer_token 'a dog' is 2 tokens"),
+        (["--initializer_token", "ktn"], "--initializer_token 'ktn' is 2 tokens"),
+        (["--early-stop", "--early-stop-window", "30"], "--early-stop-window 30 is larger than --max_train_steps 20"),
+        (["--early-stop", "--early-stop-threshold", "0"], "threshold must be a finite number > 0"),
+        (["--early-stop", "--early-stop-threshold", "-1"], "threshold must be a finite number > 0"),
+        (["--early-stop", "--early-stop-window", "1"], "window must be an integer >= 2"),
+        (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
+        (["--resume_from_checkpoint", "latest"], "no such checkpoint"),
+        (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "is not a local diffusers model folder"),
+    ],
+)
+def test_bad_settings_exit_2_and_write_nothing(ti_args, tmp_path, capsys, flags, message):
+    assert textual_inversion.main(ti_args() + flags) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_dir_holding_another_run_is_refused(ti_args, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    assert textual_inversion.main(ti_args(steps=2)) == 2
+    assert "already holds another run" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert textual_inversion.main(ti_args("--overwrite_output_dir", steps=2)) == 0
+    assert not (out / "model.safetensors").exists()
+
+
+# -- real photos -----------------------------------------------------------------------
+
+
+def photo_variants(folder):
+    """One photo as every kind of file people hand over."""
+    source = Image.open(sorted(SHARED_PHOTOS.glob("*.jpg"))[0]) if SHARED_PHOTOS.exists() else Image.new("RGB", (300, 200), "red")
+    source = source.convert("RGB").resize((120, 90))
+    folder.mkdir()
+    source.save(folder / "a.jpg")
+    source.save(folder / "b.webp")
+    source.convert("L").save(folder / "c_gray.png")
+    source.convert("RGBA").save(folder / "d_rgba.png")
+    source.convert("P").save(folder / "e_palette.png")
+    source.convert("CMYK").save(folder / "f_cmyk.jpg")
+    exif = Image.Exif()
+    exif[274] = 6  # rotated 90 degrees: the stored pixels are sideways
+    source.save(folder / "g_exif.jpg", exif=exif)
+    source.resize((37, 211)).save(folder / "h_tall.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.jpg").write_bytes((folder / "a.jpg").read_bytes()[:200])
+    return folder
+
+
+def test_real_photos_every_mode_and_size(tmp_path):
+    with pytest.warns(UserWarning, match=r"Skipped 2 file\(s\).*notes.txt.*truncated.jpg"):
+        loaded = load_image_folder(str(photo_variants(tmp_path / "photos")), "--train_data_dir")
+    names = [item.path.name for item in loaded]
+    assert names == ["a.jpg", "b.webp", "c_gray.png", "d_rgba.png", "e_palette.png", "f_cmyk.jpg", "g_exif.jpg", "h_tall.png"]
+    assert all(item.image.mode == "RGB" for item in loaded)
+    assert loaded[names.index("g_exif.jpg")].image.size == (90, 120)  # EXIF orientation applied
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "I;16", "1", "CMYK", "F"])
+def test_any_mode_becomes_rgb(mode):
+    image = Image.new("RGB", (8, 6), (200, 30, 30)).convert(mode)
+    assert to_rgb(image).mode == "RGB" and to_rgb(image).size == (8, 6)
+
+
+def test_trains_on_real_photos(ti_args, tmp_path):
+    args = ti_args(steps=3)
+    args[args.index("--train_data_dir") + 1] = str(photo_variants(tmp_path / "photos"))
+    assert textual_inversion.main(args + ["--initializer_token", "dog"]) == 0
+    assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
