@@ -14,7 +14,7 @@ import torch
 
 from .batch import PARTS, FixedEvalBatch
 from .criterion import DVARCriterion, NonFinitePolicy, resolve_preset
-from .objectives import DiffusionObjective, Models, Objective
+from .objectives import DiffusionObjective, Objective
 
 HISTORY_COLUMNS = ("step", "eval_loss", "normalized_variance", "train_loss")
 

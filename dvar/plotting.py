@@ -20,10 +20,16 @@ def plot_history(
     steps = [row.step for row in history]
     fig, (ax_loss, ax_var) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, constrained_layout=True)
     train = [row.train_loss for row in history]
+    handles = []
     if any(not math.isnan(v) for v in train):
-        ax_loss.plot(steps, train, color="0.75", linewidth=0.8, label="training loss")
-    ax_loss.plot(steps, [row.eval_loss for row in history], color="C0", label="frozen-batch loss (DVAR)")
-    ax_loss.set_ylabel("loss")
+        # Its own axis: the training loss is often 10x noisier than the frozen-batch loss.
+        ax_train = ax_loss.twinx()
+        handles += ax_train.plot(steps, train, color="0.8", linewidth=0.6, label="training loss (right axis)")
+        ax_train.set_ylabel("training loss", color="0.5")
+        ax_loss.set_zorder(ax_train.get_zorder() + 1)
+        ax_loss.patch.set_visible(False)
+    handles += ax_loss.plot(steps, [row.eval_loss for row in history], color="C0", label="frozen-batch loss (DVAR)")
+    ax_loss.set_ylabel("frozen-batch loss")
     ax_var.plot(steps, [row.normalized_variance for row in history], color="C1", label="var(last N) / var(all)")
     ax_var.axhline(threshold, color="C3", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
     ax_var.set_ylabel("normalized variance")
@@ -31,9 +37,12 @@ def plot_history(
     ax_var.set_ylim(bottom=0)
     for ax in (ax_loss, ax_var):
         if stop_step is not None:
-            ax.axvline(stop_step, color="C2", linewidth=1.2, label=f"stop at step {stop_step}")
-        ax.legend(loc="upper right", fontsize=8)
+            line = ax.axvline(stop_step, color="C2", linewidth=1.2, label=f"stop at step {stop_step}")
+            if ax is ax_loss:
+                handles.append(line)
         ax.grid(alpha=0.3)
+    ax_loss.legend(handles=handles, loc="upper right", fontsize=8)
+    ax_var.legend(loc="upper right", fontsize=8)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)

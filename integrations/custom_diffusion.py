@@ -46,7 +46,13 @@ if __package__ in (None, ""):  # run as a file: python integrations/custom_diffu
 
 from .data import UsageError  # noqa: E402
 from .dreambooth import DreamBoothBase, concept_class_word  # noqa: E402
-from .tokens import add_placeholder_tokens, check_initializer_token, check_new_tokens, save_token_embeddings  # noqa: E402
+from .tokens import (  # noqa: E402
+    NewTokenRows,
+    add_placeholder_tokens,
+    check_initializer_token,
+    check_new_tokens,
+    save_token_embeddings,
+)
 from .trainer import Budget, Components, main as train_main  # noqa: E402
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
@@ -199,20 +205,12 @@ class CustomDiffusion(DreamBoothBase):
         processor_params = [p for proc in parts.unet.attn_processors.values() for p in proc.parameters()]
         for param in processor_params:
             param.requires_grad_(True)
-        embedding = parts.text_encoder.get_input_embeddings()
-        embedding.weight.requires_grad_(True)
-        self.original_embeddings = embedding.weight.detach().clone()
-        self.frozen_rows = torch.ones(len(parts.tokenizer), dtype=torch.bool)
-        self.frozen_rows[self.token_ids] = False
+        self.token_rows = NewTokenRows(parts.text_encoder, self.token_ids)  # only the modifier token learns
         self.register_checkpoint_hooks(parts, accelerator)
-        return [embedding.weight] + processor_params
+        return [self.token_rows.weight] + processor_params
 
     def after_optimizer_step(self, parts: Components, accelerator: Any) -> None:
-        # Only the modifier token's row learns: undo the weight decay/updates on every other token.
-        embedding = accelerator.unwrap_model(parts.text_encoder).get_input_embeddings()
-        with torch.no_grad():
-            rows = self.frozen_rows.to(embedding.weight.device)
-            embedding.weight[rows] = self.original_embeddings.to(embedding.weight)[rows]
+        self.token_rows.restore(accelerator.unwrap_model(parts.text_encoder))
 
     def save(self, output_dir: str, parts: Components, accelerator: Any) -> List[str]:
         unet = accelerator.unwrap_model(parts.unet)

@@ -30,7 +30,13 @@ if __package__ in (None, ""):  # run as a file: python integrations/dreambooth_l
 
 from .data import UsageError  # noqa: E402
 from .dreambooth import DreamBoothBase, concept_class_word  # noqa: E402
-from .tokens import add_placeholder_tokens, check_initializer_token, check_new_tokens, save_token_embeddings  # noqa: E402
+from .tokens import (  # noqa: E402
+    NewTokenRows,
+    add_placeholder_tokens,
+    check_initializer_token,
+    check_new_tokens,
+    save_token_embeddings,
+)
 from .trainer import Budget, Components, main as train_main  # noqa: E402
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
@@ -98,22 +104,15 @@ class DreamBoothLoRA(DreamBoothBase):
                            target_modules=TEXT_ENCODER_TARGETS),
             )
             trainable += [p for p in parts.text_encoder.parameters() if p.requires_grad]
+        self.token_rows = None
         if self.token_ids:  # as Textual Inversion: the whole table gets gradients, other rows are restored
-            embedding = parts.text_encoder.get_input_embeddings()
-            embedding.weight.requires_grad_(True)
-            trainable.append(embedding.weight)
-            self.original_embeddings = embedding.weight.detach().clone()
-            self.frozen_rows = torch.ones(len(parts.tokenizer), dtype=torch.bool)
-            self.frozen_rows[self.token_ids] = False
+            self.token_rows = NewTokenRows(parts.text_encoder, self.token_ids)
+            trainable.append(self.token_rows.weight)
         return trainable
 
     def after_optimizer_step(self, parts: Components, accelerator: Any) -> None:
-        if not self.token_ids:
-            return
-        embedding = accelerator.unwrap_model(parts.text_encoder).get_input_embeddings()
-        with torch.no_grad():
-            rows = self.frozen_rows.to(embedding.weight.device)
-            embedding.weight[rows] = self.original_embeddings.to(embedding.weight)[rows]
+        if self.token_rows is not None:
+            self.token_rows.restore(accelerator.unwrap_model(parts.text_encoder))
 
     def save(self, output_dir: str, parts: Components, accelerator: Any) -> List[str]:
         """As train_dreambooth_lora.py: peft state dicts in diffusers' key format; plus the new token."""

@@ -55,3 +55,29 @@ def save_token_embeddings(text_encoder: torch.nn.Module, tokenizer: Any, ids: Se
     token = tokenizer.convert_ids_to_tokens(ids[0])
     save_file({token: weight[list(ids)].detach().float().cpu().contiguous()}, os.path.join(output_dir, filename))
     return filename
+
+
+class NewTokenRows:
+    """Train only the new tokens' rows of the embedding table.
+
+    The optimizer sees the whole table (as in diffusers' textual_inversion.py); after every
+    step :meth:`restore` puts every other row back, undoing weight decay and updates.
+
+    Example:
+        >>> rows = NewTokenRows(text_encoder, token_ids)        # doctest: +SKIP
+        >>> optimizer = torch.optim.AdamW([rows.weight], lr=1e-3)  # doctest: +SKIP
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, token_ids: Sequence[int]) -> None:
+        self.weight = text_encoder.get_input_embeddings().weight
+        self.weight.requires_grad_(True)
+        self.original = self.weight.detach().clone()
+        self.frozen = torch.ones(self.weight.shape[0], dtype=torch.bool)
+        self.frozen[list(token_ids)] = False
+
+    def restore(self, text_encoder: torch.nn.Module) -> None:
+        """Put back every row but the new tokens' (``text_encoder`` unwrapped from DDP)."""
+        weight = text_encoder.get_input_embeddings().weight
+        with torch.no_grad():
+            rows = self.frozen.to(weight.device)
+            weight[rows] = self.original.to(weight)[rows]

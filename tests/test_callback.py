@@ -41,6 +41,7 @@ def test_attaching_the_stopper_does_not_change_training(tmp_path):
     plain = run(tmp_path, "plain", "--max_train_steps", "25")
     attached = run(tmp_path, "attached", "--max_train_steps", "25", "--attach_only")
     assert attached["stop_step"] is None and len(attached["eval_losses"]) == 25
+    assert attached["checksum"] == plain["checksum"]
     weights_plain = torch.load(tmp_path / "plain" / "unet_rank0.pt")
     weights_attached = torch.load(tmp_path / "attached" / "unet_rank0.pt")
     assert all(torch.equal(weights_plain[k], weights_attached[k]) for k in weights_plain)

@@ -3,7 +3,6 @@ diffusers loads, early stop, resume, Ctrl-C/errors, several processes, and bad i
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
