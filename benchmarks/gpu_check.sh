@@ -1,39 +1,43 @@
 #!/usr/bin/env bash
 # CUDA check of the real trainer path: Textual Inversion on a randomly initialised
-# SD-1.5-shaped pipeline at 512px, fp32 / bf16 / fp16 (accelerate mixed precision),
-# each without and with DVAR: step time, peak GPU memory, finite DVAR losses.
-#   bash benchmarks/gpu_check.sh OUTDIR
+# SD-1.5-shaped pipeline at 512px, fp32 / bf16 / fp16 (accelerate mixed precision), each
+# without and with DVAR: median step time, peak GPU memory, finite DVAR losses.
+# Writes few files (the device tool brings back at most 8): gpu.txt, results.json, table.md, logs.txt.
+#   bash benchmarks/gpu_check.sh OUTDIR [STEPS]
 set -uo pipefail
 out=${1:-/tmp/gpu_check}
+steps=${2:-100}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
-python3 benchmarks/make_random_sd.py /tmp/random-sd15 || exit 1
+python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
+python3 benchmarks/make_random_sd.py /tmp/random-sd15 > /dev/null 2>&1 || exit 1
+concept=dvar/assets/concepts/$(ls dvar/assets/concepts | grep -v json | head -1)
 for mp in bf16 fp16 no; do
   for es in off on; do
     flags=""; [ "$es" = on ] && flags="--early-stop --early-stop-window 20 --early-stop-threshold 1e-9"
     python3 integrations/textual_inversion.py --pretrained_model_name_or_path /tmp/random-sd15 \
-      --train_data_dir dvar/assets/concepts/$(ls dvar/assets/concepts | head -1) --resolution 512 \
-      --output_dir /tmp/ti-$mp-$es --max_train_steps 30 --mixed_precision $mp --num_validation_images 0 \
-      --num_inference_steps 10 --checkpointing_steps 1000 --placeholder_token "<c>" --initializer_token object $flags \
-      > "$out/log-$mp-$es.txt" 2>&1
-    echo "$mp early-stop=$es rc=$?"
-    cp /tmp/ti-$mp-$es/dvar_summary.json "$out/summary-$mp-$es.json" 2>/dev/null
-    [ "$es" = on ] && cp /tmp/ti-$mp-$es/dvar_history.csv "$out/history-$mp.csv" 2>/dev/null
+      --train_data_dir "$concept" --resolution 512 --output_dir /tmp/ti-$mp-$es --max_train_steps "$steps" \
+      --mixed_precision $mp --num_validation_images 0 --checkpointing_steps 100000 \
+      --placeholder_token "<c>" --initializer_token object $flags > /tmp/log-$mp-$es.txt 2>&1
+    echo "$mp early-stop=$es rc=$?" | tee -a "$out/logs.txt"
+    tail -c 1500 /tmp/log-$mp-$es.txt | tr '\r' '\n' | tail -4 >> "$out/logs.txt"
   done
 done
 python3 - "$out" <<'PY'
-import json, sys, csv, math, pathlib
+import csv, json, math, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| precision | median s/step without DVAR | s/step with | ratio | peak GB without | peak GB with | DVAR loss first/last | all finite |")
-print("|---|---|---|---|---|---|---|---|")
+results, lines = {}, ["| precision | median s/step without DVAR | with | ratio | peak GB without | with | DVAR loss step 1 / last | all finite |", "|---|---|---|---|---|---|---|---|"]
 for mp in ("no", "bf16", "fp16"):
     try:
-        off = json.loads((out / f"summary-{mp}-off.json").read_text()); on = json.loads((out / f"summary-{mp}-on.json").read_text())
-        rows = list(csv.DictReader(open(out / f"history-{mp}.csv")))
-        losses = [float(r["eval_loss"]) for r in rows]
-        print(f"| {mp} | {off['median_step_s']:.4f} | {on['median_step_s']:.4f} | {on['median_step_s']/off['median_step_s']:.3f} | "
-              f"{off.get('peak_gpu_memory_gb')} | {on.get('peak_gpu_memory_gb')} | {losses[0]:.5f}/{losses[-1]:.5f} | {all(map(math.isfinite, losses))} |")
+        off = json.loads(pathlib.Path(f"/tmp/ti-{mp}-off/dvar_summary.json").read_text())
+        on = json.loads(pathlib.Path(f"/tmp/ti-{mp}-on/dvar_summary.json").read_text())
+        losses = [float(r["eval_loss"]) for r in csv.DictReader(open(f"/tmp/ti-{mp}-on/dvar_history.csv"))]
+        results[mp] = {"off": off, "on": on, "eval_losses": losses}
+        lines.append(f"| {mp} | {off['median_step_s']:.4f} | {on['median_step_s']:.4f} | {on['median_step_s'] / off['median_step_s']:.3f} | "
+                     f"{off.get('peak_gpu_memory_gb')} | {on.get('peak_gpu_memory_gb')} | {losses[0]:.5f} / {losses[-1]:.5f} | {all(map(math.isfinite, losses))} |")
     except Exception as error:
-        print(f"| {mp} | failed: {error} |")
+        lines.append(f"| {mp} | failed: {error} |")
+(out / "results.json").write_text(json.dumps(results, indent=1))
+(out / "table.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
 PY

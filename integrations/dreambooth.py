@@ -265,7 +265,7 @@ class DreamBooth(DreamBoothBase):
     # diffusers' train_dreambooth.py: --learning_rate default 5e-6; its README trains SD 1.x for
     # 400 steps (800 with prior preservation). 1000 matches DreamBooth-LoRA's budget in the DVAR paper.
     sd_budget = Budget(max_train_steps=1000, learning_rate=5e-6)
-    mini_sd_budget = Budget(max_train_steps=400, learning_rate=1e-4)  # provisional: to be measured
+    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-4)  # measured: integrations/README.md
 
     def setup(self, args: argparse.Namespace, parts: Components, accelerator: Any) -> List[torch.nn.Parameter]:
         self.prepare_models(args, parts, accelerator)

@@ -236,3 +236,19 @@ def test_trains_on_real_photos(ti_args, tmp_path):
     args[args.index("--train_data_dir") + 1] = str(photo_variants(tmp_path / "photos"))
     assert textual_inversion.main(args + ["--initializer_token", "dog"]) == 0
     assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
+
+
+def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
+    """The README's main job, shortened: no model or data flags at all."""
+    from diffusers import StableDiffusionPipeline
+
+    from dvar.models import mini_sd
+
+    out = tmp_path / "main"
+    args = ["--output_dir", str(out), "--max_train_steps", "3", "--num_validation_images", "1", "--num_inference_steps", "2"]
+    assert textual_inversion.main(args) == 0
+    result = summary(out)
+    assert result["final_step"] == 3 and result["outcome"] == "budget"
+    pipe = StableDiffusionPipeline.from_pretrained(mini_sd(), safety_checker=None)
+    pipe.load_textual_inversion(out)
+    assert "<concept>" in pipe.tokenizer.get_added_vocab()
