@@ -32,6 +32,12 @@ def concept_metadata(folder: Optional[str]) -> Optional[Dict[str, Any]]:
         return json.load(handle)
 
 
+def concept_class_word(folder: Optional[str]) -> Optional[str]:
+    """The class noun of a bundled-format concept folder ("dog"), or None for a plain folder."""
+    meta = concept_metadata(folder)
+    return None if meta is None else meta.get("class_word")
+
+
 def concept_prompts(folder: Optional[str]) -> Optional[List[str]]:
     """Training prompt templates (with ``{}`` for the concept) when the folder gives them."""
     meta = concept_metadata(folder)

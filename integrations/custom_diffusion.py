@@ -35,7 +35,6 @@ import contextlib
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -45,7 +44,8 @@ if __package__ in (None, ""):  # run as a file: python integrations/custom_diffu
     __package__ = "integrations"
 
 from .data import UsageError  # noqa: E402
-from .dreambooth import DreamBoothBase, concept_class_word  # noqa: E402
+from .concepts import concept_class_word  # noqa: E402
+from .dreambooth import DreamBoothBase  # noqa: E402
 from .tokens import (  # noqa: E402
     NewTokenRows,
     add_placeholder_tokens,
@@ -194,7 +194,7 @@ class CustomDiffusion(DreamBoothBase):
             )
 
     def setup(self, args: argparse.Namespace, parts: Components, accelerator: Any) -> List[torch.nn.Parameter]:
-        self.prepare_models(args, parts, accelerator)  # all frozen, class images restored, checkpointing
+        self.prepare_models(args, parts, accelerator)  # all frozen, checkpoint hooks
         if args.scale_lr and args.with_prior_preservation:
             args.learning_rate *= 2.0  # as train_custom_diffusion.py: the batch holds class examples too
         self.token_ids = add_placeholder_tokens(
@@ -206,7 +206,6 @@ class CustomDiffusion(DreamBoothBase):
         for param in processor_params:
             param.requires_grad_(True)
         self.token_rows = NewTokenRows(parts.text_encoder, self.token_ids)  # only the modifier token learns
-        self.register_checkpoint_hooks(parts, accelerator)
         return [self.token_rows.weight] + processor_params
 
     def after_optimizer_step(self, parts: Components, accelerator: Any) -> None:
@@ -222,7 +221,11 @@ class CustomDiffusion(DreamBoothBase):
         )
         return [WEIGHT_NAME, token_file]
 
-    def load(self, folder: str, parts: Components, accelerator: Any) -> None:
+    def save_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
+        # as diffusers' script: checkpoints hold only the processors and the token, not the whole UNet
+        self.save(folder, parts, accelerator)
+
+    def load_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
         """Inverse of ``save`` into the models being trained (resuming from a checkpoint)."""
         from safetensors.torch import load_file
 
@@ -236,23 +239,6 @@ class CustomDiffusion(DreamBoothBase):
         embedding = accelerator.unwrap_model(parts.text_encoder).get_input_embeddings()
         with torch.no_grad():
             embedding.weight[self.token_ids] = vector.to(embedding.weight)
-
-    def register_checkpoint_hooks(self, parts: Components, accelerator: Any) -> None:
-        """``accelerator.save_state`` writes the two small files instead of the whole UNet and text
-        encoder, as diffusers' script checkpoints only its processors and the embedding table."""
-
-        def save_hook(models: List[Any], weights: List[Any], folder: str) -> None:
-            weights.clear()  # the prepared models are ours: the UNet and the text encoder
-            if accelerator.is_main_process:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                self.save(folder, parts, accelerator)
-
-        def load_hook(models: List[Any], folder: str) -> None:
-            models.clear()
-            self.load(folder, parts, accelerator)
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -33,18 +33,12 @@ if __package__ in (None, ""):  # run as a file: python integrations/dreambooth.p
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "integrations"
 
-from .concepts import bundled_concept, concept_metadata  # noqa: E402
+from .concepts import bundled_concept, concept_class_word  # noqa: E402
 from .data import ConceptDataset, LoadedImage, PriorPreservationDataset, UsageError, load_image_folder  # noqa: E402
 from .trainer import Budget, Components, Method, diffusion_loss, logger, main as train_main  # noqa: E402
 
 CLASS_IMAGES_SUBDIR = "class_images"  # default --class_data_dir, inside --output_dir
 CLASS_SAMPLING_STEPS = 25  # DPMSolver++ steps per generated class image
-
-
-def concept_class_word(folder: Optional[str]) -> Optional[str]:
-    """The class noun of a bundled-format concept folder ("dog"), or None for a plain folder."""
-    meta = concept_metadata(folder)
-    return None if meta is None else meta.get("class_word")
 
 
 class DreamBoothBase(Method):
@@ -149,9 +143,6 @@ class DreamBoothBase(Method):
     def loss(self, batch: Any, parts: Components, weight_dtype: torch.dtype, args: argparse.Namespace) -> torch.Tensor:
         weight = args.prior_loss_weight if args.with_prior_preservation else None
         return diffusion_loss(batch, parts, weight_dtype, prior_loss_weight=weight)
-
-    def trains_text_encoder(self, args: argparse.Namespace) -> bool:
-        return bool(args.train_text_encoder)
 
     def save_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
         """The trained weights in a checkpoint folder (main process only)."""

@@ -29,7 +29,8 @@ if __package__ in (None, ""):  # run as a file: python integrations/dreambooth_l
     __package__ = "integrations"
 
 from .data import UsageError  # noqa: E402
-from .dreambooth import DreamBoothBase, concept_class_word  # noqa: E402
+from .concepts import concept_class_word  # noqa: E402
+from .dreambooth import DreamBoothBase  # noqa: E402
 from .tokens import (  # noqa: E402
     NewTokenRows,
     add_placeholder_tokens,

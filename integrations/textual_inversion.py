@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a file: python integrations/textual_inve
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     __package__ = "integrations"
 
-from .concepts import bundled_concept, concept_prompts  # noqa: E402
+from .concepts import bundled_concept, concept_class_word, concept_prompts  # noqa: E402
 from .data import OBJECT_TEMPLATES, STYLE_TEMPLATES, ConceptDataset, UsageError  # noqa: E402
 from .tokens import (  # noqa: E402
     NewTokenRows,
@@ -95,13 +95,6 @@ class TextualInversion(Method):
     def default_validation_prompt(self, args: argparse.Namespace) -> str:
         template = "a painting in the style of {}" if args.learnable_property == "style" else "a photo of a {}"
         return template.format(args.placeholder_token)
-
-
-def concept_class_word(folder: Optional[str]) -> Optional[str]:
-    from .concepts import concept_metadata
-
-    meta = concept_metadata(folder)
-    return None if meta is None else meta.get("class_word")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

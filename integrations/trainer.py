@@ -124,9 +124,6 @@ class Method:
     def default_validation_prompt(self, args: argparse.Namespace) -> str:
         return args.instance_prompt
 
-    def trains_text_encoder(self, args: argparse.Namespace) -> bool:
-        return False
-
 
 # -- arguments -------------------------------------------------------------------------
 
