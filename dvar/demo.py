@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +147,8 @@ def main(argv=None) -> dict:
             print(f"DVAR stopped at step {stopper.stop_step} of {args.max_train_steps}: {stopper.reason}")
         print(f"history: {', '.join(str(p) for p in paths)}")
     torch.save(weights, os.path.join(args.output_dir, f"unet_rank{accelerator.process_index}.pt"))
-    print("RESULT " + json.dumps(result), flush=True)
+    # one file per rank: lines the ranks print to a shared stdout can interleave
+    Path(args.output_dir, f"result_rank{accelerator.process_index}.json").write_text(json.dumps(result))
     accelerator.end_training()
     return result
 

@@ -478,7 +478,9 @@ class Trainer:
         """Save the learned weights, the summary, the DVAR history and (normally) samples."""
         args, method = self.args, self.method
         if accelerator.num_processes > 1:
-            print(f"[rank {accelerator.process_index}] training ended at step {global_step} ({outcome})", flush=True)
+            # One write per line: the ranks share stdout, and print() writes the newline separately.
+            sys.stdout.write(f"[rank {accelerator.process_index}] training ended at step {global_step} ({outcome})\n")
+            sys.stdout.flush()
         if outcome != "interrupted":
             accelerator.wait_for_everyone()
         if not accelerator.is_main_process:

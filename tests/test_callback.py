@@ -75,8 +75,7 @@ def test_two_processes_stop_together(tmp_path):
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    results = sorted((json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")),
-                     key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / "ddp" / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     assert results[0]["stop_step"] == results[1]["stop_step"] == results[0]["global_step"] == results[1]["global_step"]
     assert results[0]["eval_losses"] == results[1]["eval_losses"]

@@ -3,6 +3,7 @@ diffusers loads, early stop, resume, Ctrl-C/errors, several processes, and bad i
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +117,7 @@ def test_two_processes_stop_together(ti_args, tmp_path):
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    ends = sorted(line for line in out.stdout.splitlines() if line.startswith("[rank "))
+    ends = sorted(re.findall(r"\[rank \d\] training ended at step \d+ \(\w+\)", out.stdout))
     result = summary(tmp_path / "out")
     assert ends == [f"[rank {r}] training ended at step {result['stop_step']} (early_stop)" for r in (0, 1)]
     assert result["stop_step"] < 60 and (tmp_path / "out" / "learned_embeds.safetensors").exists()

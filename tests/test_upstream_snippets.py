@@ -140,8 +140,7 @@ def test_two_processes_stop_at_the_same_step(tiny_pipeline_dir, photo_dir, tmp_p
     ]
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    results = sorted((json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")),
-                     key=lambda r: r["rank"])
+    results = [json.loads((tmp_path / "ddp" / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in results] == [0, 1]
     first, second = results
     assert first["stop_step"] is not None and first["stop_step"] < MAX_STEPS

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import safetensors.torch
@@ -322,7 +323,8 @@ def result(accelerator, global_step, epoch, args, stopper):
         "num_train_epochs": args.num_train_epochs, "stop_step": stopper.stop_step, "reason": stopper.reason,
         "eval_losses": [row.eval_loss for row in stopper.history],
     }
-    print("RESULT " + json.dumps(out), flush=True)
+    # one file per rank: lines the ranks print to a shared stdout can interleave
+    Path(args.output_dir, f"result_rank{accelerator.process_index}.json").write_text(json.dumps(out))
     return out
 
 
