@@ -124,6 +124,39 @@ class Method:
     def default_validation_prompt(self, args: argparse.Namespace) -> str:
         return args.instance_prompt
 
+    def learned_state(self, parts: Components, accelerator: Any) -> Dict[str, torch.Tensor]:
+        """A copy of what training changed: the trained parameters, of the token table only the new rows.
+
+        Small enough to keep many of (the benchmark snapshots it along a run); inverse of
+        :meth:`load_learned_state`."""
+        state = {}
+        for prefix, module, table, rows in self._learned_parts(parts, accelerator):
+            for name, param in module.named_parameters():
+                if param is table:
+                    state[f"{prefix}.{name}"] = param.detach()[rows].clone()
+                elif param.requires_grad:
+                    state[f"{prefix}.{name}"] = param.detach().clone()
+        return state
+
+    def load_learned_state(self, state: Dict[str, torch.Tensor], parts: Components, accelerator: Any) -> None:
+        """Put a :meth:`learned_state` back into the models."""
+        with torch.no_grad():
+            for prefix, module, table, rows in self._learned_parts(parts, accelerator):
+                for name, param in module.named_parameters():
+                    value = state.get(f"{prefix}.{name}")
+                    if value is None:
+                        continue
+                    if param is table:
+                        param[rows] = value.to(param)
+                    else:
+                        param.copy_(value)
+
+    def _learned_parts(self, parts: Components, accelerator: Any) -> List[tuple]:
+        rows = list(getattr(self, "token_ids", []) or [])
+        text_encoder = accelerator.unwrap_model(parts.text_encoder)
+        table = text_encoder.get_input_embeddings().weight if rows else None
+        return [("unet", accelerator.unwrap_model(parts.unet), None, rows), ("text_encoder", text_encoder, table, rows)]
+
 
 # -- arguments -------------------------------------------------------------------------
 
@@ -293,7 +326,17 @@ def diffusion_loss(
     return F.mse_loss(pred.float(), target.float()) + prior_loss_weight * F.mse_loss(prior_pred.float(), prior_target.float())
 
 
-def main(method: Method, argv: Optional[Sequence[str]] = None) -> int:
+class TrainerCallback:
+    """Watches a run without changing it (the benchmark's monitors). Subclass and override."""
+
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        """Models, accelerator, datasets and the trainable parameters are ready (``trainer.parts`` ...)."""
+
+    def on_step_end(self, trainer: "Trainer", global_step: int, loss: torch.Tensor) -> None:
+        """After each optimizer step, on every process."""
+
+
+def main(method: Method, argv: Optional[Sequence[str]] = None, callbacks: Sequence[TrainerCallback] = ()) -> int:
     """Parse, validate, train; returns the exit code (2 for bad input, 130 for Ctrl-C)."""
     parser = build_parser(method)
     args = parser.parse_args(argv)
@@ -304,15 +347,32 @@ def main(method: Method, argv: Optional[Sequence[str]] = None) -> int:
         validate_settings(args)
         images = load_image_folder(method.data_dir(args), method.data_flag)
         check_output_dir(args)
-        return Trainer(method, args, images).run()
+        return Trainer(method, args, images, callbacks).run()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
 
 
 class Trainer:
-    def __init__(self, method: Method, args: argparse.Namespace, images: Sequence[Any]) -> None:
-        self.method, self.args, self.images = method, args, images
+    def __init__(
+        self, method: Method, args: argparse.Namespace, images: Sequence[Any], callbacks: Sequence[TrainerCallback] = ()
+    ) -> None:
+        self.method, self.args, self.images, self.callbacks = method, args, images, list(callbacks)
+
+    def make_stopper(self, **overrides: Any) -> DVAREarlyStopping:
+        """The run's DVAR stopper (``overrides``: DVARConfig fields, e.g. ``resample=("timesteps",)``)."""
+        args, parts = self.args, self.parts
+        settings = dict(
+            preset=self.method.preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
+            eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
+            seed=args.seed, max_train_steps=args.max_train_steps,
+        )
+        settings.update(overrides)
+        return DVAREarlyStopping(
+            unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+            noise_scheduler=parts.noise_scheduler, train_dataset=self.eval_dataset, accelerator=self.accelerator,
+            **settings,
+        )
 
     def run(self) -> int:
         from accelerate import Accelerator
@@ -374,15 +434,11 @@ class Trainer:
                 setattr(parts, name, accelerator.prepare(module))
         optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
 
+        self.parts, self.accelerator, self.eval_dataset = parts, accelerator, eval_dataset
+        self.trainable, self.weight_dtype = trainable, weight_dtype
         stopper = None
         if args.early_stop:
-            stopper = DVAREarlyStopping(
-                unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                noise_scheduler=parts.noise_scheduler, train_dataset=eval_dataset, accelerator=accelerator,
-                preset=method.preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
-                eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
-                seed=args.seed, max_train_steps=args.max_train_steps,
-            )
+            stopper = self.make_stopper()
             accelerator.register_for_checkpointing(stopper)
         if accelerator.is_main_process:
             config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
@@ -400,9 +456,12 @@ class Trainer:
             resume_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
 
         progress = tqdm(
-            total=args.max_train_steps, initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+            total=args.max_train_steps, initial=global_step, desc="Steps",
+            disable=not accelerator.is_local_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
         )
         models = [parts.unet, parts.text_encoder]
+        for callback in self.callbacks:
+            callback.on_train_begin(self)
         started = time.perf_counter()
         step_seconds: List[float] = []
         outcome, exit_code = "budget", 0
@@ -435,6 +494,8 @@ class Trainer:
                     global_step += 1
                     should_stop = stopper is not None and stopper.step(global_step, loss)
                     step_seconds.append(time.perf_counter() - step_started)  # DVAR's evaluation included
+                    for callback in self.callbacks:
+                        callback.on_step_end(self, global_step, loss)
                     if global_step % args.checkpointing_steps == 0:
                         self.save_checkpoint(accelerator, global_step)
                     logs = {"loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}

@@ -1,0 +1,7 @@
+"""The DVAR paper's comparison, rerun: concepts x methods x {fixed budget, CLIP-s, few iters, DVAR}.
+
+``python -m benchmarks.personalization.run --preset quick --out runs/quick`` trains and scores
+(:mod:`.run`); ``python -m benchmarks.personalization.report runs/quick`` writes the tables and
+plots (:mod:`.report`). Settings live in :mod:`.config`, scoring in :mod:`.scoring`, the
+stopping rules that watch each run in :mod:`.monitors`.
+"""

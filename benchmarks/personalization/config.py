@@ -1,0 +1,150 @@
+"""Benchmark settings as dataclasses: per-method budgets and stopping rules, and the presets.
+
+Example:
+    >>> cfg = preset("quick")
+    >>> [m.method for m in cfg.methods], cfg.concepts_per_method
+    (['textual_inversion', 'dreambooth_lora', 'custom_diffusion'], 2)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+METHOD_ORDER = ("textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth")
+VARIANTS = ("baseline", "clip_s", "few_iters", "dvar")
+#: The group of bundled concepts each method trains on in the quick preset (the paper's 9 / 9 / 30 split).
+GROUP_OF_METHOD = {
+    "textual_inversion": "textual_inversion",
+    "custom_diffusion": "custom_diffusion",
+    "dreambooth_lora": "dreambooth",
+    "dreambooth": "dreambooth",
+}
+
+
+@dataclass
+class MethodSettings:
+    """One method's budget and stopping rules."""
+
+    method: str = field(metadata={"help": "textual_inversion, dreambooth_lora, custom_diffusion or dreambooth."})
+    max_train_steps: int = field(metadata={"help": "The baseline's fixed step budget."})
+    learning_rate: float = field(metadata={"help": "As the trainer's --learning_rate."})
+    clip_s_eps: float = field(default=0.02, metadata={"help": "CLIP-s: an improvement must exceed this (paper: TI/CD 0.02, LoRA 0.04)."})
+    clip_s_patience: int = field(default=6, metadata={"help": "CLIP-s: checks without improvement before stopping (paper: 6 / 3)."})
+    check_every: int = field(default=50, metadata={"help": "CLIP-s: sample and score every this many steps (paper: 50)."})
+    dvar_window: Optional[int] = field(default=None, metadata={"help": "DVAR window (default: the method's preset)."})
+    dvar_threshold: Optional[float] = field(default=None, metadata={"help": "DVAR threshold (default: the preset's)."})
+    dvar_eval_every: int = field(default=1, metadata={"help": "DVAR evaluates every this many steps (paper: 1)."})
+    dvar_extra_eval_every: Tuple[int, ...] = field(
+        default=(), metadata={"help": "Also score DVAR evaluating every k steps, as variant 'dvar_every<k>' (same run)."}
+    )
+    extra_args: Tuple[str, ...] = field(default=(), metadata={"help": "More trainer flags, e.g. ('--rank', '8')."})
+
+    def trainer_args(self) -> List[str]:
+        args = ["--max_train_steps", str(self.max_train_steps), "--learning_rate", repr(self.learning_rate)]
+        if self.dvar_window is not None:
+            args += ["--early-stop-window", str(self.dvar_window)]
+        if self.dvar_threshold is not None:
+            args += ["--early-stop-threshold", repr(self.dvar_threshold)]
+        if self.dvar_eval_every != 1:
+            args += ["--early-stop-eval-every", str(self.dvar_eval_every)]
+        return args + list(self.extra_args)
+
+
+@dataclass
+class SamplingSettings:
+    """How images are generated for scoring (identical seeds for every variant: paired comparisons)."""
+
+    num_inference_steps: int = field(default=25, metadata={"help": "DPM-Solver++ steps (paper: 50 with PNDM)."})
+    guidance_scale: float = field(default=7.0, metadata={"help": "Classifier-free guidance (mini-SD's evaluated best: 7)."})
+    images_per_prompt: int = field(default=2, metadata={"help": "Images per prompt, as the paper."})
+    identity_images_per_prompt: int = field(default=4, metadata={"help": "Images per training-style prompt for the identity score."})
+    check_images_per_prompt: int = field(default=2, metadata={"help": "Images per training-style prompt at each CLIP-s check."})
+    seed: int = field(default=1234, metadata={"help": "Sampling seed."})
+
+
+@dataclass
+class BenchmarkConfig:
+    """What one benchmark run covers."""
+
+    name: str
+    methods: List[MethodSettings]
+    concepts_per_method: Optional[int] = field(default=None, metadata={"help": "First N concepts per method (None: all)."})
+    concept_source: str = field(default="group", metadata={"help": "'group': a method trains its own group's concepts (9/9/30); 'all': every method trains every concept."})
+    traced_per_method: int = field(default=1, metadata={"help": "Concepts per method whose monitors run through the whole budget (the 'is this loss informative' study)."})
+    ablation_methods: Tuple[str, ...] = field(default=(), metadata={"help": "Methods whose traced runs also track the ablation (one part of the frozen batch redrawn per evaluation)."})
+    ablation_parts: Tuple[str, ...] = field(default=("images", "latents", "noise", "captions", "timesteps"))
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    seed: int = 0
+
+    def method(self, name: str) -> MethodSettings:
+        for settings in self.methods:
+            if settings.method == name:
+                return settings
+        raise KeyError(f"method {name!r} is not in this benchmark ({[m.method for m in self.methods]})")
+
+    def to_json(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Dict[str, Any]) -> "BenchmarkConfig":
+        data = dict(data)
+        methods = [
+            MethodSettings(**{**m, "extra_args": tuple(m.get("extra_args", ())),
+                              "dvar_extra_eval_every": tuple(m.get("dvar_extra_eval_every", ()))})
+            for m in data.pop("methods")
+        ]
+        sampling = SamplingSettings(**data.pop("sampling", {}))
+        for key in ("ablation_methods", "ablation_parts"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(methods=methods, sampling=sampling, **data)
+
+
+def mini_sd_methods() -> List[MethodSettings]:
+    """The mini-SD budgets (integrations/README.md: past the point where identity stops improving)
+    and the paper's CLIP-s settings."""
+    every5 = dict(dvar_extra_eval_every=(5,))  # the cheap setting a user would pick on a small model
+    return [
+        MethodSettings("textual_inversion", 1000, 1e-3, clip_s_eps=0.02, clip_s_patience=6, **every5),
+        MethodSettings("dreambooth_lora", 1000, 1e-3, clip_s_eps=0.04, clip_s_patience=3, **every5),
+        MethodSettings("custom_diffusion", 600, 1e-4, clip_s_eps=0.02, clip_s_patience=6, **every5),
+    ]
+
+
+def preset(name: str) -> BenchmarkConfig:
+    """``ci`` (minutes, a smoke test), ``quick`` (2 concepts per method, <= 30 min) or ``full``
+    (all 48 concepts x 3 methods on mini-SD)."""
+    if name == "full":
+        return BenchmarkConfig(
+            "full", mini_sd_methods(), concept_source="all", traced_per_method=2, ablation_methods=("textual_inversion",)
+        )
+    if name == "quick":
+        return BenchmarkConfig("quick", mini_sd_methods(), concepts_per_method=2, traced_per_method=1,
+                               ablation_methods=("textual_inversion",))
+    if name == "ci":
+        tiny = dict(check_every=10, clip_s_patience=2, dvar_window=12, dvar_threshold=0.5, dvar_extra_eval_every=(5,))
+        return BenchmarkConfig(
+            "ci",
+            [
+                MethodSettings("textual_inversion", 40, 5e-3, **tiny),
+                MethodSettings("dreambooth_lora", 40, 1e-3, **tiny),
+                MethodSettings("custom_diffusion", 40, 1e-4, **tiny),
+            ],
+            concepts_per_method=1,
+            traced_per_method=1,
+            ablation_methods=("textual_inversion",),
+            ablation_parts=("timesteps",),
+            sampling=SamplingSettings(num_inference_steps=4, images_per_prompt=1, identity_images_per_prompt=1,
+                                      check_images_per_prompt=1),
+        )
+    raise ValueError(f"unknown preset {name!r}: choose ci, quick or full (or pass --config FILE)")
+
+
+def load_config(path: Path) -> BenchmarkConfig:
+    """A benchmark config from a JSON file (e.g. ``benchmarks/personalization/paper48.json``)."""
+    data = json.loads(Path(path).read_text())
+    return BenchmarkConfig.from_json(data["benchmark"] if "benchmark" in data else data)

@@ -1,0 +1,228 @@
+"""What watches a benchmark trajectory: DVAR, the CLIP-s identity checks, timings and snapshots.
+
+One training run per (concept, method) goes to the full budget; :class:`TrajectoryMonitor`
+applies the stopping rules to it as it goes, without changing it (DVAR's batch and the
+samplers use private generators; attaching the stopper leaves the weights bitwise the same,
+as tests/test_callback.py checks). It records when each rule fires, keeps a copy of the
+learned weights at that step, and times every part, so each variant's cost is the training
+time up to its stop plus the time its own rule spent.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from dvar import PatienceCriterion
+from dvar.batch import isolated_global_rng
+from dvar.callback import eval_mode
+from dvar.integrations.trainer import Trainer, TrainerCallback
+
+from .config import MethodSettings, SamplingSettings
+from .scoring import ConceptSpec
+
+
+class Sampler:
+    """Generates images from the weights being trained, with fixed seeds, outside the training RNG."""
+
+    def __init__(self, trainer: Trainer, sampling: SamplingSettings) -> None:
+        self.trainer, self.sampling = trainer, sampling
+        self.pipe = trainer.method.pipeline(trainer.parts, trainer.accelerator, trainer.weight_dtype)
+        self.pipe.to(trainer.accelerator.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], per_prompt: int, seed: Optional[int] = None) -> List[Any]:
+        parts, accelerator = self.trainer.parts, self.trainer.accelerator
+        generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed if seed is None else seed)
+        with isolated_global_rng(), eval_mode([parts.unet, parts.text_encoder]), accelerator.autocast():
+            return self.pipe(
+                list(prompts), num_images_per_prompt=per_prompt, generator=generator,
+                num_inference_steps=self.sampling.num_inference_steps, guidance_scale=self.sampling.guidance_scale,
+                height=self.trainer.args.resolution, width=self.trainer.args.resolution,
+            ).images
+
+
+def score_current_weights(sampler: Sampler, scorer: Any, concept: ConceptSpec, phrase: str) -> Dict[str, Any]:
+    """Identity (training-style prompts) and alignment (new-context prompts) of the current weights."""
+    s = sampler.sampling
+    started = time.perf_counter()
+    identity_images = sampler([p.format(phrase) for p in concept.identity_prompts], s.identity_images_per_prompt)
+    eval_images = sampler([p.template.format(phrase) for p in concept.eval_prompts], s.images_per_prompt)
+    expanded = [p for p in concept.eval_prompts for _ in range(s.images_per_prompt)]
+    alignment, by_attribute = scorer.alignment(eval_images, expanded)
+    return {
+        "identity": scorer.identity(identity_images, concept),
+        "identity_attributes": scorer.look(identity_images, concept),
+        "alignment": alignment,
+        "alignment_by_attribute": by_attribute,
+        "images_scored": len(identity_images) + len(eval_images),
+        "scoring_s": round(time.perf_counter() - started, 3),
+    }
+
+
+class LossWatch:
+    """One DVAR stopper watching a run: its frozen-batch losses, their cost, and where it fired.
+
+    After it fires it can keep evaluating (a traced run), without changing its stop."""
+
+    def __init__(self, stopper: Any) -> None:
+        self.stopper = stopper
+        self.steps: List[int] = []
+        self.eval_loss: List[float] = []
+        self.eval_s: List[float] = []
+        self.stop_step: Optional[int] = None
+        self.reason: Optional[str] = None
+
+    def __call__(self, step: int, loss: torch.Tensor) -> bool:
+        """Evaluate if this is an evaluation step; True when the rule fires at this step."""
+        if step % self.stopper.config.eval_every:
+            return False
+        started = time.perf_counter()
+        fired = False
+        if self.stopper.should_stop:
+            value = self.stopper.evaluate()
+        else:
+            fired = self.stopper.step(step, loss)
+            value = self.stopper.history[-1].eval_loss
+            if fired:
+                self.stop_step, self.reason = step, self.stopper.reason
+        self.steps.append(step)
+        self.eval_loss.append(value)
+        self.eval_s.append(time.perf_counter() - started)
+        return fired
+
+    def seconds_until(self, step: int) -> float:
+        return sum(s for at, s in zip(self.steps, self.eval_s) if at <= step)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "steps": self.steps, "eval_loss": self.eval_loss, "eval_s": [round(s, 5) for s in self.eval_s],
+            "stop_step": self.stop_step, "reason": self.reason, "eval_every": self.stopper.config.eval_every,
+            "window": self.stopper.window, "threshold": self.stopper.threshold,
+        }
+
+
+class TrajectoryMonitor(TrainerCallback):
+    """Applies DVAR and CLIP-s to one run and times everything.
+
+    Args:
+        settings: the method's budget and rule settings.
+        sampling: how scoring images are made.
+        scorer: a :class:`~benchmarks.personalization.scoring.WorldScorer` or ``ClipScorer``.
+        concept: the concept being trained.
+        phrase: how prompts name the concept for this method (e.g. ``"<concept>"``, ``"sks star"``).
+        trace_full: keep evaluating DVAR and identity to the end of the budget.
+        ablation_parts: also track one DVAR batch per part redrawn at every evaluation.
+        job_started: ``time.perf_counter()`` when the job began (setup time is measured from it).
+        rules: False for a plain fixed-budget run (few iters): timings, losses and a sampler only.
+    """
+
+    def __init__(
+        self, settings: MethodSettings, sampling: SamplingSettings, scorer: Any, concept: ConceptSpec, phrase: str,
+        trace_full: bool = False, ablation_parts: Sequence[str] = (), job_started: Optional[float] = None,
+        rules: bool = True,
+    ) -> None:
+        self.settings, self.sampling, self.scorer, self.concept, self.phrase = settings, sampling, scorer, concept, phrase
+        self.trace_full, self.ablation_parts, self.rules = trace_full, tuple(ablation_parts), rules
+        self.job_started = time.perf_counter() if job_started is None else job_started
+        self.train_step_s: List[float] = []
+        self.train_loss: List[float] = []
+        self.identity_trace: Dict[str, list] = {"steps": [], "identity": [], "check_s": []}
+        self.dvar_watches: Dict[str, LossWatch] = {}  # "dvar", and "dvar_every<k>" for settings.dvar_extra_eval_every
+        self.ablation_watches: Dict[str, LossWatch] = {}
+        self.snapshots: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.clip_s_stop: Optional[int] = None
+        self.clip_s_reason: Optional[str] = None
+
+    # -- TrainerCallback -------------------------------------------------------------------
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        began = time.perf_counter()
+        self.trainer = trainer
+        self.setup_s = began - self.job_started
+        if not self.rules:
+            self.sampler = Sampler(trainer, self.sampling)  # for scoring afterwards, not part of the run's time
+            self.last = time.perf_counter()
+            return
+        self.dvar_watches["dvar"] = LossWatch(trainer.make_stopper())
+        for every in self.settings.dvar_extra_eval_every:
+            self.dvar_watches[f"dvar_every{every}"] = LossWatch(trainer.make_stopper(eval_every=every))
+        self.ablation_watches = {part: LossWatch(trainer.make_stopper(resample=(part,))) for part in self.ablation_parts}
+        clip_started = time.perf_counter()
+        self.sampler = Sampler(trainer, self.sampling)
+        self.scorer.references(self.concept)
+        self.clip_rule = PatienceCriterion(self.settings.clip_s_eps, self.settings.clip_s_patience)
+        self.clip_setup_s = time.perf_counter() - clip_started
+        if self.trace_full:  # where the curve starts: the untrained token / adapters (not part of any rule)
+            self._identity_check(0, feed_rule=False)
+        self.last = time.perf_counter()
+
+    def on_step_end(self, trainer: Trainer, global_step: int, loss: torch.Tensor) -> None:
+        entered = time.perf_counter()
+        self.train_step_s.append(entered - self.last)
+        self.train_loss.append(float(loss.detach().item()))
+        if not self.rules:
+            self.last = time.perf_counter()
+            return
+        for name, watch in self.dvar_watches.items():
+            if (watch.stop_step is None or self.trace_full) and watch(global_step, loss):
+                self.snapshots[name] = self.trainer.method.learned_state(trainer.parts, trainer.accelerator)
+        for watch in self.ablation_watches.values():
+            watch(global_step, loss)
+        if global_step % self.settings.check_every == 0 and (self.clip_s_stop is None or self.trace_full):
+            self._identity_check(global_step)
+        self.last = time.perf_counter()
+
+    # -- the rules --------------------------------------------------------------------------
+
+    def _identity_check(self, step: int, feed_rule: bool = True) -> None:
+        started = time.perf_counter()
+        s = self.sampling
+        images = self.sampler([p.format(self.phrase) for p in self.concept.identity_prompts], s.check_images_per_prompt)
+        identity = self.scorer.identity(images, self.concept)
+        self.identity_trace["steps"].append(step)
+        self.identity_trace["identity"].append(identity)
+        if feed_rule and self.clip_s_stop is None and self.clip_rule.update(identity):
+            self.clip_s_stop, self.clip_s_reason = step, self.clip_rule.reason
+            self.snapshots["clip_s"] = self.trainer.method.learned_state(self.trainer.parts, self.trainer.accelerator)
+        self.identity_trace["check_s"].append(time.perf_counter() - started if feed_rule else 0.0)
+
+    # -- results ------------------------------------------------------------------------------
+
+    @property
+    def stops(self) -> Dict[str, Optional[int]]:
+        """Where each rule fired (None: it did not, within the budget)."""
+        return {"clip_s": self.clip_s_stop, **{name: w.stop_step for name, w in self.dvar_watches.items()}}
+
+    @property
+    def reasons(self) -> Dict[str, Optional[str]]:
+        return {"clip_s": self.clip_s_reason, **{name: w.reason for name, w in self.dvar_watches.items()}}
+
+    def ablation_json(self) -> Dict[str, Any]:
+        """Per redrawn part (and "none", DVAR's own frozen batch): losses and where each would stop."""
+        if not self.ablation_watches:
+            return {}
+        return {"none": self.dvar_watches["dvar"].to_json(), **{p: w.to_json() for p, w in self.ablation_watches.items()}}
+
+    def monitor_seconds(self, variant: str, until: int) -> float:
+        """Time a variant's own rule spent up to its stop step."""
+        if variant in self.dvar_watches:
+            return self.dvar_watches[variant].seconds_until(until)
+        if variant == "clip_s":
+            trace = self.identity_trace
+            return self.clip_setup_s + sum(s for step, s in zip(trace["steps"], trace["check_s"]) if step <= until)
+        return 0.0
+
+    def variant_timing(self, variant: str, stop_step: int, save_s: float) -> Dict[str, float]:
+        train_s = sum(self.train_step_s[:stop_step])
+        monitor_s = self.monitor_seconds(variant, stop_step)
+        return {
+            "wall_time_s": round(self.setup_s + train_s + monitor_s + save_s, 3),
+            "setup_s": round(self.setup_s, 3),
+            "train_s": round(train_s, 3),
+            "monitor_s": round(monitor_s, 3),
+            "save_s": round(save_s, 3),
+        }

@@ -1,0 +1,394 @@
+"""Run the DVAR paper's comparison: concepts x methods x {baseline, CLIP-s, few iters, DVAR}.
+
+For each (concept, method) one training run goes to the full step budget while DVAR and the
+CLIP-s identity checks watch it (:mod:`.monitors`); the learned weights at each rule's stop
+are scored, and each variant's cost is the measured training time up to its stop plus the
+measured time of its own rule. "Few iters" is then a separate, real run of the mean CLIP-s
+stop step of that method (it also checks that its training losses repeat the trajectory's).
+Every finished job writes its JSON files at once, so an interrupted run resumes where it
+stopped; ``--shard i/n`` runs every n-th job (ordinary processes, e.g. one per GPU or machine,
+sharing --out).
+
+    python -m benchmarks.personalization.run --preset quick --out runs/quick
+    python -m benchmarks.personalization.run --preset full --out runs/full --shard 1/2   # and 2/2
+    python -m benchmarks.personalization.report runs/full
+    # Stable Diffusion, your photos, a local CLIP:
+    python -m benchmarks.personalization.run --config benchmarks/personalization/paper48.json \\
+        --model ./sd-v1-5 --concepts ./dreambooth_dataset --clip ./clip-vit-base-patch32 --out runs/sd
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    __package__ = "benchmarks.personalization"
+
+from .config import GROUP_OF_METHOD, METHOD_ORDER, BenchmarkConfig, MethodSettings, load_config, preset  # noqa: E402
+from .scoring import ConceptSpec, bundled_concepts, folder_concepts  # noqa: E402
+
+EXIT_USAGE = 2
+
+
+# -- what a job trains ----------------------------------------------------------------------
+
+
+def method_instance(name: str) -> Any:
+    from dvar.integrations import custom_diffusion, dreambooth, dreambooth_lora, textual_inversion
+
+    classes = {
+        "textual_inversion": textual_inversion.TextualInversion,
+        "dreambooth_lora": dreambooth_lora.DreamBoothLoRA,
+        "custom_diffusion": custom_diffusion.CustomDiffusion,
+        "dreambooth": dreambooth.DreamBooth,
+    }
+    return classes[name]()
+
+
+def concept_arguments(method: str, concept: ConceptSpec) -> Tuple[str, List[str]]:
+    """(how prompts name the concept, the trainer flags for its data and prompts)."""
+    word, initializer = concept.class_word, concept.initializer_token or concept.class_word
+    if method == "textual_inversion":
+        return "<concept>", ["--train_data_dir", str(concept.path), "--placeholder_token", "<concept>",
+                             "--initializer_token", initializer]
+    if method == "custom_diffusion":
+        return f"<new1> {word}", ["--instance_data_dir", str(concept.path), "--modifier_token", "<new1>",
+                                  "--initializer_token", initializer, "--instance_prompt", f"a photo of a <new1> {word}"]
+    return f"sks {word}", ["--instance_data_dir", str(concept.path), "--instance_prompt", f"a photo of sks {word}"]
+
+
+def trainer_argv(cfg: BenchmarkConfig, settings: MethodSettings, concept: ConceptSpec, output_dir: Path,
+                 model: Optional[str], max_train_steps: Optional[int] = None) -> Tuple[str, List[str]]:
+    phrase, data_args = concept_arguments(settings.method, concept)
+    argv = data_args + settings.trainer_args() + [
+        "--output_dir", str(output_dir), "--overwrite_output_dir", "--seed", str(cfg.seed),
+        "--num_validation_images", "0", "--checkpointing_steps", str(settings.max_train_steps + 1),
+    ]
+    if max_train_steps is not None:
+        argv += ["--max_train_steps", str(max_train_steps)]
+    if model:
+        argv += ["--pretrained_model_name_or_path", model]
+    return phrase, argv
+
+
+# -- the jobs -----------------------------------------------------------------------------
+
+
+class Benchmark:
+    """A results folder and the jobs that fill it."""
+
+    def __init__(self, cfg: BenchmarkConfig, out: Path, concepts: Dict[str, List[ConceptSpec]], scorer: Any,
+                 model: Optional[str] = None, keep_weights: bool = False) -> None:
+        self.cfg, self.out, self.concepts, self.scorer = cfg, Path(out), concepts, scorer
+        self.model, self.keep_weights = model, keep_weights
+
+    def trajectory_jobs(self) -> List[Tuple[MethodSettings, ConceptSpec, bool]]:
+        jobs = []
+        for settings in self.cfg.methods:
+            for index, concept in enumerate(self.concepts[settings.method]):
+                jobs.append((settings, concept, index < self.cfg.traced_per_method))
+        return jobs
+
+    def record_path(self, method: str, concept: str, variant: str) -> Path:
+        return self.out / "records" / method / concept / f"{variant}.json"
+
+    def trace_path(self, method: str, concept: str) -> Path:
+        return self.out / "traces" / method / f"{concept}.json"
+
+    def run_trajectory(self, settings: MethodSettings, concept: ConceptSpec, traced: bool) -> Dict[str, Dict[str, Any]]:
+        from dvar.integrations.trainer import main as train_main
+
+        from .monitors import TrajectoryMonitor, score_current_weights
+
+        started = time.perf_counter()
+        method, work = method_instance(settings.method), self.out / "work" / settings.method / concept.name
+        phrase, argv = trainer_argv(self.cfg, settings, concept, work, self.model)
+        ablation = self.cfg.ablation_parts if traced and settings.method in self.cfg.ablation_methods else ()
+        monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase,
+                                    trace_full=traced, ablation_parts=ablation, job_started=started)
+        code = train_main(method, argv, callbacks=[monitor])
+        if code != 0:
+            raise RuntimeError(f"{settings.method} on {concept.name}: the trainer exited with {code}")
+        save_s = time.perf_counter() - monitor.last
+        budget = len(monitor.train_step_s)
+        trainer = monitor.trainer
+
+        records: Dict[str, Dict[str, Any]] = {}
+        records["baseline"] = self._record(settings, concept, "baseline", budget, "budget", monitor, save_s,
+                                           score_current_weights(monitor.sampler, self.scorer, concept, phrase))
+        for variant in monitor.stops:
+            stop = monitor.stops[variant]
+            if stop is None:  # the rule never fired: that variant trains to the budget
+                scores = {k: v for k, v in records["baseline"].items() if k in SCORE_KEYS}
+                reason = "budget (the rule did not fire)"
+            else:
+                method.load_learned_state(monitor.snapshots[variant], trainer.parts, trainer.accelerator)
+                scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase)
+                reason = monitor.reasons[variant]
+            records[variant] = self._record(settings, concept, variant, stop or budget, reason, monitor, save_s, scores)
+
+        trace = {
+            "concept": concept.name, "method": settings.method, "max_train_steps": settings.max_train_steps,
+            "seed": self.cfg.seed, "informative": traced,
+            "setup_s": round(monitor.setup_s, 3), "save_s": round(save_s, 3),
+            "train_step_s": [round(s, 5) for s in monitor.train_step_s], "train_loss": monitor.train_loss,
+            "dvar": monitor.dvar_watches["dvar"].to_json(),
+            "dvar_variants": {name: w.to_json() for name, w in monitor.dvar_watches.items() if name != "dvar"},
+            "identity_checks": {**monitor.identity_trace, "every": settings.check_every, "stop_step": monitor.clip_s_stop,
+                                "eps": settings.clip_s_eps, "patience": settings.clip_s_patience},
+        }
+        if monitor.ablation_watches:
+            trace["ablation"] = monitor.ablation_json()
+        write_json(self.trace_path(settings.method, concept.name), trace)
+        for variant, record in records.items():  # dvar last: its file marks the job done
+            if variant != "dvar":
+                write_json(self.record_path(settings.method, concept.name, variant), record)
+        write_json(self.record_path(settings.method, concept.name, "dvar"), records["dvar"])
+        if not self.keep_weights:
+            shutil.rmtree(work, ignore_errors=True)
+        return records
+
+    def _record(self, settings: MethodSettings, concept: ConceptSpec, variant: str, steps: int, reason: Optional[str],
+                monitor: Any, save_s: float, scores: Dict[str, Any]) -> Dict[str, Any]:
+        return {
+            "concept": concept.name, "method": settings.method, "variant": variant, "steps": steps,
+            "max_train_steps": settings.max_train_steps, "stop_reason": reason, "seed": self.cfg.seed,
+            **monitor.variant_timing(variant, steps, save_s),
+            **{k: scores.get(k) for k in SCORE_KEYS},
+        }
+
+    def few_iters_step(self, method: str) -> Optional[int]:
+        """Mean CLIP-s stop of the method over all its concepts, once every trajectory is done."""
+        stops = []
+        for concept in self.concepts[method]:
+            path = self.record_path(method, concept.name, "clip_s")
+            if not self.record_path(method, concept.name, "dvar").is_file() or not path.is_file():
+                return None
+            stops.append(json.loads(path.read_text())["steps"])
+        return max(1, round(sum(stops) / len(stops)))
+
+    def run_few_iters(self, settings: MethodSettings, concept: ConceptSpec, steps: int) -> Dict[str, Any]:
+        from dvar.integrations.trainer import main as train_main
+
+        from .monitors import TrajectoryMonitor, score_current_weights
+
+        started = time.perf_counter()
+        method, work = method_instance(settings.method), self.out / "work" / settings.method / f"{concept.name}-few"
+        phrase, argv = trainer_argv(self.cfg, settings, concept, work, self.model, max_train_steps=steps)
+        monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase, job_started=started,
+                                    rules=False)
+        code = train_main(method, argv, callbacks=[monitor])
+        if code != 0:
+            raise RuntimeError(f"{settings.method} on {concept.name} (few iters): the trainer exited with {code}")
+        save_s = time.perf_counter() - monitor.last
+        scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase)
+        record = self._record(settings, concept, "few_iters", steps, f"fixed budget {steps} (mean CLIP-s stop)",
+                              monitor, save_s, scores)
+        trajectory = json.loads(self.trace_path(settings.method, concept.name).read_text())["train_loss"][:steps]
+        record["max_abs_loss_diff_vs_trajectory"] = max(abs(a - b) for a, b in zip(monitor.train_loss, trajectory))
+        write_json(self.record_path(settings.method, concept.name, "few_iters"), record)
+        if not self.keep_weights:
+            shutil.rmtree(work, ignore_errors=True)
+        return record
+
+    def run(self, shard: Tuple[int, int] = (1, 1), log: Any = print) -> bool:
+        """Run this shard's pending jobs; True when the whole benchmark (all shards) is complete."""
+        index, count = shard
+        jobs = self.trajectory_jobs()
+        mine = [job for k, job in enumerate(jobs) if k % count == index - 1]
+        pending = [job for job in mine if not self.record_path(job[0].method, job[1].name, "dvar").is_file()]
+        log(f"{len(jobs)} trajectories in all, {len(mine)} in shard {index}/{count}, {len(pending)} to run")
+        for number, (settings, concept, traced) in enumerate(pending, 1):
+            started = time.perf_counter()
+            records = self.run_trajectory(settings, concept, traced)
+            base = records["baseline"]
+            summary = ", ".join(
+                f"{v} {records[v]['steps']} steps ({base['wall_time_s'] / records[v]['wall_time_s']:.2f}x, "
+                f"identity {records[v]['identity'] - base['identity']:+.3f})" for v in records if v != "baseline"
+            )
+            log(f"[{number}/{len(pending)}] {settings.method} {concept.name}{' (traced)' if traced else ''}: "
+                f"baseline {base['steps']} steps, identity {base['identity']:.3f}; {summary} "
+                f"[{time.perf_counter() - started:.0f} s]")
+
+        complete = True
+        for settings in self.cfg.methods:
+            steps = self.few_iters_step(settings.method)
+            if steps is None:
+                complete = False
+                log(f"few iters for {settings.method} waits for the other shards' trajectories; rerun when they are done")
+                continue
+            for k, job in enumerate(jobs):
+                if job[0].method != settings.method or k % count != index - 1:
+                    continue
+                concept = job[1]
+                if self.record_path(settings.method, concept.name, "few_iters").is_file():
+                    continue
+                record = self.run_few_iters(settings, concept, steps)
+                log(f"few iters {settings.method} {concept.name}: {steps} steps, identity {record['identity']:.3f}, "
+                    f"loss vs trajectory max |diff| {record['max_abs_loss_diff_vs_trajectory']:.2e}")
+        return complete and all(
+            self.record_path(s.method, c.name, "few_iters").is_file() for s, c, _ in jobs
+        )
+
+
+SCORE_KEYS = ("identity", "identity_attributes", "alignment", "alignment_by_attribute", "images_scored")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write atomically: a reader (or a resumed run) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def quiet_libraries() -> None:
+    """No per-run progress bars or load warnings (one line per job instead); imports done before any job is timed."""
+    import diffusers
+    import transformers
+
+    import dvar.integrations.trainer  # noqa: F401
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def machine_description() -> str:
+    import torch
+
+    cpu = f"{os.cpu_count()} CPU cores, torch {torch.__version__} with {torch.get_num_threads()} threads"
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    return f"{platform.platform()}, Python {platform.python_version()}, {cpu}{gpu}"
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def parse_shard(text: str) -> Tuple[int, int]:
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected i/n, e.g. 1/2") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: i must be between 1 and n")
+    return index, count
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="Results folder (resumed if it exists).")
+    parser.add_argument("--preset", choices=["ci", "quick", "full"], default=None, help="Mini-SD presets (default: quick).")
+    parser.add_argument("--config", type=Path, default=None, help="A JSON config instead of a preset (e.g. paper48.json).")
+    parser.add_argument("--shard", type=parse_shard, default=(1, 1), help="Run every n-th job, i/n (default 1/1).")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None, help="Only these methods.")
+    parser.add_argument("--concepts-per-method", type=int, default=None, help="Only the first N concepts per method.")
+    parser.add_argument("--world-concepts", type=Path, default=None,
+                        help="Another synthetic concept set (python -m dvar.world.concepts --out DIR --seed S).")
+    parser.add_argument("--model", default=None, help="Local diffusers model folder (default: the embedded mini-SD).")
+    parser.add_argument("--concepts", type=Path, default=None, help="Folder of concept photo folders (with --config).")
+    parser.add_argument("--clip", default=None, help="Local CLIP folder (transformers format) to score with.")
+    parser.add_argument("--skip-missing-concepts", action="store_true",
+                        help="Run the config's concepts that have photos under --concepts, skip the others.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+    parser.add_argument("--keep-weights", action="store_true", help="Keep each run's output folder under OUT/work.")
+    parser.add_argument("--no-report", action="store_true", help="Do not write the report when the benchmark completes.")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[ConceptSpec]], Dict[str, Any]]:
+    """The config, each method's concepts, and the config file's extra fields."""
+    if args.config and args.preset:
+        raise ValueError("pass --preset or --config, not both")
+    extra: Dict[str, Any] = {}
+    if args.config:
+        if not args.config.is_file():
+            raise ValueError(f"--config {args.config} does not exist")
+        extra = json.loads(args.config.read_text())
+        cfg = load_config(args.config)
+    else:
+        cfg = preset(args.preset or "quick")
+    if args.methods:
+        cfg.methods = [m for m in cfg.methods if m.method in args.methods]
+        if not cfg.methods:
+            raise ValueError(f"--methods {args.methods}: none of them is in this benchmark")
+    if args.concepts_per_method is not None:
+        cfg.concepts_per_method = args.concepts_per_method
+    if "concepts" in extra:
+        if args.concepts is None or args.model is None:
+            raise ValueError(f"{args.config} lists photo concepts: pass --concepts DIR (their folders) and --model PATH")
+        pool = folder_concepts(extra["concepts"], args.concepts, extra["identity_prompts"], extra["eval_prompts"],
+                               skip_missing=args.skip_missing_concepts)
+        concepts = {m.method: pool for m in cfg.methods}
+    else:
+        root = args.world_concepts
+        concepts = {
+            m.method: bundled_concepts(GROUP_OF_METHOD[m.method] if cfg.concept_source == "group" else None, root)
+            for m in cfg.methods
+        }
+    if cfg.concepts_per_method is not None:
+        concepts = {m: c[: cfg.concepts_per_method] for m, c in concepts.items()}
+    return cfg, concepts, extra
+
+
+def check_same_benchmark(out: Path, description: Dict[str, Any]) -> None:
+    path = out / "benchmark.json"
+    description = json.loads(json.dumps(description))  # tuples -> lists, as stored
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        if previous.get("config") != description["config"] or previous.get("concepts") != description["concepts"]:
+            raise ValueError(f"{out} holds a benchmark with other settings; resume it with the same flags or use another --out")
+    else:
+        write_json(path, description)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        cfg, concepts, extra = resolve(args)
+        if args.clip is None and "concepts" in extra:
+            raise ValueError("photo concepts are scored with a local CLIP: pass --clip PATH")
+        description = {
+            "preset": cfg.name, "config": cfg.to_json(), "concepts": {m: [c.name for c in cs] for m, cs in concepts.items()},
+            "model": args.model or "mini-SD (embedded)", "scorer": "clip" if args.clip else "world",
+            "command": "python -m benchmarks.personalization.run " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine_description(),
+            "methods": {m.method: {"max_train_steps": m.max_train_steps} for m in cfg.methods},
+        }
+        args.out.mkdir(parents=True, exist_ok=True)
+        check_same_benchmark(args.out, description)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    quiet_libraries()
+    from .scoring import ClipScorer, WorldScorer
+
+    scorer = ClipScorer(args.clip) if args.clip else WorldScorer()
+    bench = Benchmark(cfg, args.out, concepts, scorer, model=args.model, keep_weights=args.keep_weights)
+    started = time.perf_counter()
+    complete = bench.run(args.shard)
+    print(f"shard {args.shard[0]}/{args.shard[1]} done in {(time.perf_counter() - started) / 60:.1f} min")
+    if complete and not args.no_report:
+        from .report import write_report
+
+        print(f"report: {write_report(args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The 48-concept benchmark runner: one trajectory per (concept, method), four stopping rules on it,
+records written as jobs finish, shards and resuming; the Stable-Diffusion path with a local CLIP."""
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from benchmarks.personalization import run as bench
+from benchmarks.personalization.config import VARIANTS, BenchmarkConfig, load_config, preset
+from benchmarks.personalization.report import load_records, load_traces
+from dvar.criterion import first_stop_step
+
+REPO = Path(__file__).resolve().parents[1]
+CI_METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    """The ci preset run as two shards; the first shard's few-iters waits until the second is done."""
+    out = tmp_path_factory.mktemp("bench") / "ci"
+    for shard in ("1/2", "2/2", "1/2"):
+        assert bench.main(["--preset", "ci", "--out", str(out), "--shard", shard, "--no-report"]) == 0
+    return out
+
+
+def test_every_method_gets_the_four_variants(ci_run):
+    records = load_records(ci_run)
+    variants = (*VARIANTS, "dvar_every5")  # the same DVAR rule evaluating every 5 steps, from the same run
+    assert sorted((r["method"], r["variant"]) for r in records) == sorted((m, v) for m in CI_METHODS for v in variants)
+
+
+def test_each_variant_costs_its_own_steps_and_rule(ci_run):
+    for r in load_records(ci_run):
+        assert 1 <= r["steps"] <= r["max_train_steps"] == 40
+        assert r["wall_time_s"] == pytest.approx(r["setup_s"] + r["train_s"] + r["monitor_s"] + r["save_s"], abs=0.01)
+        assert (r["monitor_s"] > 0) == (r["variant"] in ("clip_s", "dvar", "dvar_every5"))
+        assert -1 <= r["identity"] <= 1 and 0 <= r["alignment"] <= 1
+        assert set(r["alignment_by_attribute"]) == {"background", "size"}
+        if r["variant"] == "baseline":
+            assert r["steps"] == 40 and r["stop_reason"] == "budget"
+
+
+def test_the_rules_fire_where_their_pure_functions_say(ci_run):
+    for trace in load_traces(ci_run):
+        dvar, checks = trace["dvar"], trace["identity_checks"]
+        assert trace["informative"] and dvar["steps"] == list(range(1, 41))  # traced: through the budget
+        assert dvar["stop_step"] == first_stop_step(dvar["eval_loss"], dvar["window"], dvar["threshold"])
+        assert checks["steps"] == [0, 10, 20, 30, 40]  # traced: from the untrained start
+        by_variant = {r["variant"]: r for r in load_records(ci_run) if r["method"] == trace["method"]}
+        assert by_variant["dvar"]["steps"] == (dvar["stop_step"] or 40)
+        every5 = trace["dvar_variants"]["dvar_every5"]
+        assert every5["steps"] == [5, 10, 15, 20, 25, 30, 35, 40]
+        assert every5["stop_step"] == (
+            None if (n := first_stop_step(every5["eval_loss"], 3, dvar["threshold"])) is None else 5 * n
+        )  # window 12 steps = 3 evaluations
+        assert by_variant["dvar_every5"]["steps"] == (every5["stop_step"] or 40)
+        assert by_variant["clip_s"]["steps"] == (checks["stop_step"] or 40)
+
+
+def test_few_iters_is_a_real_run_that_repeats_the_trajectory(ci_run):
+    by = {(r["method"], r["variant"]): r for r in load_records(ci_run)}
+    for method in CI_METHODS:
+        few = by[(method, "few_iters")]
+        assert few["steps"] == by[(method, "clip_s")]["steps"]  # one concept: the mean CLIP-s stop is its own
+        # the premise of scoring all rules on one run: watching it does not change it
+        assert few["max_abs_loss_diff_vs_trajectory"] == 0.0
+
+
+def test_ablation_tracks_the_frozen_and_the_redrawn_batch(ci_run):
+    (trace,) = [t for t in load_traces(ci_run) if t["method"] == "textual_inversion"]
+    assert set(trace["ablation"]) == {"none", "timesteps"}
+    assert trace["ablation"]["none"]["eval_loss"] == trace["dvar"]["eval_loss"]
+    assert trace["ablation"]["timesteps"]["eval_loss"] != trace["dvar"]["eval_loss"]
+
+
+def test_a_finished_benchmark_resumes_to_nothing_and_writes_the_report(ci_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (ci_run / "records").rglob("*.json")}
+    assert bench.main(["--preset", "ci", "--out", str(ci_run)]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (ci_run / "records").rglob("*.json")} == before
+    report = (ci_run / "report" / "report.md").read_text()
+    assert "| textual_inversion | dvar |" in report
+    assert not (ci_run / "work").exists() or not any((ci_run / "work").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--preset", "quick"], "other settings"),  # the folder holds the ci benchmark
+        (["--preset", "ci", "--config", "x.json"], "not both"),
+        (["--config", str(REPO / "benchmarks/personalization/paper48.json")], "--concepts DIR"),
+    ],
+)
+def test_bad_settings_exit_2_with_the_fix(ci_run, capsys, argv, message):
+    assert bench.main([*argv, "--out", str(ci_run)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_bad_shard_is_refused():
+    with pytest.raises(SystemExit) as error:
+        bench.main(["--preset", "ci", "--out", "unused", "--shard", "3/2"])
+    assert error.value.code == 2
+
+
+def test_missing_photo_folders_are_named(tmp_path, capsys):
+    (tmp_path / "photos" / "dog").mkdir(parents=True)
+    argv = ["--config", str(REPO / "benchmarks/personalization/paper48.json"), "--model", str(tmp_path),
+            "--concepts", str(tmp_path / "photos"), "--clip", str(tmp_path), "--out", str(tmp_path / "out")]
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "47 concept(s) have no photo folder" in err and "--skip-missing-concepts" in err
+
+
+def test_the_paper_config_lists_48_concepts_in_the_9_9_30_split():
+    data = json.loads((REPO / "benchmarks/personalization/paper48.json").read_text())
+    groups = [c["group"] for c in data["concepts"]]
+    assert (groups.count("textual_inversion"), groups.count("custom_diffusion"), groups.count("dreambooth")) == (9, 9, 30)
+    assert len({c["name"] for c in data["concepts"]}) == 48
+    cfg = load_config(REPO / "benchmarks/personalization/paper48.json")
+    budgets = {m.method: (m.max_train_steps, m.clip_s_eps, m.clip_s_patience) for m in cfg.methods}
+    assert budgets == {"textual_inversion": (6100, 0.02, 6), "dreambooth_lora": (1000, 0.04, 3),
+                       "custom_diffusion": (500, 0.02, 6)}
+
+
+@pytest.mark.parametrize("name", ["ci", "quick", "full"])
+def test_presets_survive_a_json_round_trip(name):
+    cfg = preset(name)
+    assert BenchmarkConfig.from_json(json.loads(json.dumps(cfg.to_json()))) == cfg
+
+
+def test_the_full_preset_is_48_concepts_by_3_methods():
+    from benchmarks.personalization.scoring import bundled_concepts
+
+    cfg = preset("full")
+    assert [m.method for m in cfg.methods] == list(CI_METHODS) and cfg.concept_source == "all"
+    assert len(bundled_concepts()) == 48
+
+
+# -- Stable Diffusion format, photo folders and a local CLIP ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_dir(tmp_path_factory):
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from dvar.models import mini_sd
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    small = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(vocab_size=49408, max_position_embeddings=77, **small),
+                        vision_config=dict(image_size=32, patch_size=8, **small), projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer = CLIPTokenizer.from_pretrained(Path(mini_sd()) / "tokenizer")
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(path)
+    return path
+
+
+def test_photo_concepts_on_an_sd_format_model_scored_by_clip(tmp_path, tiny_pipeline_dir, tiny_clip_dir):
+    photos = tmp_path / "photos" / "red_mug"
+    photos.mkdir(parents=True)
+    for i, size in enumerate([(40, 30), (30, 40), (32, 32)]):
+        Image.new("RGB", size, (200 + i * 20, 30, 30)).save(photos / f"{i}.jpg")
+    config = {
+        "benchmark": {
+            "name": "sd-smoke", "concept_source": "all", "traced_per_method": 1,
+            "methods": [{"method": "textual_inversion", "max_train_steps": 8, "learning_rate": 1e-3,
+                         "check_every": 4, "clip_s_patience": 1, "dvar_window": 3, "dvar_threshold": 0.9}],
+            "sampling": {"num_inference_steps": 2, "images_per_prompt": 1, "identity_images_per_prompt": 1,
+                         "check_images_per_prompt": 1},
+        },
+        "identity_prompts": ["a photo of a {}"],
+        "eval_prompts": ["a {} on the beach", "a {} in the snow"],
+        "concepts": [{"name": "red_mug", "group": "textual_inversion", "class_word": "mug"}],
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    argv = ["--config", str(tmp_path / "config.json"), "--model", str(tiny_pipeline_dir),
+            "--concepts", str(tmp_path / "photos"), "--clip", str(tiny_clip_dir), "--out", str(out)]
+    assert bench.main(argv) == 0
+    records = load_records(out)
+    assert sorted(r["variant"] for r in records) == sorted(VARIANTS)
+    for r in records:
+        assert -1 <= r["identity"] <= 1 and -1 <= r["alignment"] <= 1 and r["identity_attributes"] is None
+    assert json.loads((out / "benchmark.json").read_text())["scorer"] == "clip"
+    assert (out / "report" / "report.md").is_file()
+
+
+def test_clip_alignment_ignores_the_identifier(tiny_clip_dir):
+    from benchmarks.personalization.scoring import ClipScorer, EvalPrompt
+
+    prompt = EvalPrompt("a {} on the beach", class_word="mug")
+    assert prompt.text_without_concept() == "a mug on the beach"
+    scorer = ClipScorer(str(tiny_clip_dir))
+    image = Image.new("RGB", (32, 32), (10, 200, 10))
+    score, by_attribute = scorer.alignment([image], [prompt])
+    assert -1 <= score <= 1 and by_attribute == {}
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth"])
+def test_learned_state_round_trips(tmp_path, tiny_pipeline_dir, concept_dir, method):
+    """The snapshot a rule's stop keeps is exactly what training changed, and loads back."""
+    import torch
+
+    from benchmarks.personalization.scoring import bundled_concepts
+    from dvar.integrations.trainer import TrainerCallback, main as train_main
+
+    class Grab(TrainerCallback):
+        def on_step_end(self, trainer, global_step, loss):
+            self.trainer = trainer
+            if global_step == 1:
+                self.state = trainer.method.learned_state(trainer.parts, trainer.accelerator)
+
+    concept = [c for c in bundled_concepts() if c.path == concept_dir][0]
+    _, argv = bench.concept_arguments(method, concept)
+    grab, instance = Grab(), bench.method_instance(method)
+    argv += ["--pretrained_model_name_or_path", str(tiny_pipeline_dir), "--max_train_steps", "3", "--output_dir",
+             str(tmp_path / "out"), "--num_validation_images", "0", "--learning_rate", "1e-2"]
+    assert train_main(instance, argv, callbacks=[grab]) == 0
+    parts, accelerator = grab.trainer.parts, grab.trainer.accelerator
+    after = instance.learned_state(parts, accelerator)
+    assert set(after) == set(grab.state) and len(after) > 0
+    assert any(not torch.equal(after[k], grab.state[k]) for k in after)  # steps 2-3 changed it
+    if method in ("textual_inversion", "custom_diffusion"):  # only the new token's row, not the whole table
+        (row,) = [v for k, v in after.items() if "token_embedding" in k]
+        assert row.shape[0] == 1
+    instance.load_learned_state(grab.state, parts, accelerator)
+    assert all(torch.equal(instance.learned_state(parts, accelerator)[k], grab.state[k]) for k in after)
