@@ -263,11 +263,15 @@ class FixedEvalBatch:
         fresh = type(scheduler).from_config(scheduler.config)
         return fresh.timesteps[positions].float(), fresh.sigmas[positions].float()
 
-    def _draw(self, indices: List[int], base: Optional[EvalBatch] = None) -> EvalBatch:
+    def _draw(
+        self, indices: List[int], base: Optional[EvalBatch] = None, caption_indices: Optional[List[int]] = None
+    ) -> EvalBatch:
         """Draw the parts that are frozen (``base is None``) or resampled (``base`` given)."""
         redraw = (lambda part: True) if base is None else (lambda part: part in self.resample)
         if base is None or "images" in self.resample or "captions" in self.resample:
             pixel_values, captions = self._read_examples(indices)
+            if caption_indices is not None:
+                _, captions = self._read_examples(caption_indices)
         if base is not None and "images" not in self.resample:
             pixel_values, indices = base.pixel_values, base.indices
         if base is not None and "captions" not in self.resample:
@@ -320,9 +324,14 @@ class FixedEvalBatch:
         if not self.resample:
             return self.frozen
         indices = list(range(self.batch_size))
+        caption_indices = None
         if "images" in self.resample:
             indices = torch.randperm(len(self.dataset), generator=self.generator)[: self.batch_size].tolist()
-        return self._draw(indices, base=self.frozen)
+        elif "captions" in self.resample:
+            # captions of random examples: datasets that pair each index with a fixed prompt
+            # (one photo x several templates) change captions too, not only random-template ones
+            caption_indices = torch.randint(len(self.dataset), (self.batch_size,), generator=self.generator).tolist()
+        return self._draw(indices, base=self.frozen, caption_indices=caption_indices)
 
     # -- checkpointing -------------------------------------------------------------------
 

@@ -100,6 +100,20 @@ def test_resampled_captions_follow_the_dataset():
     assert len({tuple(c) for c in redrawn_captions}) > 1
 
 
+def test_resampled_captions_come_from_other_examples_of_a_fixed_prompt_dataset(concept_dir):
+    """One photo x several templates, each index with a fixed prompt (the trainers' ConceptDataset)."""
+    from dvar.integrations.data import ConceptDataset, load_image_folder
+
+    images = load_image_folder(str(concept_dir))
+    dataset = ConceptDataset(images, ["a photo of a {}", "a rendering of a {}"], resolution=16)
+    frozen = FixedEvalBatch(dataset, seed=0).next()
+    assert frozen.captions == ["a photo of a {}"] * 4  # the first K examples: K photos, first template
+    redrawn = FixedEvalBatch(dataset, seed=0, resample=["captions"])
+    draws = [redrawn.next() for _ in range(4)]
+    assert {c for d in draws for c in d.captions} == {"a photo of a {}", "a rendering of a {}"}
+    assert all(torch.equal(d.pixel_values, frozen.pixel_values) for d in draws)  # the images stay
+
+
 def test_state_dict_continues_resampling_identically(sd_parts, toy_dataset):
     fixed = build(sd_parts, toy_dataset, resample=["noise", "timesteps"])
     fixed.next()

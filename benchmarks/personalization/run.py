@@ -148,6 +148,7 @@ class Benchmark:
         }
         if monitor.ablation_watches:
             trace["ablation"] = monitor.ablation_json()
+        trace["job_s"] = round(time.perf_counter() - started, 3)  # everything: training, rules, scoring
         write_json(self.trace_path(settings.method, concept.name), trace)
         for variant, record in records.items():  # dvar last: its file marks the job done
             if variant != "dvar":
@@ -195,6 +196,7 @@ class Benchmark:
                               monitor, save_s, scores)
         trajectory = json.loads(self.trace_path(settings.method, concept.name).read_text())["train_loss"][:steps]
         record["max_abs_loss_diff_vs_trajectory"] = max(abs(a - b) for a, b in zip(monitor.train_loss, trajectory))
+        record["job_s"] = round(time.perf_counter() - started, 3)
         write_json(self.record_path(settings.method, concept.name, "few_iters"), record)
         if not self.keep_weights:
             shutil.rmtree(work, ignore_errors=True)
