@@ -467,8 +467,39 @@ def ablation_markdown(rows: list[dict]) -> str:
     ))
 
 
+def benchmark_cost(traces: list[dict], records: list[dict]) -> list[dict]:
+    """Hours each method's jobs took (trajectories with their scoring, and the few-iters runs),
+    from the ``job_s`` the runner records; jobs without it are counted as missing.
+
+    >>> benchmark_cost([{"method": "dreambooth", "job_s": 3600}], [{"method": "dreambooth", "variant": "few_iters",
+    ...                  "job_s": 1800}])
+    [{'method': 'dreambooth', 'trajectories': 1, 'trajectory_hours': 1.0, 'few_iters_hours': 0.5, 'untimed_jobs': 0}]
+    """
+    rows = []
+    for method in _ordered({t["method"] for t in traces}, METHODS):
+        jobs = [t for t in traces if t["method"] == method]
+        few = [r for r in records if r["method"] == method and r["variant"] == "few_iters"]
+        rows.append({
+            "method": method,
+            "trajectories": len(jobs),
+            "trajectory_hours": sum(t.get("job_s") or 0.0 for t in jobs) / 3600,
+            "few_iters_hours": sum(r.get("job_s") or 0.0 for r in few) / 3600,
+            "untimed_jobs": sum("job_s" not in item for item in (*jobs, *few)),
+        })
+    return rows
+
+
+def cost_markdown(rows: list[dict]) -> str:
+    table = markdown_table(["method", "trajectories", "trajectory hours", "few-iters hours", "untimed jobs"], (
+        [row["method"], row["trajectories"], _number(row["trajectory_hours"], 2), _number(row["few_iters_hours"], 2),
+         row["untimed_jobs"]] for row in rows
+    ))
+    total = sum(row["trajectory_hours"] + row["few_iters_hours"] for row in rows)
+    return f"{table}\n\nTotal: {total:.2f} hours of job time (each job is one process; see the machine line for its threads)."
+
+
 def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturation: list[dict],
-                    ablation: list[dict]) -> str:
+                    ablation: list[dict], cost: Sequence[dict] = ()) -> str:
     """The whole ``report.md``."""
     header = [f"- {key}: {_meta_value(meta[key])}" for key in ("preset", "command", "machine", "model") if key in meta]
     sections = [
@@ -490,6 +521,8 @@ def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturatio
                         f"(max - min) over its checks.\n\n" + saturation_markdown(saturation))
     if ablation:
         sections.append("## Frozen-batch ablation\n\n" + ablation_markdown(ablation))
+    if cost:
+        sections.append("## Cost of this benchmark\n\n" + cost_markdown(list(cost)))
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -734,7 +767,8 @@ def write_report(out: Path) -> Path:
     write_csv(folder / "informativeness.csv", info, INFORMATIVENESS_COLUMNS)
     write_plots(folder, records, traces, info)
     report = folder / "report.md"
-    report.write_text(render_markdown(load_meta(out), summary, info, saturation, ablation))
+    report.write_text(render_markdown(load_meta(out), summary, info, saturation, ablation,
+                                      benchmark_cost(traces, records)))
     return report
 
 
