@@ -43,8 +43,10 @@ class MethodSettings:
     )
     extra_args: Tuple[str, ...] = field(default=(), metadata={"help": "More trainer flags, e.g. ('--rank', '8')."})
 
-    def trainer_args(self) -> List[str]:
-        args = ["--max_train_steps", str(self.max_train_steps), "--learning_rate", repr(self.learning_rate)]
+    def trainer_args(self, max_train_steps: Optional[int] = None) -> List[str]:
+        """The trainer flags for these settings (``max_train_steps``: another budget, e.g. few iters)."""
+        steps = self.max_train_steps if max_train_steps is None else max_train_steps
+        args = ["--max_train_steps", str(steps), "--learning_rate", repr(self.learning_rate)]
         if self.dvar_window is not None:
             args += ["--early-stop-window", str(self.dvar_window)]
         if self.dvar_threshold is not None:

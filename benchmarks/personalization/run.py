@@ -69,12 +69,10 @@ def concept_arguments(method: str, concept: ConceptSpec) -> Tuple[str, List[str]
 def trainer_argv(cfg: BenchmarkConfig, settings: MethodSettings, concept: ConceptSpec, output_dir: Path,
                  model: Optional[str], max_train_steps: Optional[int] = None) -> Tuple[str, List[str]]:
     phrase, data_args = concept_arguments(settings.method, concept)
-    argv = data_args + settings.trainer_args() + [
+    argv = data_args + settings.trainer_args(max_train_steps) + [
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--seed", str(cfg.seed),
         "--num_validation_images", "0", "--checkpointing_steps", str(settings.max_train_steps + 1),
     ]
-    if max_train_steps is not None:
-        argv += ["--max_train_steps", str(max_train_steps)]
     if model:
         argv += ["--pretrained_model_name_or_path", model]
     return phrase, argv
