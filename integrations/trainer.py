@@ -330,7 +330,7 @@ class TrainerCallback:
     """Watches a run without changing it (the benchmark's monitors). Subclass and override."""
 
     def on_train_begin(self, trainer: "Trainer") -> None:
-        """Models, accelerator, datasets and the trainable parameters are ready (``trainer.parts`` ...)."""
+        """Models, accelerator and datasets are ready (``trainer.parts``, ``trainer.accelerator``, ...)."""
 
     def on_step_end(self, trainer: "Trainer", global_step: int, loss: torch.Tensor) -> None:
         """After each optimizer step, on every process."""
@@ -434,8 +434,7 @@ class Trainer:
                 setattr(parts, name, accelerator.prepare(module))
         optimizer, dataloader, lr_scheduler = accelerator.prepare(optimizer, dataloader, lr_scheduler)
 
-        self.parts, self.accelerator, self.eval_dataset = parts, accelerator, eval_dataset
-        self.trainable, self.weight_dtype = trainable, weight_dtype
+        self.parts, self.accelerator, self.eval_dataset, self.weight_dtype = parts, accelerator, eval_dataset, weight_dtype
         stopper = None
         if args.early_stop:
             stopper = self.make_stopper()

@@ -103,7 +103,24 @@ def folder_concepts(entries: Sequence[Dict[str, Any]], root: Path, identity_prom
     return specs
 
 
-class WorldScorer:
+class _EmbeddingIdentity:
+    """Identity = mean cosine similarity of image embeddings to the concept's training images."""
+
+    encoder: Any  # a dvar.metrics ImageEncoder
+
+    def references(self, concept: ConceptSpec) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_references", {})
+        if concept.name not in cache:
+            cache[concept.name] = self.encoder.encode(concept.reference_images())
+        return cache[concept.name]
+
+    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
+        from dvar.metrics import mean_pairwise_cosine
+
+        return float(mean_pairwise_cosine(self.encoder.encode(list(images)), self.references(concept)))
+
+
+class WorldScorer(_EmbeddingIdentity):
     """Identity by EfficientNet-Lite0 features, alignment by the world's attribute classifier."""
 
     def __init__(self, device: str = "cpu") -> None:
@@ -112,17 +129,6 @@ class WorldScorer:
 
         self.encoder = IdentityEncoder(device=device)
         self.classifier = AttributeClassifier.load(device=device)
-        self._references: Dict[str, torch.Tensor] = {}
-
-    def references(self, concept: ConceptSpec) -> torch.Tensor:
-        if concept.name not in self._references:
-            self._references[concept.name] = self.encoder.encode(concept.reference_images())
-        return self._references[concept.name]
-
-    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
-        from dvar.metrics import mean_pairwise_cosine
-
-        return float(mean_pairwise_cosine(self.encoder.encode(list(images)), self.references(concept)))
 
     def look(self, images: Sequence[Image.Image], concept: ConceptSpec) -> Optional[float]:
         """Fraction of (image, attribute) pairs where the classifier sees the concept's shape/color/pattern."""
@@ -138,45 +144,40 @@ class WorldScorer:
         return sum(by_attribute.values()) / len(by_attribute), by_attribute
 
 
-class ClipScorer:
+class ClipScorer(_EmbeddingIdentity):
     """CLIP image-image identity and image-text alignment, from a local CLIP folder (transformers format)."""
 
     def __init__(self, path: str, device: str = "cpu") -> None:
-        from transformers import CLIPModel, CLIPProcessor
+        from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
+        from transformers.utils import logging as hf_logging
+
+        from dvar.metrics import ClipImageEncoder
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--clip {path}: not a local CLIP folder (transformers format, e.g. clip-vit-base-patch32)")
-        self.model = CLIPModel.from_pretrained(path).eval().requires_grad_(False).to(device)
-        self.processor = CLIPProcessor.from_pretrained(path)
+        self.encoder = ClipImageEncoder(path, device=device)
+        config = CLIPConfig.from_pretrained(path, local_files_only=True)
+        text_config = config.text_config
+        text_config.projection_dim = config.projection_dim  # as ClipImageEncoder does for the vision tower
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the vision tower's weights are left out on purpose
+        try:
+            self.text_model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config, local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.text_model.eval().requires_grad_(False).to(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.device = device
-        self._references: Dict[str, torch.Tensor] = {}
-
-    @torch.no_grad()
-    def _images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
-        return torch.nn.functional.normalize(_features(self.model.get_image_features(**inputs)), dim=-1)
 
     @torch.no_grad()
     def _texts(self, texts: Sequence[str]) -> torch.Tensor:
-        inputs = self.processor(text=list(texts), return_tensors="pt", padding=True, truncation=True).to(self.device)
-        return torch.nn.functional.normalize(_features(self.model.get_text_features(**inputs)), dim=-1)
-
-    def references(self, concept: ConceptSpec) -> torch.Tensor:
-        if concept.name not in self._references:
-            self._references[concept.name] = self._images(concept.reference_images())
-        return self._references[concept.name]
-
-    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
-        return float((self._images(images) @ self.references(concept).T).mean())
+        inputs = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True).to(self.device)
+        return torch.nn.functional.normalize(self.text_model(**inputs).text_embeds, dim=-1)
 
     def look(self, images: Sequence[Image.Image], concept: ConceptSpec) -> Optional[float]:
         return None
 
     def alignment(self, images: Sequence[Image.Image], prompts: Sequence[EvalPrompt]) -> Tuple[Optional[float], Dict[str, float]]:
-        similarity = (self._images(images) * self._texts([p.text_without_concept() for p in prompts])).sum(-1)
+        image_embeds = self.encoder.encode(list(images))
+        similarity = (image_embeds * self._texts([p.text_without_concept() for p in prompts]).to(image_embeds)).sum(-1)
         return float(similarity.mean()), {}
-
-
-def _features(output: Any) -> torch.Tensor:
-    # transformers 5 returns a model output here, 4.x a tensor
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
