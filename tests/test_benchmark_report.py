@@ -155,14 +155,43 @@ def test_frozen_batch_loss_is_informative_and_training_loss_is_not(results):
         assert abs(aggregate["rho_train_loss_smoothed"]) < 0.3
 
 
-@pytest.mark.parametrize("fraction, step", [(0.5, 100), (0.9, 200), (0.95, 250), (1.0, 350)])
-def test_saturation_step_on_a_hand_made_curve(fraction, step):
+@pytest.mark.parametrize("fraction, smooth, step", [
+    (0.5, 1, 100), (0.9, 1, 200), (0.95, 1, 250), (1.0, 1, 350),
+    (0.95, 3, 300), (1.0, 3, 400),
+])
+def test_saturation_step_on_a_hand_made_curve(fraction, smooth, step):
     trace = {"method": "dreambooth", "informative": True, "max_train_steps": 1000,
              "identity_checks": {"steps": list(range(50, 550, 50)),
                                  "identity": [0.0, 0.5, 0.8, 0.9, 0.96, 0.99, 1.0, 1.0, 1.0, 1.0]}}
-    [row] = report.saturation_steps([trace], fraction=fraction)
+    [row] = report.saturation_steps([trace], fraction=fraction, smooth=smooth)
     assert row["saturation_step_median"] == step
     assert row["budget_ratio"] == pytest.approx(1000 / step)
+
+
+@pytest.mark.parametrize("smooth, step", [(1, 350), (5, 250)])
+def test_smoothing_keeps_one_noisy_peak_from_setting_saturation(smooth, step):
+    """A plateau at 0.5 from step 150 with one lucky check at 0.6: raw values call the peak saturation;
+    averaging over 5 checks finds the plateau, one edge (100 steps) late."""
+    identity = [0.0, 0.3, 0.5, 0.5, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5]
+    assert report.saturation_step(range(50, 650, 50), identity, fraction=0.95, smooth=smooth) == step
+
+
+def _rule(variant: str, steps: float, change: float | None = None, p: float | None = None) -> dict:
+    return {"method": "dreambooth", "variant": variant, "steps_median": steps, "identity_change": change,
+            "identity_p": p}
+
+
+@pytest.mark.parametrize("rules, variant, ratio", [
+    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.002, 0.3)], "dvar", 2.5),
+    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.02, 0.01), _rule("few_iters", 500, 0.01, 0.01)],
+     "few_iters", 2.0),
+    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.02, 0.01)], None, None),
+    ([_rule("dvar", 250, -0.01, None)], None, None),  # too few pairs for a test: no evidence either way
+])
+def test_budget_check_picks_the_earliest_rule_that_keeps_identity(rules, variant, ratio):
+    [row] = report.budget_check([_rule("baseline", 1000), *rules])
+    assert row["variant"] == variant
+    assert row["budget_ratio"] == (pytest.approx(ratio) if ratio else None)
 
 
 def test_ablation_table(results):
@@ -191,7 +220,8 @@ def test_write_report_writes_tables_csvs_and_plots(results):
             assert any(line.startswith(f"| {method} | {variant} |") for line in lines)
     assert "| textual_inversion | dvar | 5 | 300 ± 100 |" in text
     assert "DVAR loses nowhere here" in text
-    assert "sits 2.1x past identity saturation" in text
+    assert "identity stops improving by step 300 (dvar), and the budget sits 3.3x past it" in text
+    assert "| textual_inversion | 5 | 500 | 1000 | 2.0 |" in text, "traced saturation, averaged over 5 checks"
 
     with open(folder / "runs.csv") as handle:
         runs = list(csv.DictReader(handle))

@@ -28,6 +28,7 @@ ABLATION_SETTINGS = ("none", "images", "latents", "noise", "captions", "timestep
 MIN_WILCOXON_PAIRS = 5
 SIGNIFICANCE = 0.05
 MAX_CURVE_CONCEPTS = 6
+SATURATION_SMOOTH = 5  # checks (250 steps at the default check interval)
 
 RUN_COLUMNS = (
     "method", "concept", "variant", "steps", "max_train_steps", "wall_time_s", "train_s", "monitor_s", "setup_s",
@@ -307,20 +308,42 @@ def _identity_rho(checks: dict, curve: dict) -> float | None:
 # ----------------------------------------------------------------------------------- saturation
 
 
-def saturation_step(steps: Sequence[int], identity: Sequence[float], fraction: float = 0.95) -> int | None:
-    """First check step where identity reaches ``min + fraction * (max - min)`` of its checks.
+def centered_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """Running mean over ``window`` neighbouring values (fewer at the ends).
+
+    >>> centered_mean([0.0, 3.0, 0.0, 3.0], 3).tolist()
+    [1.5, 1.0, 2.0, 1.5]
+    """
+    values = np.asarray(values, dtype=float)
+    half = window // 2
+    return np.array([values[max(0, i - half):i + half + 1].mean() for i in range(len(values))])
+
+
+def saturation_step(steps: Sequence[int], identity: Sequence[float], fraction: float = 0.95,
+                    smooth: int = 1) -> int | None:
+    """First check step where identity, averaged over ``smooth`` neighbouring checks, reaches
+    ``min + fraction * (max - min)`` of that averaged curve.
+
+    Averaging matters on noisy curves: on raw values the threshold is set by the single highest check,
+    so the statistic marks the noise maximum instead of the plateau.
 
     >>> saturation_step([100, 200, 300, 400], [0.2, 0.6, 0.79, 0.8], fraction=0.9)
     300
+    >>> plateau_with_a_lucky_check = [0.0, 0.3, 0.5, 0.5, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5]
+    >>> saturation_step(range(50, 550, 50), plateau_with_a_lucky_check, smooth=1)
+    350
+    >>> saturation_step(range(50, 550, 50), plateau_with_a_lucky_check, smooth=5)
+    250
     """
-    values = _finite(identity)
-    if not values.size:
+    pairs = [(s, i) for s, i in zip(steps, identity) if i is not None and math.isfinite(i)]
+    if not pairs:
         return None
-    target = values.min() + fraction * (values.max() - values.min())
-    return next((int(s) for s, i in zip(steps, identity) if i is not None and i >= target), None)
+    curve = centered_mean([i for _, i in pairs], smooth)
+    target = curve.min() + fraction * (curve.max() - curve.min())
+    return next(int(s) for (s, _), value in zip(pairs, curve) if value >= target - 1e-12)
 
 
-def saturation_steps(traces: list[dict], fraction: float = 0.95) -> list[dict]:
+def saturation_steps(traces: list[dict], fraction: float = 0.95, smooth: int = 1) -> list[dict]:
     """Per method, over informative traces: median identity saturation step (:func:`saturation_step`),
     median budget and how many times past saturation the budget sits (budget / saturation).
 
@@ -334,16 +357,51 @@ def saturation_steps(traces: list[dict], fraction: float = 0.95) -> list[dict]:
         if trace.get("informative"):
             checks = trace["identity_checks"]
             by_method[trace["method"]].append(
-                (saturation_step(checks["steps"], checks["identity"], fraction), trace["max_train_steps"])
+                (saturation_step(checks["steps"], checks["identity"], fraction, smooth), trace["max_train_steps"])
             )
     rows = []
     for method in _ordered(by_method, METHODS):
         saturation = _median(step for step, _ in by_method[method])
         budget = _median(budget for _, budget in by_method[method])
         rows.append({
-            "method": method, "n": len(by_method[method]), "fraction": fraction,
+            "method": method, "n": len(by_method[method]), "fraction": fraction, "smooth": smooth,
             "saturation_step_median": saturation, "budget_median": budget,
             "budget_ratio": _ratio(budget, saturation),
+        })
+    return rows
+
+
+def budget_check(summary: list[dict]) -> list[dict]:
+    """Per method, over all concepts: the earliest-stopping rule whose identity is not significantly below
+    the full budget's (paired Wilcoxon p >= 0.05, or a median change >= 0), and how many times its median
+    stop the budget is. Identity that no longer improves after that step is the population-level
+    evidence that the budget sits past saturation; ``None`` as the rule means every early stop lost identity.
+
+    >>> budget_check([{"method": "m", "variant": "baseline", "steps_median": 1000},
+    ...               {"method": "m", "variant": "dvar", "steps_median": 400, "identity_change": -0.001,
+    ...                "identity_p": 0.4}])[0]["budget_ratio"]
+    2.5
+    """
+    rows = []
+    for method in _ordered({row["method"] for row in summary}, METHODS):
+        rules = {row["variant"]: row for row in summary if row["method"] == method}
+        if "baseline" not in rules:
+            continue
+        budget = rules["baseline"]["steps_median"]
+        keeps_identity = [
+            row for name, row in rules.items()
+            if name != "baseline" and not _is_missing(row["steps_median"])
+            and ((row.get("identity_p") is not None and row["identity_p"] >= SIGNIFICANCE)
+                 or (row.get("identity_change") is not None and row["identity_change"] >= 0))
+        ]
+        earliest = min(keeps_identity, key=lambda row: row["steps_median"], default=None)
+        rows.append({
+            "method": method, "budget": budget,
+            "variant": earliest["variant"] if earliest else None,
+            "steps_median": earliest["steps_median"] if earliest else None,
+            "identity_change": earliest["identity_change"] if earliest else None,
+            "identity_p": earliest["identity_p"] if earliest else None,
+            "budget_ratio": _ratio(budget, earliest["steps_median"]) if earliest else None,
         })
     return rows
 
@@ -447,14 +505,30 @@ def informativeness_tables(rows: list[dict]) -> str:
 
 
 def saturation_markdown(rows: list[dict]) -> str:
-    """The saturation table and one sentence per method on how far past saturation its budget sits."""
-    table = markdown_table(["method", "traces", "saturation step (median)", "budget (median)", "budget / saturation"], (
+    """The saturation table of the traced concepts."""
+    return markdown_table(["method", "traces", "saturation step (median)", "budget (median)", "budget / saturation"], (
         [row["method"], row["n"], _number(row["saturation_step_median"], 0), _number(row["budget_median"], 0),
          _number(row["budget_ratio"], 1)]
         for row in rows
     ))
-    sentences = [f"For {row['method']} the baseline budget sits {row['budget_ratio']:.1f}x past identity saturation."
-                 for row in rows if row["budget_ratio"] is not None]
+
+
+def budget_markdown(rows: list[dict]) -> str:
+    """The population-level budget check and one sentence per method."""
+    table = markdown_table(["method", "budget", "earliest rule keeping identity", "its steps (median)",
+                            "Δ identity", "p (identity)", "budget / its steps"], (
+        [row["method"], _number(row["budget"], 0), row["variant"] or "none", _number(row["steps_median"], 0),
+         _number(row["identity_change"], 3), _p_value(row["identity_p"]), _number(row["budget_ratio"], 1)]
+        for row in rows
+    ))
+    sentences = []
+    for row in rows:
+        if row["variant"] is None:
+            sentences.append(f"For {row['method']} every early stop has significantly lower identity than the full "
+                             f"budget: identity was still improving, so the budget is not past saturation.")
+        else:
+            sentences.append(f"For {row['method']} identity stops improving by step {row['steps_median']:.0f} "
+                             f"({row['variant']}), and the budget sits {row['budget_ratio']:.1f}x past it.")
     return "\n\n".join([table, " ".join(sentences)]) if sentences else table
 
 
@@ -515,10 +589,19 @@ def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturatio
         sections.append("## How informative is each loss\n\nSpearman's rho between the identity score at the CLIP-s "
                         "checks and each loss at those steps; identity rises as the loss falls, so an informative "
                         "loss has a strongly negative rho.\n\n" + informativeness_tables(info))
-    if saturation:
-        fraction = saturation[0]["fraction"]
-        sections.append(f"## Identity saturation\n\nFirst check step where identity reaches min + {fraction:g} × "
-                        f"(max - min) over its checks.\n\n" + saturation_markdown(saturation))
+    budget = budget_check(summary)
+    if budget or saturation:
+        text = ["## Is the budget past identity saturation?"]
+        if budget:
+            text.append("Over all concepts: the earliest-stopping rule whose identity is not significantly below "
+                        f"the full budget's (paired Wilcoxon p >= {SIGNIFICANCE}, or a median change >= 0).\n\n"
+                        + budget_markdown(budget))
+        if saturation:
+            first = saturation[0]
+            text.append(f"On the traced concepts (identity at every CLIP-s check up to the budget): first check where "
+                        f"identity, averaged over {first['smooth']} neighbouring checks, reaches min + "
+                        f"{first['fraction']:g} × (max - min) of that averaged curve.\n\n" + saturation_markdown(saturation))
+        sections.append("\n\n".join(text))
     if ablation:
         sections.append("## Frozen-batch ablation\n\n" + ablation_markdown(ablation))
     if cost:
@@ -757,7 +840,7 @@ def write_report(out: Path) -> Path:
     traces = load_traces(out)
     summary = summary_table(records)
     info = informativeness(traces)
-    saturation = saturation_steps(traces)
+    saturation = saturation_steps(traces, smooth=SATURATION_SMOOTH)
     ablation = ablation_table(traces)
 
     folder = out / "report"
