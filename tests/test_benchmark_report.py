@@ -255,3 +255,13 @@ def test_cli_exits_2_on_a_folder_without_records(tmp_path, capsys):
         report.main([str(tmp_path)])
     assert exit_info.value.code == 2
     assert "no run records" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trace, hours, untimed", [
+    ({"method": "dreambooth", "job_s": 7200.0, "setup_s": 1.0, "train_step_s": [1.0]}, 2.0, 0),
+    ({"method": "dreambooth", "setup_s": 600.0, "save_s": 600.0, "train_step_s": [600.0, 600.0],
+      "dvar": {"eval_s": [600.0]}, "identity_checks": {"check_s": [600.0]}}, 1.0, 1),
+])
+def test_benchmark_cost_uses_job_time_else_the_measured_parts(trace, hours, untimed):
+    [row] = report.benchmark_cost([trace], [])
+    assert row["trajectory_hours"] == pytest.approx(hours) and row["untimed_jobs"] == untimed

@@ -541,9 +541,16 @@ def ablation_markdown(rows: list[dict]) -> str:
     ))
 
 
+def _measured_parts_s(trace: dict) -> float:
+    """A trajectory's setup, training steps, DVAR evaluations, identity checks and save, as recorded per step."""
+    return (trace.get("setup_s", 0.0) + trace.get("save_s", 0.0) + sum(trace.get("train_step_s", ()))
+            + sum(trace.get("dvar", {}).get("eval_s", ())) + sum(trace.get("identity_checks", {}).get("check_s", ())))
+
+
 def benchmark_cost(traces: list[dict], records: list[dict]) -> list[dict]:
-    """Hours each method's jobs took (trajectories with their scoring, and the few-iters runs),
-    from the ``job_s`` the runner records; jobs without it are counted as missing.
+    """Hours each method's jobs took (trajectories with their scoring, and the few-iters runs), from the
+    ``job_s`` the runner records. Trajectories run before it recorded ``job_s`` count their measured parts
+    (:func:`_measured_parts_s`: everything but the final scoring) and are counted as untimed.
 
     >>> benchmark_cost([{"method": "dreambooth", "job_s": 3600}], [{"method": "dreambooth", "variant": "few_iters",
     ...                  "job_s": 1800}])
@@ -556,8 +563,8 @@ def benchmark_cost(traces: list[dict], records: list[dict]) -> list[dict]:
         rows.append({
             "method": method,
             "trajectories": len(jobs),
-            "trajectory_hours": sum(t.get("job_s") or 0.0 for t in jobs) / 3600,
-            "few_iters_hours": sum(r.get("job_s") or 0.0 for r in few) / 3600,
+            "trajectory_hours": sum(t["job_s"] if "job_s" in t else _measured_parts_s(t) for t in jobs) / 3600,
+            "few_iters_hours": sum(r.get("job_s") or r.get("wall_time_s") or 0.0 for r in few) / 3600,
             "untimed_jobs": sum("job_s" not in item for item in (*jobs, *few)),
         })
     return rows
@@ -569,7 +576,12 @@ def cost_markdown(rows: list[dict]) -> str:
          row["untimed_jobs"]] for row in rows
     ))
     total = sum(row["trajectory_hours"] + row["few_iters_hours"] for row in rows)
-    return f"{table}\n\nTotal: {total:.2f} hours of job time (each job is one process; see the machine line for its threads)."
+    note = ""
+    if any(row["untimed_jobs"] for row in rows):
+        note = (" Untimed jobs ran before the runner recorded each job's total time: they count their measured "
+                "training, rule and save time, without the final scoring.")
+    return (f"{table}\n\nTotal: {total:.2f} hours of job time (each job is one process; see the machine line for "
+            f"its threads).{note}")
 
 
 def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturation: list[dict],
