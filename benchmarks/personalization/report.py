@@ -820,7 +820,9 @@ def write_plots(folder: Path, records: list[dict], traces: list[dict], info: lis
     written = []
     for method in _ordered({t["method"] for t in traces}, METHODS):
         path = folder / f"curves_{method}.png"
-        plot_curves(path, [t for t in traces if t["method"] == method], stops)
+        # Traced concepts first: their identity is checked up to the budget, not only up to the CLIP-s stop.
+        ordered = sorted((t for t in traces if t["method"] == method), key=lambda t: not t.get("informative"))
+        plot_curves(path, ordered, stops)
         written.append(path)
     changes = paired_changes(records)
     if any(c["speedup"] is not None and c["identity_change"] is not None for c in changes):
