@@ -265,3 +265,9 @@ def test_cli_exits_2_on_a_folder_without_records(tmp_path, capsys):
 def test_benchmark_cost_uses_job_time_else_the_measured_parts(trace, hours, untimed):
     [row] = report.benchmark_cost([trace], [])
     assert row["trajectory_hours"] == pytest.approx(hours) and row["untimed_jobs"] == untimed
+
+
+def test_budget_check_needs_an_early_rule():
+    assert report.budget_check([_rule("baseline", 1000)]) == []
+    text = report.budget_markdown(report.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
+    assert "no early stop keeps identity" in text

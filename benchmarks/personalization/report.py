@@ -375,7 +375,7 @@ def budget_check(summary: list[dict]) -> list[dict]:
     """Per method, over all concepts: the earliest-stopping rule whose identity is not significantly below
     the full budget's (paired Wilcoxon p >= 0.05, or a median change >= 0), and how many times its median
     stop the budget is. Identity that no longer improves after that step is the population-level
-    evidence that the budget sits past saturation; ``None`` as the rule means every early stop lost identity.
+    evidence that the budget sits past saturation; ``None`` as the rule means no early stop is shown to keep it.
 
     >>> budget_check([{"method": "m", "variant": "baseline", "steps_median": 1000},
     ...               {"method": "m", "variant": "dvar", "steps_median": 400, "identity_change": -0.001,
@@ -385,7 +385,7 @@ def budget_check(summary: list[dict]) -> list[dict]:
     rows = []
     for method in _ordered({row["method"] for row in summary}, METHODS):
         rules = {row["variant"]: row for row in summary if row["method"] == method}
-        if "baseline" not in rules:
+        if "baseline" not in rules or len(rules) == 1:
             continue
         budget = rules["baseline"]["steps_median"]
         keeps_identity = [
@@ -524,8 +524,9 @@ def budget_markdown(rows: list[dict]) -> str:
     sentences = []
     for row in rows:
         if row["variant"] is None:
-            sentences.append(f"For {row['method']} every early stop has significantly lower identity than the full "
-                             f"budget: identity was still improving, so the budget is not past saturation.")
+            sentences.append(f"For {row['method']} no early stop keeps identity (each is significantly lower than "
+                             f"the full budget's, or there are too few concepts to tell), so the budget is not shown "
+                             f"to sit past saturation.")
         else:
             sentences.append(f"For {row['method']} identity stops improving by step {row['steps_median']:.0f} "
                              f"({row['variant']}), and the budget sits {row['budget_ratio']:.1f}x past it.")
