@@ -394,14 +394,11 @@ def budget_check(summary: list[dict]) -> list[dict]:
             and ((row.get("identity_p") is not None and row["identity_p"] >= SIGNIFICANCE)
                  or (row.get("identity_change") is not None and row["identity_change"] >= 0))
         ]
-        earliest = min(keeps_identity, key=lambda row: row["steps_median"], default=None)
+        earliest = min(keeps_identity, key=lambda row: row["steps_median"], default={})
         rows.append({
             "method": method, "budget": budget,
-            "variant": earliest["variant"] if earliest else None,
-            "steps_median": earliest["steps_median"] if earliest else None,
-            "identity_change": earliest["identity_change"] if earliest else None,
-            "identity_p": earliest["identity_p"] if earliest else None,
-            "budget_ratio": _ratio(budget, earliest["steps_median"]) if earliest else None,
+            **{key: earliest.get(key) for key in ("variant", "steps_median", "identity_change", "identity_p")},
+            "budget_ratio": _ratio(budget, earliest.get("steps_median")),
         })
     return rows
 
@@ -550,8 +547,9 @@ def _measured_parts_s(trace: dict) -> float:
 
 def benchmark_cost(traces: list[dict], records: list[dict]) -> list[dict]:
     """Hours each method's jobs took (trajectories with their scoring, and the few-iters runs), from the
-    ``job_s`` the runner records. Trajectories run before it recorded ``job_s`` count their measured parts
-    (:func:`_measured_parts_s`: everything but the final scoring) and are counted as untimed.
+    ``job_s`` the runner records. Jobs run before it recorded ``job_s`` are counted as untimed: trajectories
+    then count their measured parts (:func:`_measured_parts_s`: everything but the final scoring), few-iters
+    runs their ``wall_time_s``.
 
     >>> benchmark_cost([{"method": "dreambooth", "job_s": 3600}], [{"method": "dreambooth", "variant": "few_iters",
     ...                  "job_s": 1800}])

@@ -106,13 +106,14 @@ def folder_concepts(entries: Sequence[Dict[str, Any]], root: Path, identity_prom
 class _EmbeddingIdentity:
     """Identity = mean cosine similarity of image embeddings to the concept's training images."""
 
-    encoder: Any  # a dvar.metrics ImageEncoder
+    def __init__(self, encoder: Any) -> None:  # a dvar.metrics image encoder
+        self.encoder = encoder
+        self._references: Dict[str, torch.Tensor] = {}
 
     def references(self, concept: ConceptSpec) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_references", {})
-        if concept.name not in cache:
-            cache[concept.name] = self.encoder.encode(concept.reference_images())
-        return cache[concept.name]
+        if concept.name not in self._references:
+            self._references[concept.name] = self.encoder.encode(concept.reference_images())
+        return self._references[concept.name]
 
     def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
         from dvar.metrics import mean_pairwise_cosine
@@ -127,7 +128,7 @@ class WorldScorer(_EmbeddingIdentity):
         from dvar.metrics import IdentityEncoder
         from dvar.world import AttributeClassifier
 
-        self.encoder = IdentityEncoder(device=device)
+        super().__init__(IdentityEncoder(device=device))
         self.classifier = AttributeClassifier.load(device=device)
 
     def look(self, images: Sequence[Image.Image], concept: ConceptSpec) -> Optional[float]:
@@ -155,7 +156,7 @@ class ClipScorer(_EmbeddingIdentity):
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--clip {path}: not a local CLIP folder (transformers format, e.g. clip-vit-base-patch32)")
-        self.encoder = ClipImageEncoder(path, device=device)
+        super().__init__(ClipImageEncoder(path, device=device))
         config = CLIPConfig.from_pretrained(path, local_files_only=True)
         text_config = config.text_config
         text_config.projection_dim = config.projection_dim  # as ClipImageEncoder does for the vision tower
