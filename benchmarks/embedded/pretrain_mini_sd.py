@@ -160,6 +160,45 @@ def atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+class StageCheckpoint:
+    """The resumable state of one training stage in the work dir.
+
+    ``save`` writes it atomically at most every ``every_minutes`` (or when forced); the state
+    also carries the stage's accumulated training seconds, so that a stage resumed after an
+    interruption still reports its whole cost. Example::
+
+        ckpt = StageCheckpoint(work / "vae_ckpt.pt", every_minutes=3.0)
+        state = ckpt.resume("cpu")      # None on a fresh start, else the saved dict
+        ...
+        ckpt.save({"model": vae.state_dict(), "step": step})   # every 3 minutes at most
+    """
+
+    def __init__(self, path: Path, every_minutes: float) -> None:
+        self.path = path
+        self.every_s = every_minutes * 60
+        self.last_save = time.time()
+        self.elapsed_before = 0.0  # training seconds of earlier invocations
+        self.started = time.time()
+
+    def resume(self, device) -> dict | None:
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, weights_only=False, map_location=device)
+        self.elapsed_before = state.get("elapsed_s", float("nan"))
+        return state
+
+    @property
+    def elapsed_s(self) -> float:
+        """Training seconds of this stage over every invocation (NaN if an older checkpoint
+        did not record them)."""
+        return self.elapsed_before + time.time() - self.started
+
+    def save(self, state: dict, force: bool = False) -> None:
+        if force or time.time() - self.last_save > self.every_s:
+            atomic_save({**state, "elapsed_s": self.elapsed_s}, self.path)
+            self.last_save = time.time()
+
+
 def _render_one(job: tuple[int, int, float]) -> tuple[np.ndarray, dict]:
     seed, i, composite_prob = job
     scene = sample_scene((seed, i), composite_prob=composite_prob)
@@ -261,18 +300,20 @@ def train_vae(args, work: Path, images: torch.Tensor):
     else:
         trainable = list(vae.parameters())
     opt = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0)
-    ckpt_path = work / "vae_ckpt.pt"
+    ckpt = StageCheckpoint(work / "vae_ckpt.pt", args.ckpt_minutes)
     start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
+    if (state := ckpt.resume(dev)) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
         log(f"VAE: resumed at step {start}")
+
+    def checkpoint(step: int, force: bool = False) -> None:
+        ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, force)
+
     n = images.shape[0]
     n_val = 256
     train_n = n - n_val
-    last_ckpt = time.time()
     t0 = time.time()
     vae.train()
     for step in range(start, args.vae_steps):
@@ -303,21 +344,9 @@ def train_vae(args, work: Path, images: torch.Tensor):
                 f"VAE step {step + 1}/{args.vae_steps} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/dim {kl.item():.3f} "
                 f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)"
             )
-        if time.time() - last_ckpt > args.ckpt_minutes * 60:
-            atomic_save(
-                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1},
-                ckpt_path,
-            )
-            last_ckpt = time.time()
+        checkpoint(step + 1)
     if start < args.vae_steps:
-        atomic_save(
-            {
-                "model": vae.state_dict(),
-                "opt": opt.state_dict(),
-                "step": args.vae_steps,
-            },
-            ckpt_path,
-        )
+        checkpoint(args.vae_steps, force=True)
     vae.eval()
     with torch.no_grad():
         x = to_pixels(images[train_n:]).to(dev)
@@ -327,6 +356,7 @@ def train_vae(args, work: Path, images: torch.Tensor):
             (10 * torch.log10(4.0 / (rec - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
         )
     log(f"VAE done: held-out L1 {val_l1:.4f}, PSNR {psnr:.2f} dB")
+    meta_extra["vae_train_s_all_invocations"] = ckpt.elapsed_s
     return vae, {"val_l1": val_l1, "val_psnr_db": psnr}
 
 
@@ -376,16 +406,19 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
     scheduler = build_scheduler()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
-    ckpt_path = work / "diffusion_ckpt.pt"
+    ckpt = StageCheckpoint(work / "diffusion_ckpt.pt", args.ckpt_minutes)
     start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
-        unet.load_state_dict(ck["unet"])
-        text_encoder.load_state_dict(ck["text_encoder"])
-        ema = ck["ema"]
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
+    if (state := ckpt.resume(dev)) is not None:
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        ema = state["ema"]
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
         log(f"diffusion: resumed at step {start}")
+
+    def checkpoint(step: int, force: bool = False) -> None:
+        state = {"unet": unet.state_dict(), "text_encoder": text_encoder.state_dict()}
+        ckpt.save({**state, "ema": ema, "opt": opt.state_dict(), "step": step}, force)
     log(
         f"UNet {n_params(unet) / 1e6:.2f}M params, text encoder {n_params(text_encoder) / 1e6:.2f}M params"
     )
@@ -424,7 +457,6 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
     float_keys = [k for k, v in state.items() if v.is_floating_point()]
     model_float = [state[k] for k in float_keys]
     ema_float = [ema[k] for k in float_keys]
-    last_ckpt = time.time()
     t0 = time.time()
     running = 0.0
     for step in range(start, args.unet_steps):
@@ -480,32 +512,10 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
                 f"UNet step {step + 1}/{args.unet_steps} loss {running:.4f} lr {lr:.2e} "
                 f"({rate:.2f}s/step, ~{rate * (args.unet_steps - step - 1) / 60:.0f} min left)"
             )
-        if (
-            time.time() - last_ckpt > args.ckpt_minutes * 60
-            or step + 1 == args.unet_steps
-        ):
-            atomic_save(
-                {
-                    "unet": unet.state_dict(),
-                    "text_encoder": text_encoder.state_dict(),
-                    "ema": ema,
-                    "opt": opt.state_dict(),
-                    "step": step + 1,
-                },
-                ckpt_path,
-            )
-            last_ckpt = time.time()
+        checkpoint(step + 1, force=step + 1 == args.unet_steps)
     if "stopped_at_step" in meta_extra:
-        atomic_save(
-            {
-                "unet": unet.state_dict(),
-                "text_encoder": text_encoder.state_dict(),
-                "ema": ema,
-                "opt": opt.state_dict(),
-                "step": meta_extra["stopped_at_step"],
-            },
-            ckpt_path,
-        )
+        checkpoint(meta_extra["stopped_at_step"], force=True)
+    meta_extra["diffusion_train_s_all_invocations"] = ckpt.elapsed_s
     unet.load_state_dict(ema)
     return unet.cpu(), text_encoder.cpu(), tokenizer
 
@@ -540,6 +550,11 @@ def export(
             shutil.rmtree(out / name)
         shutil.copytree(tmp / name, out / name)
     shutil.copy(tmp / "model_index.json", out / "model_index.json")
+    # transformers loads a model in the dtype its config names, diffusers in float32: a plain
+    # ``from_pretrained`` would pair a float16 text encoder with a float32 UNet.
+    config_path = out / "text_encoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "dtype": "float32"}, indent=2, sort_keys=True) + "\n")
     if not (out / "tokenizer").exists():  # the bundled tokenizer is never overwritten
         shutil.copytree(tmp / "tokenizer", out / "tokenizer")
     shutil.rmtree(tmp)
