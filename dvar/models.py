@@ -76,6 +76,7 @@ def load_mini_sd_pipeline(
     scheduler: str = "dpm",
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    path: str | Path | None = None,
     **kwargs: Any,
 ):
     """Load mini-SD as a ``diffusers.StableDiffusionPipeline`` (offline).
@@ -87,6 +88,8 @@ def load_mini_sd_pipeline(
         device: where to put the pipeline.
         dtype: weights dtype (the files are float16; float32 is the default since float16
             matmuls are slow or unsupported on CPUs).
+        path: another mini-SD folder (e.g. a fresh ``pretrain_mini_sd.py --out``); default:
+            the bundled :func:`mini_sd`.
         **kwargs: passed on to ``StableDiffusionPipeline.from_pretrained``.
 
     Example:
@@ -105,7 +108,7 @@ def load_mini_sd_pipeline(
         # newer diffusers rename ``torch_dtype`` to ``dtype``; the old name works everywhere
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")
         pipe = StableDiffusionPipeline.from_pretrained(
-            mini_sd(),
+            mini_sd() if path is None else path,
             torch_dtype=dtype,
             safety_checker=None,
             feature_extractor=None,

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from benchmarks.embedded import pretrain_mini_sd
 
 TOY = ["--n-images", "280", "--vae-steps", "3", "--vae-batch", "4", "--unet-steps", "4",
-       "--batch", "4", "--warmup", "2", "--threads", "1", "--ckpt-minutes", "0"]
+       "--decoder-steps", "2", "--batch", "4", "--warmup", "2", "--threads", "1", "--ckpt-minutes", "0"]
 WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
            "text_encoder/model.safetensors")
 
@@ -81,7 +81,7 @@ def test_init_from_continues_an_exported_model(tmp_path, uninterrupted):
     continued = pretrain(tmp_path, "continued", "--init-from", str(uninterrupted),
                          "--loss-weighting", "min-snr-v")
     info = json.loads((continued / "training_info.json").read_text())
-    assert info["init_from_training_info"]["args"]["loss_weighting"] == "min-snr"
+    assert info["init_from_training_info"]["args"]["loss_weighting"] == "min-snr-then-v"
     assert not same_weights(continued, uninterrupted)
     encoder = "vae/diffusion_pytorch_model.safetensors"  # decoder-only: the latent space stays
     before, after = load_file(uninterrupted / encoder), load_file(continued / encoder)

@@ -184,6 +184,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument(
+        "--model", type=Path, default=mini_sd(), help="mini-SD folder (default: the bundled one)"
+    )
     p.add_argument("--n", type=int, default=200)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument(
@@ -203,18 +206,24 @@ def main(argv=None) -> None:
         type=Path,
         default=REPO / "benchmarks" / "embedded" / "mini_sd_eval.json",
     )
-    p.add_argument("--grid", type=Path, default=mini_sd() / "samples.png")
+    p.add_argument("--grid", type=Path, default=None, help="default: MODEL/samples.png")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--no-timing", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.grid = args.grid or args.model / "samples.png"
     t_start = time.time()
 
-    pipe = load_mini_sd_pipeline(scheduler=args.scheduler, device=args.device)
+    pipe = load_mini_sd_pipeline(scheduler=args.scheduler, device=args.device, path=args.model)
     clf = AttributeClassifier.load(device=args.device)
     scenes = sample_scenes(args.n, seed=EVAL_SEED)
     prompts = [caption_for(s, i) for i, s in enumerate(scenes)]
     result: dict = {
+        "model": str(
+            args.model.resolve().relative_to(REPO)
+            if args.model.resolve().is_relative_to(REPO)
+            else args.model
+        ),
         "n": args.n,
         "steps": args.steps,
         "scheduler": type(pipe.scheduler).__name__,
@@ -274,7 +283,7 @@ def main(argv=None) -> None:
     if not args.no_grid:
         save_grid(pipe, args.grid, args.steps, guidance)
         print(f"wrote {args.grid} ({args.grid.stat().st_size / 1e3:.0f} KB)")
-    files = [f for f in mini_sd().rglob("*") if f.is_file() and f.name != "samples.png"]
+    files = [f for f in args.model.rglob("*") if f.is_file() and f.name != "samples.png"]
     result["size_bytes"] = sum(f.stat().st_size for f in files)
     result["total_s"] = time.time() - t_start
     args.json.write_text(json.dumps(result, indent=2) + "\n")

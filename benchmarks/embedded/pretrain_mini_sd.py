@@ -1,38 +1,43 @@
 """Pretrain mini-SD, the small Stable-Diffusion-format model bundled with dvar.
 
 Everything is trained from scratch on the synthetic world of :mod:`dvar.world` (64x64
-captioned scenes; the ``HELD_OUT`` objects are never shown); the default run (about an hour on
-2 CPU cores, or ``--device cuda``) does:
+captioned scenes; the ``HELD_OUT`` objects are never shown). The defaults are the recipe of
+the bundled weights, about an hour on 2 CPU cores (or minutes with ``--device cuda``):
 
 1. render ``--n-images`` scenes (seed ``--seed``) once and cache them in the work dir;
 2. stage 1: the VAE (``AutoencoderKL``, 64x64x3 <-> 16x16x4) with L1 + L2 + a small KL term;
 3. encode every image to its latent posterior (mean, std) and set the VAE ``scaling_factor``
    from the measured latent std;
 4. stage 2: UNet (``UNet2DConditionModel``, cross-attention) + CLIP text encoder
-   (``CLIPTextModel``), jointly, with the epsilon-prediction loss (min-SNR-5 weighting),
-   10% caption dropout for classifier-free guidance and an EMA of the UNet;
-5. write the diffusers folder (fp16 safetensors) to ``--out``, leaving the bundled
+   (``CLIPTextModel``), jointly, with the epsilon-prediction loss, 10% caption dropout for
+   classifier-free guidance and an EMA of the UNet;
+5. stage 3 (``--decoder-steps``): the VAE decoder alone, the encoder frozen so the latents
+   the UNet learned stay valid; it sharpens the colours the decoder blurs;
+6. write the diffusers folder (fp16 safetensors) to ``--out``, leaving the bundled
    ``tokenizer/`` untouched.
 
+Stage 2's loss weighting over timesteps (``--loss-weighting``):
+
+* ``min-snr``: Min-SNR-gamma, epsilon-loss weight min(SNR, gamma) / SNR (x0-space weight
+  min(SNR, gamma)). It learns shapes but all but ignores the high-noise steps where the
+  background and the layout are decided.
+* ``min-snr-v``: weight min(SNR + 1, gamma) / SNR (x0-space weight min(SNR + 1, gamma), like
+  a truncated v-prediction loss). It learns backgrounds but, from scratch, shapes poorly.
+* ``min-snr-then-v`` (default): ``min-snr`` up to UNet step ``--min-snr-v-from``, then
+  ``min-snr-v``.
+
 With ``--init-from DIR`` (an exported mini-SD folder) the run continues instead: the VAE
-decoder only (``--vae-steps`` more steps; the encoder and so the latent space stay), then the
-UNet + text encoder. ``--loss-weighting min-snr-v`` weights the epsilon loss by
-min(SNR + 1, gamma) / SNR (x0-space weight min(SNR + 1, gamma), like a truncated v-prediction
-loss) instead of Min-SNR's min(SNR, gamma) / SNR, so that the high-noise steps, where the
-background and layout are decided, are not all but ignored.
+decoder only (``--vae-steps`` more steps), then the UNet + text encoder.
 
 The run is reproducible from ``--seed`` (every random draw of step ``k`` comes from a
-generator seeded with ``(seed, k)``) and resumable: the work dir holds a checkpoint (model,
-EMA and optimizer state) written every ``--ckpt-minutes``; rerunning the same command
-continues from it.
-
-Stages 0-2 with the defaults::
+generator seeded with ``(seed, stage, k)``) and resumable: the work dir holds a checkpoint per
+stage (model, EMA and optimizer state) written every ``--ckpt-minutes``; rerunning the same
+command continues from it. Example::
 
     nohup python benchmarks/embedded/pretrain_mini_sd.py --work /tmp/mini-sd-work \
-        --out /tmp/mini-sd-a > /tmp/mini-sd-work.log 2>&1 &
+        --out dvar/assets/mini-sd > /tmp/mini-sd-work.log 2>&1 &
 
-The bundled weights came from that run followed by three ``--init-from`` continuations; the
-exact commands, timings and numbers are in ``benchmarks/embedded/MINI_SD.md``.
+Timings and the evaluation of the bundled weights: ``benchmarks/embedded/MINI_SD.md``.
 """
 
 from __future__ import annotations
@@ -177,20 +182,22 @@ class StageCheckpoint:
         self.path = path
         self.every_s = every_minutes * 60
         self.last_save = time.time()
-        self.elapsed_before = 0.0  # training seconds of earlier invocations
+        self.elapsed_before: float | None = 0.0  # training seconds of earlier invocations
         self.started = time.time()
 
     def resume(self, device) -> dict | None:
         if not self.path.exists():
             return None
         state = torch.load(self.path, weights_only=False, map_location=device)
-        self.elapsed_before = state.get("elapsed_s", float("nan"))
+        self.elapsed_before = state.get("elapsed_s")  # None: saved before it was recorded
         return state
 
     @property
-    def elapsed_s(self) -> float:
-        """Training seconds of this stage over every invocation (NaN if an older checkpoint
+    def elapsed_s(self) -> float | None:
+        """Training seconds of this stage over every invocation (None if an older checkpoint
         did not record them)."""
+        if self.elapsed_before is None:
+            return None
         return self.elapsed_before + time.time() - self.started
 
     def save(self, state: dict, force: bool = False) -> None:
@@ -280,14 +287,21 @@ def load_part(init_from: Path, name: str):
     return cls.from_pretrained(init_from / name, torch_dtype=torch.float32)
 
 
-def train_vae(args, work: Path, images: torch.Tensor):
-    """Stage 1. With ``--init-from``, only the decoder is trained further (the encoder, and so
-    the latent space the UNet was trained on, stays as it is)."""
-    torch.manual_seed(args.seed)
-    decoder_only = args.init_from is not None
-    vae = (load_part(args.init_from, "vae") if decoder_only else build_vae()).to(
-        args.device
-    )
+def train_vae(
+    args,
+    work: Path,
+    images: torch.Tensor,
+    vae,
+    *,
+    stage: int,
+    steps: int,
+    lr: float,
+    decoder_only: bool,
+):
+    """Train ``vae`` for ``steps`` steps: stage 1 trains all of it; decoder-only runs (stage 1
+    with ``--init-from``, stage 3 after the UNet) keep the encoder, and so the latent space
+    the UNet is trained on, as it is. Returns the VAE and its held-out reconstruction metrics."""
+    vae = vae.to(args.device)
     dev = args.device
     if decoder_only:
         trainable = list(vae.decoder.parameters()) + list(
@@ -299,14 +313,15 @@ def train_vae(args, work: Path, images: torch.Tensor):
             p_.requires_grad_(True)
     else:
         trainable = list(vae.parameters())
-    opt = torch.optim.AdamW(trainable, lr=args.vae_lr, weight_decay=0.0)
-    ckpt = StageCheckpoint(work / "vae_ckpt.pt", args.ckpt_minutes)
+    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+    name = "vae" if stage == 1 else "decoder"
+    ckpt = StageCheckpoint(work / f"{name}_ckpt.pt", args.ckpt_minutes)
     start = 0
     if (state := ckpt.resume(dev)) is not None:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = state["step"]
-        log(f"VAE: resumed at step {start}")
+        log(f"{name}: resumed at step {start}")
 
     def checkpoint(step: int, force: bool = False) -> None:
         ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, force)
@@ -316,17 +331,16 @@ def train_vae(args, work: Path, images: torch.Tensor):
     train_n = n - n_val
     t0 = time.time()
     vae.train()
-    for step in range(start, args.vae_steps):
-        gen = step_generator(args.seed, 1, step)
+    for step in range(start, steps):
+        gen = step_generator(args.seed, stage, step)
         idx = torch.randint(0, train_n, (args.vae_batch,), generator=gen)
         x = to_pixels(images[idx]).to(dev)
-        lr = (
-            args.vae_lr
-            * min(1.0, (step + 1) / 100)
-            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.vae_steps)))
-        )
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = (
+                lr
+                * min(1.0, (step + 1) / 100)
+                * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            )
         with torch.set_grad_enabled(not decoder_only):
             post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)
@@ -341,12 +355,12 @@ def train_vae(args, work: Path, images: torch.Tensor):
         opt.step()
         if (step + 1) % 50 == 0:
             log(
-                f"VAE step {step + 1}/{args.vae_steps} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/dim {kl.item():.3f} "
+                f"{name} step {step + 1}/{steps} l1 {l1.item():.4f} l2 {l2.item():.5f} kl/dim {kl.item():.3f} "
                 f"({(time.time() - t0) / (step + 1 - start):.2f}s/step)"
             )
         checkpoint(step + 1)
-    if start < args.vae_steps:
-        checkpoint(args.vae_steps, force=True)
+    if start < steps:
+        checkpoint(steps, force=True)
     vae.eval()
     with torch.no_grad():
         x = to_pixels(images[train_n:]).to(dev)
@@ -355,8 +369,8 @@ def train_vae(args, work: Path, images: torch.Tensor):
         psnr = (
             (10 * torch.log10(4.0 / (rec - x).pow(2).mean(dim=(1, 2, 3)))).mean().item()
         )
-    log(f"VAE done: held-out L1 {val_l1:.4f}, PSNR {psnr:.2f} dB")
-    meta_extra["vae_train_s_all_invocations"] = ckpt.elapsed_s
+    log(f"{name} done: held-out L1 {val_l1:.4f}, PSNR {psnr:.2f} dB")
+    meta_extra[f"{name}_train_s_all_invocations"] = ckpt.elapsed_s
     return vae, {"val_l1": val_l1, "val_psnr_db": psnr}
 
 
@@ -425,14 +439,17 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
 
     alphas_cumprod = scheduler.alphas_cumprod.float().to(dev)
     snr = alphas_cumprod / (1 - alphas_cumprod)
-    if args.loss_weighting == "min-snr":
-        # Min-SNR-gamma for epsilon: the x0-space weight is min(SNR, gamma), which all but
-        # ignores the high-noise steps where the global layout (background, position) is set.
-        loss_weight = torch.clamp(snr, max=args.snr_gamma) / snr
-    else:
-        # "min-snr-v": the x0-space weight is min(SNR + 1, gamma), i.e. the v-prediction loss
-        # truncated like Min-SNR, still on epsilon: high-noise steps get x0-weight ~1.
-        loss_weight = torch.clamp(snr + 1, max=args.snr_gamma) / snr
+    # Min-SNR-gamma for epsilon: the x0-space weight is min(SNR, gamma), which all but
+    # ignores the high-noise steps where the global layout (background, position) is set.
+    min_snr = torch.clamp(snr, max=args.snr_gamma) / snr
+    # "min-snr-v": the x0-space weight is min(SNR + 1, gamma), i.e. the v-prediction loss
+    # truncated like Min-SNR, still on epsilon: high-noise steps get x0-weight ~1. From scratch
+    # it learns layout and colour but shapes poorly (their mid-noise steps weigh ~60x less), so
+    # the default recipe learns shapes with min-snr first and switches at --min-snr-v-from.
+    min_snr_v = torch.clamp(snr + 1, max=args.snr_gamma) / snr
+    switch_step = {"min-snr": None, "min-snr-v": 0, "min-snr-then-v": args.min_snr_v_from}[
+        args.loss_weighting
+    ]
     scale = lat["scaling_factor"]
     mean_all, std_all = lat["mean"], lat["std"]
     n = mean_all.shape[0] - 256  # the last 256 images are kept out (VAE validation)
@@ -492,6 +509,7 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
         enc = text_encoder(ids)[0]
         pred = unet(noisy, t, enc).sample
         per = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        loss_weight = min_snr_v if switch_step is not None and step >= switch_step else min_snr
         loss = (per * loss_weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -576,7 +594,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=16000)
     p.add_argument("--composite-prob", type=float, default=0.2)
-    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-steps", type=int, default=1600)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument(
@@ -585,14 +603,30 @@ def main(argv=None) -> None:
         default=1e-5,
         help="KL per latent dim, relative to the L1+L2 pixel loss",
     )
-    p.add_argument("--unet-steps", type=int, default=5000)
+    p.add_argument("--unet-steps", type=int, default=6000)
+    p.add_argument(
+        "--decoder-steps",
+        type=int,
+        default=800,
+        help="stage 3: VAE-decoder-only steps after the UNet (sharper colours; latents unchanged)",
+    )
+    p.add_argument("--decoder-lr", type=float, default=5e-4)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--snr-gamma", type=float, default=5.0)
     p.add_argument(
-        "--loss-weighting", choices=("min-snr", "min-snr-v"), default="min-snr"
+        "--loss-weighting",
+        choices=("min-snr", "min-snr-v", "min-snr-then-v"),
+        default="min-snr-then-v",
+        help="UNet loss weighting over timesteps (see the module docstring)",
+    )
+    p.add_argument(
+        "--min-snr-v-from",
+        type=int,
+        default=3000,
+        help="min-snr-then-v: the UNet step where min-snr gives way to min-snr-v",
     )
     p.add_argument(
         "--init-from",
@@ -634,7 +668,18 @@ def main(argv=None) -> None:
     log(f"data: {data['images'].shape[0]} images")
 
     t = time.time()
-    vae, vae_metrics = train_vae(args, args.work, data["images"])
+    torch.manual_seed(args.seed)
+    continuing = args.init_from is not None
+    vae, vae_metrics = train_vae(
+        args,
+        args.work,
+        data["images"],
+        load_part(args.init_from, "vae") if continuing else build_vae(),
+        stage=1,
+        steps=args.vae_steps,
+        lr=args.vae_lr,
+        decoder_only=continuing,
+    )
     timings["vae_s"] = time.time() - t
     t = time.time()
     lat = encode_latents(
@@ -644,6 +689,19 @@ def main(argv=None) -> None:
     t = time.time()
     unet, text_encoder, tokenizer = train_diffusion(args, args.work, data, lat)
     timings["diffusion_s"] = time.time() - t
+    if args.decoder_steps:
+        t = time.time()
+        vae, meta_extra["decoder"] = train_vae(
+            args,
+            args.work,
+            data["images"],
+            vae,
+            stage=3,
+            steps=args.decoder_steps,
+            lr=args.decoder_lr,
+            decoder_only=True,
+        )
+        timings["decoder_s"] = time.time() - t
     timings["total_s_this_invocation"] = time.time() - t_start
 
     meta = {
