@@ -444,7 +444,7 @@ def train_diffusion(args, work: Path, data: dict, lat: dict):
     min_snr = torch.clamp(snr, max=args.snr_gamma) / snr
     # "min-snr-v": the x0-space weight is min(SNR + 1, gamma), i.e. the v-prediction loss
     # truncated like Min-SNR, still on epsilon: high-noise steps get x0-weight ~1. From scratch
-    # it learns layout and colour but shapes poorly (their mid-noise steps weigh ~60x less), so
+    # it learns layout and colour but shapes poorly (t 300-600 weigh ~27x less than t >= 800), so
     # the default recipe learns shapes with min-snr first and switches at --min-snr-v-from.
     min_snr_v = torch.clamp(snr + 1, max=args.snr_gamma) / snr
     switch_step = {"min-snr": None, "min-snr-v": 0, "min-snr-then-v": args.min_snr_v_from}[
