@@ -16,16 +16,13 @@ WEIGHTS = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_mo
            "text_encoder/model.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def pretrain(tmp_path, name: str, *extra: str):
-    pretrain_mini_sd.main(["--work", str(tmp_path / f"{name}-work"),
-                           "--out", str(tmp_path / name), *TOY, *extra])
+    threads = torch.get_num_threads()  # the script sets its own; the rest of the suite keeps ours
+    try:
+        pretrain_mini_sd.main(["--work", str(tmp_path / f"{name}-work"),
+                               "--out", str(tmp_path / name), *TOY, *extra])
+    finally:
+        torch.set_num_threads(threads)
     return tmp_path / name
 
 
@@ -39,10 +36,7 @@ def same_weights(a, b) -> bool:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    threads = torch.get_num_threads()
-    out = pretrain(tmp_path_factory.mktemp("pretrain"), "uninterrupted")
-    torch.set_num_threads(threads)
-    return out
+    return pretrain(tmp_path_factory.mktemp("pretrain"), "uninterrupted")
 
 
 def test_export_loads_in_diffusers(uninterrupted):

@@ -218,12 +218,9 @@ def main(argv=None) -> None:
     clf = AttributeClassifier.load(device=args.device)
     scenes = sample_scenes(args.n, seed=EVAL_SEED)
     prompts = [caption_for(s, i) for i, s in enumerate(scenes)]
+    model = args.model.resolve()
     result: dict = {
-        "model": str(
-            args.model.resolve().relative_to(REPO)
-            if args.model.resolve().is_relative_to(REPO)
-            else args.model
-        ),
+        "model": str(model.relative_to(REPO) if model.is_relative_to(REPO) else args.model),
         "n": args.n,
         "steps": args.steps,
         "scheduler": type(pipe.scheduler).__name__,
