@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.personalization import report
+from benchmarks.personalization import render, report, saturation, stats, tables
 
 METHODS = ("textual_inversion", "dreambooth_lora")
 CONCEPTS = ("cat", "dog", "mug", "toy", "vase")
@@ -92,11 +92,11 @@ def results(tmp_path: Path) -> Path:
     ([10, 20, 30, 40], (25.0, 15.0)),
 ])
 def test_median_iqr(values, expected):
-    assert report.median_iqr(values) == pytest.approx(expected)
+    assert stats.median_iqr(values) == pytest.approx(expected)
 
 
 def test_median_iqr_of_nothing_is_nan():
-    assert all(math.isnan(v) for v in report.median_iqr([None, math.nan]))
+    assert all(math.isnan(v) for v in stats.median_iqr([None, math.nan]))
 
 
 def test_loaders_find_every_file(results):
@@ -105,7 +105,7 @@ def test_loaders_find_every_file(results):
 
 
 def test_summary_rows_follow_method_then_variant_order(results):
-    rows = report.summary_table(report.load_records(results))
+    rows = tables.summary_table(report.load_records(results))
     assert [(r["method"], r["variant"]) for r in rows] == [(m, v) for m in METHODS for v in VARIANTS]
     assert all(r["n"] == len(CONCEPTS) for r in rows)
 
@@ -119,7 +119,7 @@ def test_summary_rows_follow_method_then_variant_order(results):
 ])
 @pytest.mark.parametrize("method", METHODS)
 def test_summary_speedup_and_identity_change(results, method, variant, speedup, speedup_iqr, identity_change, steps):
-    row = next(r for r in report.summary_table(report.load_records(results))
+    row = next(r for r in tables.summary_table(report.load_records(results))
                if (r["method"], r["variant"]) == (method, variant))
     assert row["speedup_median"] == pytest.approx(speedup)
     assert row["speedup_iqr"] == pytest.approx(speedup_iqr)
@@ -133,23 +133,23 @@ def test_summary_speedup_and_identity_change(results, method, variant, speedup, 
     ("dvar", 1.0),        # symmetric differences
 ])
 def test_summary_wilcoxon_against_baseline(results, variant, p_value):
-    row = next(r for r in report.summary_table(report.load_records(results))
+    row = next(r for r in tables.summary_table(report.load_records(results))
                if (r["method"], r["variant"]) == ("textual_inversion", variant))
     assert row["identity_p"] == (None if p_value is None else pytest.approx(p_value))
 
 
 def test_summary_skips_speedup_without_baseline_and_p_under_five_pairs():
     records = [make_record("dreambooth", concept, "dvar") for concept in CONCEPTS[:3]]
-    [row] = report.summary_table(records)
+    [row] = tables.summary_table(records)
     assert math.isnan(row["speedup_median"]) and row["identity_change"] is None and row["identity_p"] is None
 
 
 def test_frozen_batch_loss_is_informative_and_training_loss_is_not(results):
-    rows = report.informativeness(report.load_traces(results))
+    rows = tables.informativeness(report.load_traces(results))
     assert len(rows) == len(METHODS) * len(CONCEPTS) - 1, "the non-informative trace is skipped"
     assert all(r["n_checks"] == BUDGET // EVERY for r in rows)
     assert all(r["rho_eval_loss"] < -0.9 for r in rows)
-    for aggregate in report.informativeness_by_method(rows):
+    for aggregate in tables.informativeness_by_method(rows):
         assert aggregate["rho_eval_loss"] < -0.9
         assert abs(aggregate["rho_train_loss"]) < 0.3
         assert abs(aggregate["rho_train_loss_smoothed"]) < 0.3
@@ -163,7 +163,7 @@ def test_saturation_step_on_a_hand_made_curve(fraction, smooth, step):
     trace = {"method": "dreambooth", "informative": True, "max_train_steps": 1000,
              "identity_checks": {"steps": list(range(50, 550, 50)),
                                  "identity": [0.0, 0.5, 0.8, 0.9, 0.96, 0.99, 1.0, 1.0, 1.0, 1.0]}}
-    [row] = report.saturation_steps([trace], fraction=fraction, smooth=smooth)
+    [row] = saturation.saturation_steps([trace], fraction=fraction, smooth=smooth)
     assert row["saturation_step_median"] == step
     assert row["budget_ratio"] == pytest.approx(1000 / step)
 
@@ -173,7 +173,7 @@ def test_smoothing_keeps_one_noisy_peak_from_setting_saturation(smooth, step):
     """A plateau at 0.5 from step 150 with one lucky check at 0.6: raw values call the peak saturation;
     averaging over 5 checks finds the plateau, one edge (100 steps) late."""
     identity = [0.0, 0.3, 0.5, 0.5, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5]
-    assert report.saturation_step(range(50, 650, 50), identity, fraction=0.95, smooth=smooth) == step
+    assert saturation.saturation_step(range(50, 650, 50), identity, fraction=0.95, smooth=smooth) == step
 
 
 def _rule(variant: str, steps: float, change: float | None = None, p: float | None = None) -> dict:
@@ -189,13 +189,13 @@ def _rule(variant: str, steps: float, change: float | None = None, p: float | No
     ([_rule("dvar", 250, -0.01, None)], None, None),  # too few pairs for a test: no evidence either way
 ])
 def test_budget_check_picks_the_earliest_rule_that_keeps_identity(rules, variant, ratio):
-    [row] = report.budget_check([_rule("baseline", 1000), *rules])
+    [row] = saturation.budget_check([_rule("baseline", 1000), *rules])
     assert row["variant"] == variant
     assert row["budget_ratio"] == (pytest.approx(ratio) if ratio else None)
 
 
 def test_ablation_table(results):
-    rows = {r["setting"]: r for r in report.ablation_table(report.load_traces(results))}
+    rows = {r["setting"]: r for r in tables.ablation_table(report.load_traces(results))}
     assert list(rows) == ["none", "noise", "timesteps"]
     assert rows["none"] == {"setting": "none", "n": 1, "stopped_fraction": 1.0, "stop_step_median": 400.0,
                             "rho_median": pytest.approx(-1.0)}
@@ -263,11 +263,11 @@ def test_cli_exits_2_on_a_folder_without_records(tmp_path, capsys):
       "dvar": {"eval_s": [600.0]}, "identity_checks": {"check_s": [600.0]}}, 1.0, 1),
 ])
 def test_benchmark_cost_uses_job_time_else_the_measured_parts(trace, hours, untimed):
-    [row] = report.benchmark_cost([trace], [])
+    [row] = tables.benchmark_cost([trace], [])
     assert row["trajectory_hours"] == pytest.approx(hours) and row["untimed_jobs"] == untimed
 
 
 def test_budget_check_needs_an_early_rule():
-    assert report.budget_check([_rule("baseline", 1000)]) == []
-    text = report.budget_markdown(report.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
+    assert saturation.budget_check([_rule("baseline", 1000)]) == []
+    text = render.budget_markdown(saturation.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
     assert "no early stop keeps identity" in text
