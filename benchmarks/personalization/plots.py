@@ -11,13 +11,13 @@ import numpy as np
 
 from .config import METHOD_ORDER, VARIANTS
 from .stats import finite, ordered
-from .tables import ABLATION_SETTINGS, paired_changes
+from .tables import ABLATION_SETTINGS, every_step_loss, paired_changes
 
 MAX_CURVE_CONCEPTS = 6
 
 
 VARIANT_COLORS = {"baseline": "tab:gray", "clip_s": "tab:orange", "few_iters": "tab:green", "dvar": "tab:blue",
-                  "dvar_every5": "tab:purple"}
+                  "dvar_every1": "tab:purple", "early25": "tab:brown", "early10": "tab:red", "step0": "black"}
 METHOD_MARKERS = {"textual_inversion": "o", "dreambooth_lora": "s", "custom_diffusion": "^", "dreambooth": "D"}
 
 
@@ -55,7 +55,7 @@ def plot_curves(path: Path, traces: list[dict], stops: dict[tuple[str, str], dic
         row, column = divmod(index, columns)
         top = figure.add_subplot(grid[2 * row, column])
         bottom = figure.add_subplot(grid[2 * row + 1, column], sharex=top)
-        dvar, checks = trace.get("dvar") or {}, trace.get("identity_checks") or {}
+        dvar, checks = every_step_loss(trace) or trace.get("dvar") or {}, trace.get("identity_checks") or {}
         if dvar.get("steps"):
             top.plot(dvar["steps"], dvar["eval_loss"], color="tab:blue", label="DVAR loss (frozen batch)")
         top.set_ylabel("DVAR loss")
@@ -90,7 +90,9 @@ def plot_speedup_vs_quality(path: Path, changes: list[dict]) -> None:
     """Identity change against speedup over the baseline, coloured by variant, marker by method."""
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 5), constrained_layout=True)
-    points = [c for c in changes if c["speedup"] is not None and c["identity_change"] is not None]
+    # step 0's "speedup" (setup and save only) would squash every other point into the left edge
+    points = [c for c in changes if c["speedup"] is not None and c["identity_change"] is not None
+              and c["variant"] != "step0"]
     for change in points:
         axis.scatter(change["speedup"], change["identity_change"], color=VARIANT_COLORS.get(change["variant"], "black"),
                      marker=METHOD_MARKERS.get(change["method"], "x"), alpha=0.8)

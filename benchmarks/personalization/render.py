@@ -108,11 +108,26 @@ def informativeness_tables(rows: list[dict]) -> str:
     return per_method + "\n\n" + per_trace
 
 
-def saturation_markdown(rows: list[dict]) -> str:
-    """The saturation table of the traced concepts."""
-    return markdown_table(["method", "traces", "saturation step (median)", "budget (median)", "budget / saturation"], (
-        [row["method"], row["n"], _number(row["saturation_step_median"], 0), _number(row["budget_median"], 0),
-         _number(row["budget_ratio"], 1)]
+def power_markdown(rows: list[dict]) -> str:
+    """The "can this benchmark see a bad stop" table and one sentence per method."""
+    from .power import power_verdicts
+
+    table = markdown_table(["method", "comparison", "n", "median Δ identity", "p (Wilcoxon)", "Δ / test-retest SD"], (
+        [row["method"], row["comparison"], row["n"], _number(row["median_delta"], 3), _p_value(row["p_value"]),
+         _number(row["delta_over_noise"], 1)]
+        for row in rows
+    ))
+    return table + "\n\n" + " ".join(power_verdicts(rows))
+
+
+def oracle_markdown(rows: list[dict]) -> str:
+    """Each rule's stop against each concept's own saturation step, per method."""
+    return markdown_table(["method", "rule", "concepts", "saturation (median)", "stop (median)",
+                           "stop / saturation", "regret (median)", "too early", "too late (> 2x)",
+                           "flat / still rising"], (
+        [row["method"], row["rule"], row["n"], _number(row["saturation_median"], 0), _number(row["stop_median"], 0),
+         f"{_number(row['ratio_median'], 2)} ± {_number(row['ratio_iqr'], 2)}", _number(row["regret_median"], 3),
+         f"{row['too_early']:.0%}", f"{row['too_late']:.0%}", f"{row['flat']} / {row['still_rising']}"]
         for row in rows
     ))
 
@@ -160,8 +175,8 @@ def cost_markdown(rows: list[dict]) -> str:
             f"its threads).{note}")
 
 
-def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturation: list[dict],
-                    ablation: list[dict], cost: Sequence[dict] = ()) -> str:
+def render_markdown(meta: dict, summary: list[dict], info: list[dict], ablation: list[dict],
+                    cost: Sequence[dict] = (), power: Sequence[dict] = (), oracle: Sequence[dict] = ()) -> str:
     """The whole ``report.md``."""
     header = [f"- {key}: {_meta_value(meta[key])}" for key in ("preset", "command", "machine", "model") if key in meta]
     sections = [
@@ -169,27 +184,36 @@ def render_markdown(meta: dict, summary: list[dict], info: list[dict], saturatio
         "\n".join(header),
         "## Table 1 (median ± IQR over concepts)\n\nSpeedup is the baseline wall time over the run's; Δ columns are "
         "medians over concepts of the change against the baseline; p is a paired Wilcoxon signed-rank test of "
-        "identity against the baseline.\n\n" + main_table(summary),
-        "## Speedup and quality change of DVAR vs baseline per method\n\n" + dvar_table(summary)
-        + "\n\n" + dvar_verdict(summary),
+        "identity against the baseline. `step0`, `early10` and `early25` are deliberately premature stops (step 0, "
+        "10% and 25% of the budget) from the same trajectory: the controls.\n\n" + main_table(summary),
     ]
+    if power:
+        sections.append("## Can this benchmark see a bad stop?\n\nThe budget's identity against the same concept's "
+                        "identity at step 0 and at premature stops (Δ = budget minus the premature stop, median over "
+                        "concepts), in units of the identity score's test-retest SD (the budget's weights scored "
+                        "with two sampling seeds). A \"no significant drop\" claim below is worth only as much as "
+                        "this table's power.\n\n" + power_markdown(list(power)))
+    sections.append("## Speedup and quality change of DVAR vs baseline per method\n\n" + dvar_table(summary)
+                    + "\n\n" + dvar_verdict(summary))
+    if oracle:
+        sections.append("## Stops against each concept's own saturation step\n\nSaturation step: the first identity "
+                        "check (every `check_every` steps from step 0 to the budget) whose identity, averaged with "
+                        "the next 2 checks, is not significantly below the final plateau (the mean of the "
+                        "last third of the checks; one-sided z-test at 5% with the checks' test-retest SD); no "
+                        "plateau when the last third still rises significantly (\"still rising\"), step 0 when "
+                        "nothing measurable was learned (\"flat\"). Ratios and shares are over the concepts "
+                        "that saturate after step 0; regret = plateau minus the identity at the stop.\n\n"
+                        + oracle_markdown(list(oracle)))
     if info:
-        sections.append("## How informative is each loss\n\nSpearman's rho between the identity score at the CLIP-s "
+        sections.append("## How informative is each loss\n\nSpearman's rho between the identity score at the "
                         "checks and each loss at those steps; identity rises as the loss falls, so an informative "
                         "loss has a strongly negative rho.\n\n" + informativeness_tables(info))
     budget = budget_check(summary)
-    if budget or saturation:
-        text = ["## Is the budget past identity saturation?"]
-        if budget:
-            text.append("Over all concepts: the earliest-stopping rule whose identity is not significantly below "
-                        f"the full budget's (paired Wilcoxon p >= {SIGNIFICANCE}, or a median change >= 0).\n\n"
+    if budget:
+        sections.append("## Is the budget past identity saturation?\n\nOver all concepts: the earliest-stopping "
+                        "rule (the premature controls included) whose identity is not significantly below the full "
+                        f"budget's (paired Wilcoxon p >= {SIGNIFICANCE}, or a median change >= 0).\n\n"
                         + budget_markdown(budget))
-        if saturation:
-            first = saturation[0]
-            text.append(f"On the traced concepts (identity at every CLIP-s check up to the budget): first check where "
-                        f"identity, averaged over {first['smooth']} neighbouring checks, reaches min + "
-                        f"{first['fraction']:g} × (max - min) of that averaged curve.\n\n" + saturation_markdown(saturation))
-        sections.append("\n\n".join(text))
     if ablation:
         sections.append("## Frozen-batch ablation\n\n" + ablation_markdown(ablation))
     if cost:

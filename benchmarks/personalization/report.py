@@ -19,15 +19,17 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .plots import write_plots
+from .power import POWER_COLUMNS, power_table
 from .render import main_table, render_markdown
-from .saturation import saturation_steps
+from .saturation import oracle_rows, oracle_summary
 from .tables import INFORMATIVENESS_COLUMNS, ablation_table, benchmark_cost, informativeness, summary_table
 
-SATURATION_SMOOTH = 5  # checks (250 steps at the default check interval)
 RUN_COLUMNS = (
     "method", "concept", "variant", "steps", "max_train_steps", "wall_time_s", "train_s", "monitor_s", "setup_s",
-    "identity", "alignment", "identity_attributes", "stop_reason",
+    "identity", "identity_embedding", "alignment", "stop_reason",
 )
+ORACLE_COLUMNS = ("method", "concept", "saturation_step", "saturation_status", "plateau", "budget", "dvar_stop",
+                  "clip_s_stop")
 SUMMARY_COLUMNS = (
     "method", "variant", "n", "steps_median", "steps_iqr", "minutes_median", "minutes_iqr",
     "speedup_median", "speedup_iqr", "identity_median", "identity_iqr", "alignment_median", "alignment_iqr",
@@ -107,7 +109,8 @@ def write_csv(path: Path, rows: list[dict], columns: Sequence[str] = ()) -> None
 
 
 def write_report(out: Path) -> Path:
-    """Write ``out/report/``: report.md, runs.csv, summary.csv, informativeness.csv and the plots.
+    """Write ``out/report/``: report.md, runs.csv, summary.csv, informativeness.csv, power.csv, oracle.csv and
+    the plots.
 
     >>> write_report(Path("outputs/personalization"))  # doctest: +SKIP
     PosixPath('outputs/personalization/report/report.md')
@@ -119,18 +122,21 @@ def write_report(out: Path) -> Path:
     traces = load_traces(out)
     summary = summary_table(records)
     info = informativeness(traces)
-    saturation = saturation_steps(traces, smooth=SATURATION_SMOOTH)
     ablation = ablation_table(traces)
+    power = power_table(records)
+    per_concept = oracle_rows(records, traces)
 
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / "runs.csv", [flatten_record(r) for r in records], RUN_COLUMNS)
     write_csv(folder / "summary.csv", summary, SUMMARY_COLUMNS)
     write_csv(folder / "informativeness.csv", info, INFORMATIVENESS_COLUMNS)
+    write_csv(folder / "power.csv", power, POWER_COLUMNS)
+    write_csv(folder / "oracle.csv", per_concept, ORACLE_COLUMNS)
     write_plots(folder, records, traces, info)
     report = folder / "report.md"
-    report.write_text(render_markdown(load_meta(out), summary, info, saturation, ablation,
-                                      benchmark_cost(traces, records)))
+    report.write_text(render_markdown(load_meta(out), summary, info, ablation, benchmark_cost(traces, records),
+                                      power, oracle_summary(per_concept)))
     return report
 
 

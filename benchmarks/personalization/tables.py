@@ -94,12 +94,13 @@ def _trailing_mean(values: Sequence[float], step: int, window: int) -> float:
 
 
 def informativeness(traces: list[dict]) -> list[dict]:
-    """Per informative trace: Spearman's rho of the identity checks against the frozen-batch (DVAR) loss,
-    the raw training loss and the training loss averaged over the ``every`` steps before each check.
+    """Per trace with an every-step loss up to the budget (:func:`every_step_loss`): Spearman's rho of the
+    identity checks against the frozen-batch (DVAR) loss, the raw training loss and the training loss averaged
+    over the ``every`` steps before each check.
 
     Identity rises as a loss falls, so an informative loss has a strongly negative rho.
 
-    >>> trace = {"method": "m", "concept": "c", "informative": True, "train_loss": [5, 1, 4, 2, 3, 6],
+    >>> trace = {"method": "m", "concept": "c", "max_train_steps": 6, "train_loss": [5, 1, 4, 2, 3, 6],
     ...          "dvar": {"steps": [1, 2, 3, 4, 5, 6], "eval_loss": [9, 8, 7, 6, 5, 4]},
     ...          "identity_checks": {"every": 2, "steps": [2, 4, 6], "identity": [0.1, 0.5, 0.7]}}
     >>> informativeness([trace])[0]["rho_eval_loss"]
@@ -107,10 +108,11 @@ def informativeness(traces: list[dict]) -> list[dict]:
     """
     rows = []
     for trace in traces:
-        if not trace.get("informative"):
+        curve = every_step_loss(trace)
+        if curve is None:
             continue
         checks = trace["identity_checks"]
-        eval_loss = dict(zip(trace["dvar"]["steps"], trace["dvar"]["eval_loss"]))
+        eval_loss = dict(zip(curve["steps"], curve["eval_loss"]))
         train_loss = trace["train_loss"]
         every = int(checks.get("every") or 1)
         points = [(s, i) for s, i in zip(checks["steps"], checks["identity"])
@@ -123,6 +125,21 @@ def informativeness(traces: list[dict]) -> list[dict]:
             "rho_train_loss_smoothed": spearman(identity, [_trailing_mean(train_loss, s, every) for s, _ in points]),
         })
     return _sorted_by_method(rows)
+
+
+def every_step_loss(trace: dict) -> dict | None:
+    """The trace's frozen-batch loss at every step up to the budget (the ``dvar`` watch or ``dvar_every1``),
+    or None when no watch evaluated every step to the end.
+
+    >>> every_step_loss({"max_train_steps": 2, "dvar": {"steps": [2], "eval_loss": [1.0]},
+    ...                  "dvar_variants": {"dvar_every1": {"steps": [1, 2], "eval_loss": [2.0, 1.0]}}})["steps"]
+    [1, 2]
+    """
+    budget = trace["max_train_steps"]
+    for curve in (trace.get("dvar"), *(trace.get("dvar_variants") or {}).values()):
+        if curve and curve.get("steps") == list(range(1, budget + 1)):
+            return curve
+    return None
 
 
 def _sorted_by_method(rows: list[dict]) -> list[dict]:
