@@ -145,6 +145,13 @@ def test_summary_wilcoxon_against_baseline(results, variant, p_value):
     assert row["identity_p"] == (None if p_value is None else pytest.approx(p_value))
 
 
+def test_saving_share_is_the_speedup_over_the_step_saving(results):
+    """dvar on concept c: (200 + 50c) steps of 1000 in 1/(2 + c) of the baseline's time -> (2 + c)(200 + 50c)/1000."""
+    row = next(r for r in tables.summary_table(report.load_records(results))
+               if (r["method"], r["variant"]) == ("textual_inversion", "dvar"))
+    assert row["saving_share_median"] == pytest.approx(np.median([(2 + c) * (200 + 50 * c) / 1000 for c in range(5)]))
+
+
 def test_summary_skips_speedup_without_baseline_and_p_under_five_pairs():
     records = [make_record("dreambooth", concept, "dvar") for concept in CONCEPTS[:3]]
     [row] = tables.summary_table(records)

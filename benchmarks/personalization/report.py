@@ -32,7 +32,7 @@ ORACLE_COLUMNS = ("method", "concept", "saturation_step", "saturation_status", "
                   "clip_s_stop")
 SUMMARY_COLUMNS = (
     "method", "variant", "n", "steps_median", "steps_iqr", "minutes_median", "minutes_iqr",
-    "speedup_median", "speedup_iqr", "identity_median", "identity_iqr", "alignment_median", "alignment_iqr",
+    "speedup_median", "speedup_iqr", "saving_share_median", "identity_median", "identity_iqr", "alignment_median", "alignment_iqr",
     "identity_change", "alignment_change", "identity_p",
 )
 

@@ -48,6 +48,12 @@ def paired_changes(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _saving_share(run: dict, base: dict) -> float | None:
+    speedup = ratio(base.get("wall_time_s"), run.get("wall_time_s"))
+    steps_saved = ratio(base.get("steps"), run.get("steps"))
+    return ratio(speedup, steps_saved) if speedup is not None else None
+
+
 def summary_table(records: list[dict]) -> list[dict]:
     """One row per (method, variant): ``median ± IQR`` of steps, minutes, speedup, identity and alignment,
     median changes against the baseline and the Wilcoxon p-value of identity against the baseline.
@@ -74,6 +80,8 @@ def summary_table(records: list[dict]) -> list[dict]:
                 "steps": [run.get("steps") for run in runs],
                 "minutes": [ratio(run.get("wall_time_s"), 60.0) for run in runs],
                 "speedup": [ratio(base.get("wall_time_s"), run.get("wall_time_s")) for run, base in pairs],
+                # the share of the step saving that reaches the wall clock: speedup / (budget / stop)
+                "saving_share": [_saving_share(run, base) for run, base in pairs],
                 "identity": [run.get("identity") for run in runs],
                 "alignment": [run.get("alignment") for run in runs],
             }
