@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dvar.criterion import PRESETS
 
-from .plugin import KohyaPluginError, config_from_args, make_trainer_class
+from .plugin import DVARTrainerMixin, KohyaPluginError, config_from_args, make_trainer_class
 
 ENV_VAR = "SD_SCRIPTS"
 VERIFIED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
@@ -101,8 +101,10 @@ def import_script(root: Path, script: str) -> Any:
 def check_trainer(trainer_cls: type) -> List[str]:
     """What, in this sd-scripts version, the plugin cannot hook (empty when it can)."""
     problems = []
+    kohya_classes = [klass for klass in trainer_cls.__mro__ if not issubclass(klass, DVARTrainerMixin)]
     for name, (positional, keywords) in HOOK_CALLS.items():
-        method = getattr(trainer_cls, name, None)
+        # kohya's own method: the one the mixin's override passes the call on to
+        method = next((vars(klass)[name] for klass in kohya_classes if name in vars(klass)), None)
         if method is None:
             problems.append(f"{trainer_cls.__name__}.{name} is missing")
             continue
@@ -111,8 +113,8 @@ def check_trainer(trainer_cls: type) -> List[str]:
         except TypeError as error:
             problems.append(f"{trainer_cls.__name__}.{name}{inspect.signature(method)} cannot take kohya's call ({error})")
     try:
-        source = inspect.getsource(trainer_cls.train)
-    except (OSError, TypeError):
+        source = inspect.getsource(next(vars(klass)["train"] for klass in kohya_classes if "train" in vars(klass)))
+    except (OSError, TypeError, StopIteration):
         source = ""
     problems += [f"NetworkTrainer.train no longer has `{marker}`" for marker in TRAIN_MARKERS if marker not in source]
     return problems

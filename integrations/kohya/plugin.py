@@ -122,6 +122,8 @@ class DVARTrainerMixin:
                 self._dvar_finish(args, outcome)
             finally:
                 run.context = run.dataset = None  # drop the references to kohya's models and data
+                if run.accelerator is not None:  # leave accelerate as kohya found it (idle steps turned it off)
+                    run.accelerator.gradient_state._set_sync_gradients(True)
 
     # -- hooks before the loop -------------------------------------------------------------
 
@@ -396,7 +398,7 @@ class DVARTrainerMixin:
             "trainer": _kohya_base(type(self)).__name__,
             "outcome": outcome,
             **stopper.summary(budget),
-            "preset": run.config.preset,
+            "preset": run.config.preset if None in (run.config.window, run.config.threshold) else None,
             "dvar_steps_seen": run.dvar_step,
             "kohya_global_step_at_stop": run.kohya_stop_step,
             "stop_epoch": run.stop_epoch,
