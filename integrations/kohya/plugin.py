@@ -436,7 +436,3 @@ def make_trainer_class(base: type, family: str = "sd") -> type:
     """
     return type(f"DVAR{base.__name__}", (DVARTrainerMixin, base), {"dvar_family": family, "__module__": __name__})
 
-
-def hook_names() -> List[str]:
-    """The kohya methods the mixin overrides."""
-    return [name for name, value in vars(DVARTrainerMixin).items() if callable(value) and not name.startswith("_")]
