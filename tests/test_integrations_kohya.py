@@ -296,3 +296,23 @@ def test_an_unsupported_sd_scripts_version_exits_2(tmp_path, capsys, monkeypatch
         forget_kohya()
     err = capsys.readouterr().err
     assert "unsupported sd-scripts version" in err and "get_sai_model_spec" in err and kohya.VERIFIED_COMMIT[:10] in err
+
+
+# -- which models the plugin loads itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unet_config, as_is", [
+    ({"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}, False),  # SD 1.x/2.x: kohya's loader
+    ({"block_out_channels": [32, 64, 112], "layers_per_block": 1}, True),  # mini-SD
+    ({"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 1}, True),
+    (None, False),  # a single-file checkpoint
+])
+def test_only_diffusers_folders_kohya_cannot_convert_are_loaded_as_they_are(tmp_path, unet_config, as_is):
+    from dvar.integrations.kohya.diffusers_model import needs_as_is_loader
+
+    path = tmp_path / "model.safetensors"
+    if unet_config is not None:
+        path = tmp_path / "model"
+        (path / "unet").mkdir(parents=True)
+        (path / "unet" / "config.json").write_text(json.dumps(unet_config))
+    assert needs_as_is_loader(str(path)) is as_is

@@ -21,8 +21,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-#: What kohya's SD UNet (library/original_unet.py) is built with.
-SD_UNET_SHAPE = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "in_channels": 4, "out_channels": 4}
+#: The widths and depth kohya's SD UNet (library/original_unet.py) is built with.
+SD_UNET_SHAPE = {"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}
 
 
 def unet_config(path: Optional[str]) -> Optional[dict]:
@@ -44,8 +44,9 @@ def needs_as_is_loader(path: Optional[str]) -> bool:
     config = unet_config(path)
     if config is None:
         return False
-    return any(list(config.get(key, [])) != value if isinstance(value, list) else config.get(key) != value
-               for key, value in SD_UNET_SHAPE.items())
+    return list(config.get("block_out_channels", [])) != SD_UNET_SHAPE["block_out_channels"] or config.get(
+        "layers_per_block"
+    ) != SD_UNET_SHAPE["layers_per_block"]
 
 
 def load_as_is(trainer: Any, args: Any, weight_dtype: torch.dtype, accelerator: Any) -> tuple:

@@ -78,6 +78,8 @@ def _clone(value: Any) -> Any:
         return value.detach().clone().cpu()
     if isinstance(value, dict):
         return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_clone(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_clone(v) for v in value)
     return copy.deepcopy(value)
