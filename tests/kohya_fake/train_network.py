@@ -24,7 +24,7 @@ import random
 import sys
 import time
 from multiprocessing import Value
-from typing import Any, List, Optional
+from typing import List
 
 import torch
 from accelerate import Accelerator
