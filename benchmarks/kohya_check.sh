@@ -35,7 +35,7 @@ common=(--pretrained_model_name_or_path "$(field model)" --tokenizer_cache_dir "
         --network_module networks.lora --network_dim 4 --network_alpha 4 --learning_rate 1e-3
         --train_batch_size 1 --seed 42 --cache_latents --max_data_loader_n_workers 0 --mixed_precision no
         --save_model_as safetensors --output_name lora)
-early=(--early_stop --early_stop_window 50 --early_stop_threshold 0.4)
+early=(--early_stop --early_stop_window 100 --early_stop_threshold 0.4)
 kohya() { (cd "$sd" && "$py" -m dvar.integrations.kohya train_network "$@"); }
 
 record hooks "$(cd "$sd" && "$py" "$here/kohya_check.py" hooks "$sd" 2>/dev/null | tail -1)"

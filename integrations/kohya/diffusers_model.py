@@ -49,10 +49,41 @@ def needs_as_is_loader(path: Optional[str]) -> bool:
     ) != SD_UNET_SHAPE["layers_per_block"]
 
 
+def load_text_encoder(path: str) -> Any:
+    """The folder's CLIP text encoder with all its weights, whichever transformers saved it.
+
+    transformers >= 5 saves ``CLIPTextModel`` weights without the ``text_model.`` prefix that
+    transformers 4.x (sd-scripts pins 4.54) expects; there ``from_pretrained`` then initialises
+    every weight at random and only warns. Such files are loaded here with the prefix restored.
+    """
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModel
+
+    from .plugin import KohyaPluginError
+
+    model, info = CLIPTextModel.from_pretrained(
+        path, subfolder="text_encoder", torch_dtype=torch.float32, output_loading_info=True
+    )
+    if not info["missing_keys"] and not info["unexpected_keys"]:
+        return model
+    files = sorted((Path(path) / "text_encoder").glob("*.safetensors"))
+    state = {key: value for file in files for key, value in load_file(str(file)).items()}
+    expected = set(model.state_dict())
+    if not expected & set(state):
+        state = {f"text_model.{key}": value for key, value in state.items()}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise KohyaPluginError(
+            f"the text encoder in {path} does not match CLIPTextModel of transformers here "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
+        )
+    model.load_state_dict({key: value.float() for key, value in state.items()})
+    return model
+
+
 def load_as_is(trainer: Any, args: Any, weight_dtype: torch.dtype, accelerator: Any) -> tuple:
     """``load_target_model`` for such folders: (model version, text encoder, VAE, diffusers UNet)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     from library import model_util  # kohya's
 
@@ -62,7 +93,7 @@ def load_as_is(trainer: Any, args: Any, weight_dtype: torch.dtype, accelerator: 
     if args.vae is not None:
         raise KohyaPluginError(f"--vae cannot replace the VAE of {path}: its latents differ from SD's.")
     logger.info(f"load the diffusers model in {path} as it is (its UNet is not SD-1.5-shaped)")
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.float32)
+    text_encoder = load_text_encoder(path)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32)
     trainer.vae_scale_factor = vae.config.scaling_factor
