@@ -316,3 +316,23 @@ def test_only_diffusers_folders_kohya_cannot_convert_are_loaded_as_they_are(tmp_
         (path / "unet").mkdir(parents=True)
         (path / "unet" / "config.json").write_text(json.dumps(unet_config))
     assert needs_as_is_loader(str(path)) is as_is
+
+
+@pytest.mark.parametrize("prefix", ["", "text_model."], ids=["transformers-5-keys", "transformers-4-keys"])
+def test_the_text_encoder_loads_with_every_weight_of_its_file(tmp_path, prefix):
+    """transformers 4.x (sd-scripts pins 4.54) re-initialises a CLIPTextModel saved by 5.x at
+    random and only warns; the plugin's loader must give the file's weights in either case."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from dvar.integrations.kohya.diffusers_model import load_text_encoder
+    from dvar.tiny import _text_config
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(_text_config())
+    folder = tmp_path / "model" / "text_encoder"
+    model.config.save_pretrained(folder)
+    weights = {key.removeprefix("text_model."): value for key, value in model.state_dict().items()}
+    save_file({prefix + key: value.contiguous() for key, value in weights.items()}, str(folder / "model.safetensors"))
+    loaded = {key.removeprefix("text_model."): value for key, value in load_text_encoder(str(tmp_path / "model")).state_dict().items()}
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
