@@ -105,6 +105,10 @@ class DVAREarlyStopping:
         text_encoder, tokenizer, text_encoder_2, tokenizer_2: text side (SD: one; SDXL: two).
         noise_scheduler: the training noise scheduler.
         train_dataset: the training dataset or DataLoader (first K examples in order).
+        eval_batch: instead of ``train_dataset``, a frozen batch built by the caller (anything with
+            ``next()`` returning a batch with ``shard(rank, world)`` and ``len()``, plus
+            ``state_dict()``/``load_state_dict()``), e.g. kohya's own batches in
+            ``dvar.integrations.kohya``; pair it with a custom ``objective``.
         accelerator: an ``accelerate.Accelerator``: device, autocast, trackers, multi-process.
         objective: a custom ``(models, batch) -> loss``; default: the diffusion loss.
         models: extra named modules for a custom objective (put in eval mode while evaluating).
@@ -136,6 +140,7 @@ class DVAREarlyStopping:
         objective: Optional[Objective] = None,
         models: Optional[Mapping[str, torch.nn.Module]] = None,
         prompt_encoder: Any = None,
+        eval_batch: Any = None,
         config: Optional[DVARConfig] = None,
         **config_kwargs: Any,
     ) -> None:
@@ -143,7 +148,7 @@ class DVAREarlyStopping:
             raise TypeError("Pass either config=DVARConfig(...) or its fields as keywords, not both.")
         self.config = config or DVARConfig(**config_kwargs)
         self.window, self.threshold = self.config.resolved_window_threshold()
-        if train_dataset is None:
+        if train_dataset is None and eval_batch is None:
             raise ValueError("DVAREarlyStopping needs the training dataset (train_dataset=...) to freeze its batch.")
         self.accelerator = accelerator
 
@@ -161,7 +166,7 @@ class DVAREarlyStopping:
         # The criterion counts evaluations; the window is meant in optimizer steps.
         evals_in_window = max(2, math.ceil(self.window / self.config.eval_every))
         self.criterion = DVARCriterion(evals_in_window, self.threshold, nonfinite=self.config.nonfinite)
-        self.eval_batch = FixedEvalBatch(
+        self.eval_batch = eval_batch if eval_batch is not None else FixedEvalBatch(
             train_dataset,
             vae=_unwrap(vae, accelerator) if vae is not None else None,
             noise_scheduler=noise_scheduler,
