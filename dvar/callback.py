@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -99,17 +99,40 @@ class HistoryRow:
 
 
 @contextlib.contextmanager
-def eval_mode(modules: Iterator[torch.nn.Module]) -> Iterator[None]:
-    """Put modules in eval mode (no dropout), then restore each one's own mode."""
-    modules = list(modules)
-    was_training = [m.training for m in modules]
-    for module in modules:
-        module.eval()
+def eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Put modules in eval mode (no dropout), then restore every submodule's own mode.
+
+    The same flags as ``module.eval()`` / ``module.train(mode)``, set directly: those walk the
+    tree through ``Module.__setattr__``, ~15 us per submodule (about 15 ms per evaluation on a
+    LoRA UNet with 900 submodules, most of an evaluation's Python cost). A module whose class
+    overrides ``train()`` (e.g. transformers' ``PreTrainedModel``) still gets its own method.
+
+    >>> net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    >>> net[1].eval()  # a submodule the user keeps in eval mode stays so
+    Dropout(p=0.5, inplace=False)
+    >>> with eval_mode([net]):
+    ...     [m.training for m in net.modules()]
+    [False, False, False]
+    >>> [m.training for m in net.modules()]
+    [True, True, False]
+    """
+    saved: Dict[int, Tuple[torch.nn.Module, bool]] = {}
+    for root in modules:
+        for module in root.modules():
+            saved.setdefault(id(module), (module, module.training))
+    custom = [m for m, _ in saved.values() if type(m).train is not torch.nn.Module.train]
+
+    def set_modes(eval_now: bool) -> None:
+        for module in custom:
+            module.train(False if eval_now else saved[id(module)][1])
+        for module, training in saved.values():
+            object.__setattr__(module, "training", False if eval_now else training)  # what Module.train sets
+
+    set_modes(True)
     try:
         yield
     finally:
-        for module, training in zip(modules, was_training):
-            module.train(training)
+        set_modes(False)
 
 
 class DVAREarlyStopping:
@@ -199,6 +222,7 @@ class DVAREarlyStopping:
         self.stop_step: Optional[int] = None
         self.reason: Optional[str] = None
         self.eval_seconds = 0.0
+        self._plain_models: Optional[Dict[str, torch.nn.Module]] = None
 
     def _make_criterion(self) -> DVARCriterion:
         # The criterion counts evaluations; the window is meant in optimizer steps.
@@ -251,7 +275,9 @@ class DVAREarlyStopping:
         rank, world = self.rank_and_world
         batch = self.eval_batch.next()
         shard = batch.shard(rank, world)
-        models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
+        if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
+            self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
+        models = self._plain_models
         local_sum = 0.0
         if len(shard):
             autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
