@@ -23,10 +23,10 @@ else
 fi
 python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
 if [ "$model" = mini ]; then
-  model_flags=(); resolution_flags=(); rounds=1; block=6
+  model_flags=(); resolution_flags=(); rounds=2
 else
   python3 benchmarks/make_random_sd.py /tmp/random-sd15 > /dev/null 2>&1 || exit 1
-  model_flags=(--pretrained_model_name_or_path /tmp/random-sd15); resolution_flags=(--resolution 512); rounds=4; block=40
+  model_flags=(--pretrained_model_name_or_path /tmp/random-sd15); resolution_flags=(--resolution 512); rounds=10
 fi
 concept=dvar/assets/concepts/$(ls dvar/assets/concepts | grep -v json | head -1)
 for mp in bf16 fp16 no; do
@@ -61,7 +61,7 @@ PY
 # 2. default stride vs every step vs no stopper, interleaved in one run per batch size
 mp_flags=(--mixed-precision bf16); [ "$model" = mini ] && mp_flags=()
 overhead_model=(); [ "$model" != mini ] && overhead_model=(--model /tmp/random-sd15 --resolution 512)
-python3 benchmarks/overhead.py --methods textual_inversion --batch-sizes 1 4 --rounds $rounds --block-steps $block \
+python3 benchmarks/overhead.py --methods textual_inversion --batch-sizes 1 4 --rounds $rounds \
   "${overhead_model[@]}" "${mp_flags[@]}" --json "$out/overhead.json" > "$out/overhead.md" 2>> "$out/logs.txt"
 echo "overhead rc=$?" | tee -a "$out/logs.txt"
 cat "$out/overhead.md"

@@ -244,8 +244,8 @@ def record(out: Path, methods: Sequence[str], per_method: int, threads: Optional
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", nargs="?", type=Path, default=DEFAULT_SOURCE,
-                        help="a benchmark output folder, or its raw.tar.xz (default: the committed full run)")
+    parser.add_argument("sources", nargs="*", type=Path, default=[DEFAULT_SOURCE],
+                        help="benchmark output folders, or their raw.tar.xz (default: the committed full run)")
     parser.add_argument("--k", type=int, nargs="+", default=list(range(1, 51)), help="strides to replay (default 1..50)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables to this file")
     parser.add_argument("--record", type=Path, default=None,
@@ -254,24 +254,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS[:3]), choices=METHODS, help="with --record")
     parser.add_argument("--threads", type=int, default=None, help="with --record: torch CPU threads")
     args = parser.parse_args(argv)
-    if args.record:
-        record(args.record, args.methods, args.concepts_per_method, args.threads)
-        args.source = args.record
     if any(k < 1 for k in args.k):
         parser.error("--k: strides must be >= 1")
-    if not args.source.exists():
-        parser.error(f"{args.source} does not exist; pass a benchmark folder or its raw.tar.xz")
-    try:
-        label = str(args.source.resolve().relative_to(REPO))
-    except ValueError:
-        label = str(args.source)
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.source
-        if args.source.is_file():
-            with tarfile.open(args.source) as archive:
-                archive.extractall(tmp, filter="data")
-            folder = Path(tmp)
-        text = report(folder, sorted(set(args.k)), label)
+    if args.record:
+        record(args.record, args.methods, args.concepts_per_method, args.threads)
+        args.sources = [args.record]
+    texts = []
+    for source in args.sources:
+        if not source.exists():
+            parser.error(f"{source} does not exist; pass a benchmark folder or its raw.tar.xz")
+        try:
+            label = str(source.resolve().relative_to(REPO))
+        except ValueError:
+            label = str(source)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = source
+            if source.is_file():
+                with tarfile.open(source) as archive:
+                    archive.extractall(tmp, filter="data")
+                folder = Path(tmp)
+            texts.append(report(folder, sorted(set(args.k)), label))
+    text = "\n".join(texts)
     print(text, end="")
     if args.markdown:
         args.markdown.write_text(text)

@@ -10,7 +10,7 @@ from PIL import Image
 from benchmarks.personalization import run as bench
 from benchmarks.personalization.config import VARIANTS, BenchmarkConfig, load_config, preset
 from benchmarks.personalization.report import load_records, load_traces
-from dvar.criterion import first_stop_step
+from dvar.criterion import evaluations_in_window, first_stop_step
 
 REPO = Path(__file__).resolve().parents[1]
 CI_METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
@@ -53,8 +53,9 @@ def test_the_rules_fire_where_their_pure_functions_say(ci_run):
         every5 = trace["dvar_variants"]["dvar_every5"]
         assert every5["steps"] == [5, 10, 15, 20, 25, 30, 35, 40]
         assert every5["stop_step"] == (
-            None if (n := first_stop_step(every5["eval_loss"], 3, dvar["threshold"])) is None else 5 * n
-        )  # window 12 steps = 3 evaluations
+            None if (n := first_stop_step(every5["eval_loss"], evaluations_in_window(12, 5), dvar["threshold"])) is None
+            else 5 * n
+        )  # window 12 steps = 2 evaluations (the nearest count)
         assert by_variant["dvar_every5"]["steps"] == (every5["stop_step"] or 40)
         assert by_variant["clip_s"]["steps"] == (checks["stop_step"] or 40)
 

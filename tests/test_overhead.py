@@ -103,20 +103,25 @@ class FakeTrainer:
         return DVAREarlyStopping(objective=lambda m, b: torch.tensor(1.0), train_dataset=self.dataset, **settings)
 
 
-def test_each_timed_block_pays_the_evaluations_of_its_mode(toy_dataset):
+@pytest.mark.parametrize("strides_per_block", [1, 2])
+def test_each_timed_block_pays_the_evaluations_of_its_mode(toy_dataset, strides_per_block):
     from benchmarks.overhead import MODES, InterleavedTimer
 
     trainer, k = FakeTrainer(toy_dataset, window=180), 180 // 30
-    block, rounds = 2 * k, 3
-    timer = InterleavedTimer(block, warmup_blocks=1)
+    block, rounds = strides_per_block * k, 4
+    timer = InterleavedTimer(block, warmup_rounds=1)
     timer.on_train_begin(trainer)
     assert timer.eval_every == k and timer.stoppers["every step"].eval_every == 1
-    for step in range(1, block * len(MODES) * (rounds + 1) + 1):
+    steps = block * len(MODES) * (rounds + 1)
+    orders = [tuple(timer.mode(step) for step in range(start, start + block * len(MODES), block))
+              for start in range(1, steps + 1, block * len(MODES))]
+    assert all(sorted(order) == sorted(MODES) for order in orders) and len(set(orders)) == len(MODES)  # rotated
+    for step in range(1, steps + 1):
         timer.on_step_end(trainer, step, torch.tensor(0.0))
     assert {mode: len(seconds) for mode, seconds in timer.seconds.items()} == {mode: rounds for mode in MODES}
+    assert len(timer.ratios("default")) == rounds
     steps_per_mode = block * (rounds + 1)  # warm-up round included
     assert len(timer.stoppers["default"].history) == steps_per_mode // k
     assert len(timer.stoppers["every step"].history) == steps_per_mode
     assert not any(s.should_stop for s in timer.stoppers.values())
-    default_steps = [row.step for row in timer.stoppers["default"].history]
-    assert all(timer.mode(step) == "default" and step % k == 0 for step in default_steps)
+    assert all(timer.mode(row.step) == "default" and row.step % k == 0 for row in timer.stoppers["default"].history)
