@@ -10,7 +10,7 @@ from PIL import Image
 from benchmarks.personalization import run as bench
 from benchmarks.personalization.config import PREMATURE_STOPS, VARIANTS, BenchmarkConfig, load_config, preset
 from benchmarks.personalization.report import load_records, load_traces
-from dvar.criterion import first_stop_step
+from dvar.criterion import evaluations_in_window, first_stop_step
 
 REPO = Path(__file__).resolve().parents[1]
 CI_METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
@@ -57,7 +57,8 @@ def test_the_rules_fire_where_their_pure_functions_say(ci_run):
         dvar, every1, checks = trace["dvar"], trace["dvar_variants"]["dvar_every1"], trace["identity_checks"]
         assert trace["informative"] and dvar["steps"] == list(range(4, 41, 4))  # traced: through the budget
         assert dvar["stop_step"] == (
-            None if (n := first_stop_step(dvar["eval_loss"], 3, dvar["threshold"])) is None else 4 * n
+            None if (n := first_stop_step(dvar["eval_loss"], evaluations_in_window(12, 4), dvar["threshold"])) is None
+            else 4 * n
         )  # window 12 steps = 3 evaluations
         assert every1["steps"] == list(range(1, 41))
         assert every1["stop_step"] == first_stop_step(every1["eval_loss"], every1["window"], every1["threshold"])
