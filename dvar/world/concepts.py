@@ -260,10 +260,11 @@ def _eval_contexts(
     return out
 
 
-#: Which outer objects a concept set draws from: ``held_out`` (never seen in pretraining: genuinely
-#: novel, but mini-SD cannot draw them even from words) or ``seen`` (combinations mini-SD saw in
-#: pretraining: a method still has to learn the colour and pattern, since the concept's prompts
-#: name only its shape, and mini-SD can render what it learns; the benchmark's default).
+#: Which objects a concept set draws from: ``held_out`` (never seen in pretraining: genuinely novel,
+#: but mini-SD cannot draw them even from words; half of them with a smaller shape inside) or
+#: ``seen`` (plain objects whose combination mini-SD saw in pretraining: a method still has to learn
+#: the colour and pattern, since the concept's prompts name only its shape, and mini-SD can render
+#: what it learns; the benchmark's default).
 OBJECT_POOLS: tuple[str, ...] = ("held_out", "seen")
 
 
@@ -283,8 +284,8 @@ def object_pool(objects: str) -> list[tuple[str, str, str]]:
 def design_concepts(seed: int = 0, objects: str = "held_out") -> list[ConceptInfo]:
     """The concept set for ``seed`` (metadata only; :func:`render_concept` draws the images).
 
-    Half of the concepts are plain objects from the pool ``objects`` (:data:`OBJECT_POOLS`), half
-    are such objects with a smaller solid shape inside. ``seed=0`` gives the bundled set.
+    The objects come from the pool ``objects`` (:data:`OBJECT_POOLS`); with ``held_out``, every
+    second one has a smaller solid shape inside (a composite). ``seed=0`` gives the bundled set.
 
     Example:
         >>> [c.name for c in design_concepts(0)] == [c.name for c in list_concepts()]
@@ -299,7 +300,7 @@ def design_concepts(seed: int = 0, objects: str = "held_out") -> list[ConceptInf
     for index, ((color, pattern, shape), group) in enumerate(zip(signatures, groups)):
         cgen = np.random.default_rng((seed, 1, index))
         inner_shape = inner_color = None
-        if index % 2 == 1:
+        if index % 2 == 1 and objects == "held_out":
             inner_shape = INNER_SHAPES[cgen.integers(len(INNER_SHAPES))]
             inner_color = [c for c in COLORS if c != color][cgen.integers(len(COLORS) - 1)]
         backgrounds = _allowed_backgrounds(color, inner_color)
