@@ -98,10 +98,13 @@ class Benchmark:
         self.model, self.keep_weights = model, keep_weights
 
     def trajectory_jobs(self) -> List[Tuple[MethodSettings, ConceptSpec, bool]]:
+        """(method, concept, traced) jobs, concept-major: an unfinished run has every method's first concepts."""
         jobs = []
-        for settings in self.cfg.methods:
-            for index, concept in enumerate(self.concepts[settings.method]):
-                jobs.append((settings, concept, index < self.cfg.traced_per_method))
+        longest = max(len(self.concepts[settings.method]) for settings in self.cfg.methods)
+        for index in range(longest):
+            for settings in self.cfg.methods:
+                if index < len(self.concepts[settings.method]):
+                    jobs.append((settings, self.concepts[settings.method][index], index < self.cfg.traced_per_method))
         return jobs
 
     def record_path(self, method: str, concept: str, variant: str) -> Path:
