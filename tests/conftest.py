@@ -45,7 +45,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def concept_dir():
-    """A bundled synthetic concept folder (5 PNGs + concept.json)."""
+    """A bundled synthetic concept folder (5 PNGs only; its metadata is <name>.json beside it)."""
     from dvar.world import list_concepts
 
     return list_concepts("textual_inversion")[0].path
