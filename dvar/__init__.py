@@ -1,7 +1,7 @@
 """dvar: stop text-to-image personalization when it is done (DVAR, Voronov et al., NeurIPS 2023)."""
 
 from .batch import PARTS, EvalBatch, FixedEvalBatch, isolated_global_rng
-from .callback import DVARConfig, DVAREarlyStopping
+from .callback import DVARConfig, DVAREarlyStopping, stop_message
 from .criterion import (
     PRESETS,
     DVARCriterion,
@@ -40,4 +40,5 @@ __all__ = [
     "first_stop_step",
     "isolated_global_rng",
     "normalized_variance",
+    "stop_message",
 ]
