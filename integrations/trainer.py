@@ -288,11 +288,13 @@ def load_components(path: str) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from dvar.models import load_exactly  # fails loudly where from_pretrained would leave random weights
+
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder").float(),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae").float(),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet").float(),
+        text_encoder=load_exactly(CLIPTextModel, path, "text_encoder").float(),
+        vae=load_exactly(AutoencoderKL, path, "vae").float(),
+        unet=load_exactly(UNet2DConditionModel, path, "unet").float(),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         model_path=path,
     )
