@@ -14,6 +14,7 @@ from .criterion import (
 from .objectives import (
     CLIPPromptEncoder,
     DiffusionObjective,
+    FluxPromptEncoder,
     PromptEmbeddings,
     SDXLPromptEncoder,
     deterministic_loss,
@@ -32,6 +33,7 @@ __all__ = [
     "DiffusionObjective",
     "EvalBatch",
     "FixedEvalBatch",
+    "FluxPromptEncoder",
     "PatienceCriterion",
     "PromptEmbeddings",
     "SDXLPromptEncoder",

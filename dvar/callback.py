@@ -146,7 +146,12 @@ class DVAREarlyStopping:
         accelerator: an ``accelerate.Accelerator``: device, autocast, trackers, multi-process.
         objective: a custom ``(models, batch) -> loss``; default: the diffusion loss.
         models: extra named modules for a custom objective (put in eval mode while evaluating).
-        config: a :class:`DVARConfig`; or give its fields as keyword arguments.
+        config: a :class:`DVARConfig`; or give its fields as keyword arguments (the preset or
+            window/threshold, the budget, and the training script's loss options:
+            ``snr_gamma``, ``weighting_scheme``, ``guidance_scale``, ``max_sequence_length``...).
+
+    At the stop it logs one line (INFO, main process; :meth:`report` prints it) and
+    :meth:`save_history` writes the history, its plot and ``dvar_summary.json``.
 
     Example (inside a diffusers training script)::
 
@@ -353,7 +358,7 @@ class DVAREarlyStopping:
         return line
 
     def summary(self, max_train_steps: Optional[int] = None) -> Dict[str, Any]:
-        """The outcome as a dict (what ``dvar_summary.json`` holds); the budget defaults to ``max_train_steps`` of the config."""
+        """The outcome as a dict (what ``dvar_summary.json`` holds); the budget defaults to the config's."""
         max_train_steps = max_train_steps if max_train_steps is not None else self.config.max_train_steps
         out: Dict[str, Any] = {
             "stopped_early": self.should_stop,
