@@ -1,24 +1,41 @@
 #!/usr/bin/env bash
 # CUDA check of the real trainer path: Textual Inversion on a randomly initialised
-# SD-1.5-shaped pipeline at 512px, fp32 / bf16 / fp16 (accelerate mixed precision), each
-# without and with DVAR: median step time, peak GPU memory, finite DVAR losses.
-# Writes few files (the device tool brings back at most 8): gpu.txt, results.json, table.md, logs.txt.
-#   bash benchmarks/gpu_check.sh OUTDIR [STEPS]
+# SD-1.5-shaped pipeline at 512px.
+#  1. fp32 / bf16 / fp16 (accelerate mixed precision), each without and with DVAR evaluating
+#     every step: median step time, peak GPU memory, finite DVAR losses (table.md);
+#  2. what watching costs: benchmarks/overhead.py in bf16 at training batch 1 and 4, s/step
+#     without DVAR, at the default stride (eval_every="auto") and at every step, in interleaved
+#     blocks of one run (overhead.md).
+# Writes few files (the device tool brings back at most 8): gpu.txt, results.json, table.md,
+# overhead.md, overhead.json, logs.txt.
+#   bash benchmarks/gpu_check.sh OUTDIR [STEPS] [MODEL]
+# MODEL "mini" runs everything on the embedded mini-SD at its own resolution instead (the CPU
+# dry run of this script's logic: bash benchmarks/gpu_check.sh /tmp/gpu_check 6 mini).
 set -uo pipefail
 out=${1:-/tmp/gpu_check}
 steps=${2:-100}
+model=${3:-random-sd15}
 mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+if command -v nvidia-smi > /dev/null; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+else
+  echo "no nvidia-smi: CPU run" | tee "$out/gpu.txt"
+fi
 python3 -c "import torch, diffusers, transformers, accelerate; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)" | tee -a "$out/gpu.txt"
-python3 benchmarks/make_random_sd.py /tmp/random-sd15 > /dev/null 2>&1 || exit 1
+if [ "$model" = mini ]; then
+  model_flags=(); resolution_flags=(); rounds=2
+else
+  python3 benchmarks/make_random_sd.py /tmp/random-sd15 > /dev/null 2>&1 || exit 1
+  model_flags=(--pretrained_model_name_or_path /tmp/random-sd15); resolution_flags=(--resolution 512); rounds=10
+fi
 concept=dvar/assets/concepts/$(ls dvar/assets/concepts | grep -v json | head -1)
 for mp in bf16 fp16 no; do
   for es in off on; do
-    flags=""; [ "$es" = on ] && flags="--early-stop --early-stop-window 20 --early-stop-threshold 1e-9"
-    python3 integrations/textual_inversion.py --pretrained_model_name_or_path /tmp/random-sd15 \
-      --train_data_dir "$concept" --resolution 512 --output_dir /tmp/ti-$mp-$es --max_train_steps "$steps" \
+    flags=(); [ "$es" = on ] && flags=(--early-stop --early-stop-window 5 --early-stop-threshold 1e-9 --early-stop-eval-every 1)
+    python3 integrations/textual_inversion.py "${model_flags[@]}" "${resolution_flags[@]}" \
+      --train_data_dir "$concept" --output_dir /tmp/ti-$mp-$es --overwrite_output_dir --max_train_steps "$steps" \
       --mixed_precision $mp --num_validation_images 0 --checkpointing_steps 100000 \
-      --placeholder_token "<c>" --initializer_token object $flags > /tmp/log-$mp-$es.txt 2>&1
+      --placeholder_token "<c>" --initializer_token object "${flags[@]}" > /tmp/log-$mp-$es.txt 2>&1
     echo "$mp early-stop=$es rc=$?" | tee -a "$out/logs.txt"
     tail -c 1500 /tmp/log-$mp-$es.txt | tr '\r' '\n' | tail -4 >> "$out/logs.txt"
   done
@@ -26,7 +43,7 @@ done
 python3 - "$out" <<'PY'
 import csv, json, math, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-results, lines = {}, ["| precision | median s/step without DVAR | with | ratio | peak GB without | with | DVAR loss step 1 / last | all finite |", "|---|---|---|---|---|---|---|---|"]
+results, lines = {}, ["| precision | median s/step without DVAR | with (every step) | ratio | peak GB without | with | DVAR loss step 1 / last | all finite |", "|---|---|---|---|---|---|---|---|"]
 for mp in ("no", "bf16", "fp16"):
     try:
         off = json.loads(pathlib.Path(f"/tmp/ti-{mp}-off/dvar_summary.json").read_text())
@@ -41,3 +58,10 @@ for mp in ("no", "bf16", "fp16"):
 (out / "table.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
+# 2. default stride vs every step vs no stopper, interleaved in one run per batch size
+mp_flags=(--mixed-precision bf16); [ "$model" = mini ] && mp_flags=()
+overhead_model=(); [ "$model" != mini ] && overhead_model=(--model /tmp/random-sd15 --resolution 512)
+python3 benchmarks/overhead.py --methods textual_inversion --batch-sizes 1 4 --rounds $rounds \
+  "${overhead_model[@]}" "${mp_flags[@]}" --json "$out/overhead.json" > "$out/overhead.md" 2>> "$out/logs.txt"
+echo "overhead rc=$?" | tee -a "$out/logs.txt"
+cat "$out/overhead.md"

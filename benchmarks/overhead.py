@@ -1,131 +1,193 @@
-"""Cost of DVAR per training step, and how ``eval_every`` moves the stop step.
+"""What watching costs: seconds per training step without DVAR, with it at the default stride
+(``eval_every="auto"``) and at every step (the paper's setting), side by side in one run.
 
-Trains one small pipeline's UNet (DreamBooth-style) for ``--steps`` optimizer steps
-without the callback and then with it at each ``eval_every``, all in this one process,
-and prints seconds per step, their ratio, and the stop step each ``eval_every`` gives on
-the same loss trace (attaching DVAR does not change the training trajectory, so every
-run sees the same trace; the eval_every=1 trace subsampled every k steps is exactly what
-the eval_every=k run evaluates).
+For each method (the real trainers in ``integrations/`` on the embedded mini-SD, with their
+mini-SD learning rates and the method's preset) and training batch size, one training run is
+cut into timing blocks that take turns: a block without evaluation, a block in which a stopper
+at the default stride evaluates, a block in which one evaluating every step does (the order
+rotates from round to round). Background load drifts therefore hit all three alike, and all
+three see the same training trajectory. Each block is a whole number of default strides, so a
+block pays exactly the evaluations a real run with that stride pays for its steps. The ratio
+is the median over rounds of each block's s/step over the same round's block without DVAR. The stoppers are the trainer's own
+(``Trainer.make_stopper``) with a threshold that never fires.
 
-    python benchmarks/overhead.py            # tiny pipeline, a few minutes on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/overhead.py                       # the README table
+    python benchmarks/overhead.py --methods textual_inversion --batch-sizes 1 --rounds 2   # quicker
+    python benchmarks/overhead.py --model /tmp/random-sd15 --resolution 512 --mixed-precision bf16  # GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
+import platform
+import statistics
+import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from dvar import DVAREarlyStopping, first_stop_step
-from dvar.tiny import ToyConceptDataset, collate, tiny_sd
+from dvar.criterion import resolve_eval_every, resolve_preset
+from dvar.integrations.trainer import Trainer, TrainerCallback, main as train_main
 
-
-class Run:
-    """One training run of a small pipeline's UNet (DreamBooth-style), optionally with DVAR attached."""
-
-    def __init__(self, eval_every: Optional[int], resolution: int, batch_size: int, window: int) -> None:
-        torch.manual_seed(0)
-        parts = tiny_sd(seed=0, resolution=resolution)
-        self.unet, self.vae, self.text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
-        self.tokenizer, self.scheduler = parts["tokenizer"], parts["noise_scheduler"]
-        self.vae.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
-        dataset = ToyConceptDataset(num_images=5, resolution=resolution, flip=False)  # no global RNG: runs interleave
-        self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=torch.Generator().manual_seed(0)
-        )
-        self.batches = iter(())
-        self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-3)
-        self.rng = torch.Generator().manual_seed(0)  # each run its own training randomness, identical across runs
-        self.stopper = None
-        if eval_every is not None:
-            self.stopper = DVAREarlyStopping(
-                unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-                noise_scheduler=self.scheduler, train_dataset=dataset, window=window,
-                threshold=1e-12, eval_every=eval_every,  # never stops: every run is timed to the end
-            )
-        self.step, self.seconds = 0, 0.0
-
-    def _next_batch(self) -> Dict[str, torch.Tensor]:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.loader)
-            return next(self.batches)
-
-    def train(self, steps: int, timed: bool = True) -> None:
-        started = time.perf_counter()
-        for _ in range(steps):
-            batch = self._next_batch()
-            with torch.no_grad():
-                dist = self.vae.encode(batch["pixel_values"]).latent_dist
-                latents = (dist.mean + dist.std * torch.randn(dist.mean.shape, generator=self.rng)) * self.vae.config.scaling_factor
-                ids = self.tokenizer(batch["prompt"], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-                hidden = self.text_encoder(ids)[0]
-            noise = torch.randn(latents.shape, generator=self.rng)
-            timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.rng)
-            pred = self.unet(self.scheduler.add_noise(latents, noise, timesteps), timesteps, hidden).sample
-            loss = F.mse_loss(pred, noise)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-            self.step += 1
-            if self.stopper is not None:
-                self.stopper.step(self.step, loss)
-        if timed:
-            self.seconds += time.perf_counter() - started
-
-    @property
-    def trace(self) -> List[float]:
-        return [] if self.stopper is None else [row.eval_loss for row in self.stopper.history]
+METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
+MODES = ("without", "default", "every step")
+TARGETS = {1: 1.10, 4: 1.05}  # issue 11: ratio at the default stride, per training batch size
 
 
-def stop_step_on_trace(trace: List[float], eval_every: int, window: int, threshold: float) -> Optional[int]:
-    """Stop step (in optimizer steps) when the every-step trace is only seen every k steps."""
-    sub = trace[eval_every - 1 :: eval_every]
-    n = first_stop_step(sub, max(2, math.ceil(window / eval_every)), threshold)
-    return None if n is None else n * eval_every
+def method_instance(name: str) -> Any:
+    from dvar.integrations import custom_diffusion, dreambooth_lora, textual_inversion
+
+    return {
+        "textual_inversion": textual_inversion.TextualInversion,
+        "dreambooth_lora": dreambooth_lora.DreamBoothLoRA,
+        "custom_diffusion": custom_diffusion.CustomDiffusion,
+    }[name]()
 
 
-def main() -> None:
+class InterleavedTimer(TrainerCallback):
+    """Runs the three modes in turns of ``block`` optimizer steps and times each block.
+
+    Every round runs each mode for one block, in an order rotated from round to round (so no
+    mode always follows the same one); the first ``warmup_rounds`` are not timed."""
+
+    def __init__(self, block: int, warmup_rounds: int = 1) -> None:
+        self.block, self.warmup_rounds = block, warmup_rounds
+        self.seconds: Dict[str, List[float]] = {mode: [] for mode in MODES}  # s/step of each timed block
+        self.stoppers: Dict[str, Any] = {}
+        self.block_started = 0.0
+        self.eval_every: Optional[int] = None
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        self.stoppers = {
+            "default": trainer.make_stopper(threshold=1e-12, max_train_steps=None),  # the trainer's eval_every: auto
+            "every step": trainer.make_stopper(threshold=1e-12, max_train_steps=None, eval_every=1),
+        }
+        self.eval_every = self.stoppers["default"].eval_every
+        self.block_started = time.perf_counter()
+
+    def mode(self, step: int) -> str:
+        block = (step - 1) // self.block
+        round_, position = divmod(block, len(MODES))
+        return MODES[(position + round_) % len(MODES)]
+
+    def on_step_end(self, trainer: Trainer, global_step: int, loss: torch.Tensor) -> None:
+        mode = self.mode(global_step)
+        stopper = self.stoppers.get(mode)
+        if stopper is not None:
+            stopper.step(global_step, loss)
+        if global_step % self.block == 0:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the block's kernels are done
+            now = time.perf_counter()
+            if global_step > self.warmup_rounds * self.block * len(MODES):
+                self.seconds[mode].append((now - self.block_started) / self.block)
+            self.block_started = now
+
+    def ratios(self, mode: str) -> List[float]:
+        """Per round: s/step of ``mode`` over s/step without DVAR in the same round."""
+        return [t / base for t, base in zip(self.seconds[mode], self.seconds["without"])]
+
+
+def measure(method: str, batch_size: int, rounds: int, block_steps: int, out: str, extra: Sequence[str] = ()) -> Dict[str, Any]:
+    preset = resolve_preset(method_instance(method).preset)
+    k = resolve_eval_every("auto", preset.window)
+    block = k * max(1, math.ceil(block_steps / k))  # a whole number of default strides
+    steps = block * len(MODES) * (rounds + 1)  # + one warm-up round
+    timer = InterleavedTimer(block)
+    argv = [
+        "--output_dir", out, "--overwrite_output_dir", "--train_batch_size", str(batch_size),
+        "--max_train_steps", str(steps), "--num_validation_images", "0", "--checkpointing_steps", str(steps + 1),
+        *extra,
+    ]
+    started = time.perf_counter()
+    code = train_main(method_instance(method), argv, callbacks=[timer])
+    if code != 0:
+        raise SystemExit(f"error: the {method} trainer exited with {code}")
+    assert timer.eval_every == k, (timer.eval_every, k)
+    losses = [row.eval_loss for stopper in timer.stoppers.values() for row in stopper.history]
+    return {
+        "method": method, "batch": batch_size, "k": k, "block": block, "rounds": len(timer.seconds["without"]),
+        "seconds": {mode: statistics.median(values) for mode, values in timer.seconds.items()},
+        "ratio": {mode: statistics.median(timer.ratios(mode)) for mode in MODES[1:]},
+        "ratio_quartiles": {mode: quartiles(timer.ratios(mode)) for mode in MODES[1:]},
+        "blocks": timer.seconds, "wall": time.perf_counter() - started,
+        "finite_eval_losses": all(map(math.isfinite, losses)), "evaluations": len(losses),
+    }
+
+
+def quartiles(values: Sequence[float]) -> List[float]:
+    return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else [values[0], values[0]]
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps per run")
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--train_batch_size", type=int, default=1)
-    parser.add_argument("--window", type=int, default=60)
-    parser.add_argument("--threshold", type=float, default=0.15)
-    parser.add_argument("--eval_every", type=int, nargs="+", default=[1, 2, 5, 10])
-    parser.add_argument("--block", type=int, default=10, help="steps per round-robin timing block")
-    args = parser.parse_args()
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=20, help="timed blocks per mode (after one warm-up round)")
+    parser.add_argument("--block-steps", type=int, default=1, help="steps per block, rounded up to a whole default "
+                        "stride (default: one stride, the finest interleaving)")
+    parser.add_argument("--model", default=None, help="a local diffusers model folder (default: the embedded mini-SD)")
+    parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
+    parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    extra = [] if args.model is None else ["--pretrained_model_name_or_path", args.model]
+    extra += [] if args.resolution is None else ["--resolution", str(args.resolution)]
+    extra += [] if args.mixed_precision is None else ["--mixed_precision", args.mixed_precision]
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import diffusers
+    import transformers
 
-    print(f"torch threads: {torch.get_num_threads()}, steps per run: {args.steps}, "
-          f"resolution {args.resolution}, train batch {args.train_batch_size}, eval batch 4")
-    runs = {k: Run(k, args.resolution, args.train_batch_size, args.window) for k in [None, *args.eval_every]}
-    for run in runs.values():
-        run.train(5, timed=False)  # warm-up
-    # Round-robin blocks: background load drifts hit every configuration alike.
-    for _ in range(math.ceil(args.steps / args.block)):
-        for run in runs.values():
-            run.train(args.block)
-    seconds = {k: run.seconds / (run.step - 5) for k, run in runs.items()}
-    baseline = seconds[None]
-    full_trace = runs[1].trace if 1 in runs else []
-    reference = stop_step_on_trace(full_trace, 1, args.window, args.threshold)
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
-    print(f"\nDVAR window {args.window}, threshold {args.threshold}; stop step with eval_every=1: {reference}\n")
-    print("| eval_every | s/step without | s/step with | ratio | stop step | moved vs eval_every=1 |")
-    print("|---|---|---|---|---|---|")
-    for k in args.eval_every:
-        stop = stop_step_on_trace(full_trace, k, args.window, args.threshold)
-        moved = "n/a" if stop is None or reference is None else f"{stop - reference:+d} steps"
-        # the eval_every=k run evaluated exactly these steps of the same trajectory
-        assert runs[k].trace == full_trace[k - 1 :: k], "attaching DVAR changed the training trajectory"
-        print(f"| {k} | {baseline:.4f} | {seconds[k]:.4f} | {seconds[k] / baseline:.3f} | {stop} | {moved} |")
+    print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"load average before: {load_average()}", flush=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for method in args.methods:
+            for batch in args.batch_sizes:
+                result = measure(method, batch, args.rounds, args.block_steps, os.path.join(tmp, f"{method}-{batch}"), extra)
+                results.append(result)
+                s, q = result["seconds"], result["ratio_quartiles"]
+                print(f"{method} batch {batch}: k={result['k']}, {result['rounds']} rounds of {result['block']}-step "
+                      f"blocks, {result['wall']:.0f} s; s/step {s['without']:.4f} / {s['default']:.4f} / "
+                      f"{s['every step']:.4f}; ratio quartiles default {q['default'][0]:.3f}-{q['default'][1]:.3f}, "
+                      f"every step {q['every step'][0]:.3f}-{q['every step'][1]:.3f}; load average {load_average()}",
+                      flush=True)
+
+    print("\n| method | training batch | default k | s/step without | with, default stride | ratio | "
+          "with, every step | ratio | target at the default |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        s, ratio = r["seconds"], r["ratio"]
+        target = TARGETS.get(r["batch"])
+        verdict = "-" if target is None else f"<= {target:.2f}: {'met' if ratio['default'] <= target else 'MISSED'}"
+        print(f"| {r['method']} | {r['batch']} | {r['k']} | {s['without']:.4f} | {s['default']:.4f} | "
+              f"{ratio['default']:.3f} | {s['every step']:.4f} | {ratio['every step']:.3f} | {verdict} |")
+    print("\ns/step: median over the timed blocks of each mode; ratio: median over rounds of the block's s/step "
+          f"over the same round's block without DVAR (blocks interleaved within one run); load average after: "
+          f"{load_average()}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+    if not all(r["finite_eval_losses"] for r in results):
+        print("error: a DVAR evaluation gave a non-finite loss")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,11 +11,16 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Iterable, Literal, Optional, Sequence
+from typing import Any, Deque, Dict, Iterable, Literal, Optional, Sequence, Union
 
 import numpy as np
 
 NonFinitePolicy = Literal["stop", "skip", "raise"]
+EvalEvery = Union[int, str]
+
+#: M, the evaluations per window that ``eval_every="auto"`` aims at: k = max(1, window // M).
+#: Chosen from the stride study (``benchmarks/stride.py``, table in ``benchmarks/results/stride.md``).
+AUTO_EVALS_PER_WINDOW = 30
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,53 @@ def first_stop_step(values: Iterable[float], window: int, threshold: float) -> O
         if criterion.update(value):
             return criterion.stop_step
     return None
+
+
+def resolve_eval_every(eval_every: EvalEvery, window: int, evals_per_window: int = AUTO_EVALS_PER_WINDOW) -> int:
+    """The evaluation stride k in optimizer steps: ``"auto"`` gives ``max(1, window // evals_per_window)``.
+
+    Derived from the window only (never from timings), so the same settings give the same
+    stride, and the same stop, on every machine. ``eval_every=1`` is the paper's setting.
+
+    >>> resolve_eval_every("auto", 310), resolve_eval_every("auto", 440), resolve_eval_every("auto", 180)
+    (10, 14, 6)
+    >>> resolve_eval_every(1, 310)
+    1
+    """
+    if eval_every == "auto":
+        return max(1, int(window) // evals_per_window)
+    if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every < 1:
+        raise ValueError(
+            f"eval_every must be >= 1 (an integer) or 'auto' (got {eval_every!r}); 1 is the paper's every-step setting."
+        )
+    return int(eval_every)
+
+
+def evaluations_in_window(window: int, eval_every: int) -> int:
+    """The window of ``window`` optimizer steps counted in evaluations made every ``eval_every``
+    steps: the nearest whole number (halves up), at least 2, so that it spans as close to
+    ``window`` steps as the stride allows.
+
+    >>> evaluations_in_window(310, 1), evaluations_in_window(310, 10), evaluations_in_window(440, 14)
+    (310, 31, 31)
+    """
+    return max(2, (2 * window + eval_every) // (2 * eval_every))
+
+
+def strided_stop_step(trace: Sequence[float], window: int, threshold: float, eval_every: int) -> Optional[int]:
+    """The stop step (in optimizer steps) of the rule evaluating every ``eval_every`` steps,
+    replayed on an every-step trace (``trace[i]`` is the loss after step ``i + 1``).
+
+    This is exactly what :class:`~dvar.DVAREarlyStopping` decides with that ``eval_every``:
+    it evaluates at steps k, 2k, ... and counts its window in evaluations
+    (:func:`evaluations_in_window`), so it can only stop on a multiple of k.
+
+    >>> strided_stop_step([5.0, 4.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0], window=4, threshold=0.2, eval_every=2)
+    6
+    """
+    sub = list(trace)[eval_every - 1 :: eval_every]
+    count = first_stop_step(sub, evaluations_in_window(window, eval_every), threshold)
+    return None if count is None else count * eval_every
 
 
 class _RunningMoments:

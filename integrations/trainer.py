@@ -201,12 +201,26 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         help=f"DVAR window N in steps (default: the {method.preset} preset).")
     add("--early-stop-threshold", "--early_stop_threshold", dest="early_stop_threshold", type=float, default=None,
         help="DVAR threshold (default: the preset's).")
-    add("--early-stop-eval-every", "--early_stop_eval_every", dest="early_stop_eval_every", type=int, default=1,
-        help="Evaluate the frozen batch every N steps.")
+    add("--early-stop-eval-every", "--early_stop_eval_every", dest="early_stop_eval_every", type=eval_every_arg,
+        default="auto", help="Evaluate the frozen batch every K steps (default auto: window // 30, at least 1; "
+        "1 is the paper's every-step setting).")
     add("--early-stop-batch-size", "--early_stop_batch_size", dest="early_stop_batch_size", type=int, default=4,
         help="Frozen examples in the DVAR batch.")
     method.add_arguments(parser)
     return parser
+
+
+def eval_every_arg(text: str) -> Any:
+    """``--early-stop-eval-every``: ``auto`` or an integer >= 1."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1 (1 = every step, the paper's), got {text!r}")
+    return value
 
 
 def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
@@ -229,7 +243,7 @@ def validate_settings(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_train_steps must be >= 1 (got {args.max_train_steps}).")
     if args.learning_rate <= 0 or not math.isfinite(args.learning_rate):
         raise UsageError(f"--learning_rate must be a positive number (got {args.learning_rate}).")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "early_stop_eval_every", "early_stop_batch_size"):
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "early_stop_batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-') if flag.startswith('early') else flag} must be >= 1.")
     if not Path(args.pretrained_model_name_or_path).is_dir():

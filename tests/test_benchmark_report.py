@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.personalization import report
+from benchmarks.personalization import power, render, report, saturation, stats, tables
 
 METHODS = ("textual_inversion", "dreambooth_lora")
 CONCEPTS = ("cat", "dog", "mug", "toy", "vase")
@@ -24,7 +24,12 @@ VARIANTS = {
     "clip_s": lambda c: (400 + 50 * c, BASELINE_WALL_S / 2, -0.01),
     "few_iters": lambda c: (500, BASELINE_WALL_S / 2.5, -0.05 + 0.01 * c),
     "dvar": lambda c: (200 + 50 * c, BASELINE_WALL_S / (2 + c), (0.02, -0.01, 0.0, 0.01, -0.02)[c]),
+    # the deliberately premature stops: clearly worse, the earlier the worse
+    "early25": lambda c: (250, BASELINE_WALL_S / 4, -0.05 - 0.002 * c),
+    "early10": lambda c: (100, BASELINE_WALL_S / 10, -0.15 - 0.002 * c),
+    "step0": lambda c: (0, 1.0, -0.3 - 0.002 * c),
 }
+RETEST = (0.004, -0.004, 0.002, -0.002, 0.0)  # the budget's identity scored with another sampling seed, minus it
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -39,23 +44,25 @@ def make_record(method: str, concept: str, variant: str) -> dict:
         "concept": concept, "method": method, "variant": variant, "steps": steps, "max_train_steps": BUDGET,
         "wall_time_s": wall, "train_s": 0.8 * wall, "monitor_s": 0.1 * wall, "setup_s": 0.1 * wall,
         "identity": 0.70 + 0.01 * c + identity_change, "alignment": 0.30 - 0.01 * (variant == "baseline"),
-        "alignment_by_attribute": {"color": 0.9, "shape": 0.5}, "identity_attributes": None,
+        "alignment_by_attribute": {"color": 0.9, "shape": 0.5}, "identity_embedding": 0.5, "identity_images": 32,
         "stop_reason": None if variant == "baseline" else f"{variant} rule",
+        **({"identity_retest": 0.70 + 0.01 * c + RETEST[c]} if variant == "baseline" else {}),
     }
 
 
 def make_trace(method: str, concept: str, seed: int, informative: bool = True, ablation: bool = False) -> dict:
-    """Identity rises and saturates, the frozen-batch loss falls and flattens, the training loss is pure noise."""
+    """Identity rises and saturates, the frozen-batch loss falls and flattens, the training loss is pure noise.
+    Not ``informative``: the frozen-batch loss stops at the DVAR stop (no every-step loss to the budget)."""
     rng = np.random.default_rng(seed)
-    steps = np.arange(1, BUDGET + 1)
-    checks = np.arange(EVERY, BUDGET + 1, EVERY)
+    steps = np.arange(1, BUDGET + 1 if informative else 401)
+    checks = np.arange(0, BUDGET + 1, EVERY)
     eval_loss = 0.2 + 0.3 * np.exp(-steps / 150)
     trace = {
         "concept": concept, "method": method, "max_train_steps": BUDGET,
         "train_loss": rng.normal(0.15, 0.05, BUDGET).tolist(),
         "dvar": {"steps": steps.tolist(), "eval_loss": eval_loss.tolist(), "stop_step": 400, "window": 100,
                  "threshold": 0.01},
-        "identity_checks": {"every": EVERY, "steps": checks.tolist(),
+        "identity_checks": {"every": EVERY, "steps": checks.tolist(), "images": 8,
                             "identity": (0.4 + 0.35 * (1 - np.exp(-checks / 150))).tolist(), "stop_step": 600},
         "informative": informative, "few_iters_step": 500,
     }
@@ -92,11 +99,11 @@ def results(tmp_path: Path) -> Path:
     ([10, 20, 30, 40], (25.0, 15.0)),
 ])
 def test_median_iqr(values, expected):
-    assert report.median_iqr(values) == pytest.approx(expected)
+    assert stats.median_iqr(values) == pytest.approx(expected)
 
 
 def test_median_iqr_of_nothing_is_nan():
-    assert all(math.isnan(v) for v in report.median_iqr([None, math.nan]))
+    assert all(math.isnan(v) for v in stats.median_iqr([None, math.nan]))
 
 
 def test_loaders_find_every_file(results):
@@ -105,7 +112,7 @@ def test_loaders_find_every_file(results):
 
 
 def test_summary_rows_follow_method_then_variant_order(results):
-    rows = report.summary_table(report.load_records(results))
+    rows = tables.summary_table(report.load_records(results))
     assert [(r["method"], r["variant"]) for r in rows] == [(m, v) for m in METHODS for v in VARIANTS]
     assert all(r["n"] == len(CONCEPTS) for r in rows)
 
@@ -119,7 +126,7 @@ def test_summary_rows_follow_method_then_variant_order(results):
 ])
 @pytest.mark.parametrize("method", METHODS)
 def test_summary_speedup_and_identity_change(results, method, variant, speedup, speedup_iqr, identity_change, steps):
-    row = next(r for r in report.summary_table(report.load_records(results))
+    row = next(r for r in tables.summary_table(report.load_records(results))
                if (r["method"], r["variant"]) == (method, variant))
     assert row["speedup_median"] == pytest.approx(speedup)
     assert row["speedup_iqr"] == pytest.approx(speedup_iqr)
@@ -133,47 +140,93 @@ def test_summary_speedup_and_identity_change(results, method, variant, speedup, 
     ("dvar", 1.0),        # symmetric differences
 ])
 def test_summary_wilcoxon_against_baseline(results, variant, p_value):
-    row = next(r for r in report.summary_table(report.load_records(results))
+    row = next(r for r in tables.summary_table(report.load_records(results))
                if (r["method"], r["variant"]) == ("textual_inversion", variant))
     assert row["identity_p"] == (None if p_value is None else pytest.approx(p_value))
 
 
+def test_saving_share_is_the_speedup_over_the_step_saving(results):
+    """dvar on concept c: (200 + 50c) steps of 1000 in 1/(2 + c) of the baseline's time -> (2 + c)(200 + 50c)/1000."""
+    row = next(r for r in tables.summary_table(report.load_records(results))
+               if (r["method"], r["variant"]) == ("textual_inversion", "dvar"))
+    assert row["saving_share_median"] == pytest.approx(np.median([(2 + c) * (200 + 50 * c) / 1000 for c in range(5)]))
+
+
 def test_summary_skips_speedup_without_baseline_and_p_under_five_pairs():
     records = [make_record("dreambooth", concept, "dvar") for concept in CONCEPTS[:3]]
-    [row] = report.summary_table(records)
+    [row] = tables.summary_table(records)
     assert math.isnan(row["speedup_median"]) and row["identity_change"] is None and row["identity_p"] is None
 
 
 def test_frozen_batch_loss_is_informative_and_training_loss_is_not(results):
-    rows = report.informativeness(report.load_traces(results))
-    assert len(rows) == len(METHODS) * len(CONCEPTS) - 1, "the non-informative trace is skipped"
+    rows = tables.informativeness(report.load_traces(results))
+    assert len(rows) == len(METHODS) * len(CONCEPTS) - 1, "the trace without an every-step loss is skipped"
     assert all(r["n_checks"] == BUDGET // EVERY for r in rows)
     assert all(r["rho_eval_loss"] < -0.9 for r in rows)
-    for aggregate in report.informativeness_by_method(rows):
+    for aggregate in tables.informativeness_by_method(rows):
         assert aggregate["rho_eval_loss"] < -0.9
         assert abs(aggregate["rho_train_loss"]) < 0.3
         assert abs(aggregate["rho_train_loss_smoothed"]) < 0.3
 
 
-@pytest.mark.parametrize("fraction, smooth, step", [
-    (0.5, 1, 100), (0.9, 1, 200), (0.95, 1, 250), (1.0, 1, 350),
-    (0.95, 3, 300), (1.0, 3, 400),
+STEPS = list(range(0, 1050, 50))  # 21 checks, step 0 to the budget
+
+
+def _plateau_at(step: int, low: float = 0.4, high: float = 0.7) -> list[float]:
+    return [low + (high - low) * min(s, step) / step for s in STEPS]
+
+
+@pytest.mark.parametrize("identity, noise_sd, smooth, expected", [
+    # a planted plateau is found: a linear rise to 0.7 at the planted step, flat after
+    (_plateau_at(400), 0.01, 1, (400, "saturated")),
+    (_plateau_at(400), 0.01, 3, (400, "saturated")),
+    (_plateau_at(200), 0.01, 1, (200, "saturated")),
+    (_plateau_at(600), 0.01, 1, (600, "saturated")),
+    # noisier checks: the last checks of the rise are not significantly below the plateau
+    (_plateau_at(400), 0.05, 1, (300, "saturated")),
+    # no plateau: identity still rises at the budget
+    ([0.4 + 0.3 * s / 1000 for s in STEPS], 0.01, 3, (None, "still rising")),
+    # nothing learned: step 0 is already on the plateau
+    ([0.5] * len(STEPS), 0.01, 3, (0, "flat")),
+    # one lucky check before the plateau does not end the rise early once neighbours are averaged
+    ([v + (0.18 if s == 150 else 0.0) for s, v in zip(STEPS, _plateau_at(400))], 0.01, 3, (400, "saturated")),
+    ([v + (0.18 if s == 150 else 0.0) for s, v in zip(STEPS, _plateau_at(400))], 0.01, 1, (150, "saturated")),
 ])
-def test_saturation_step_on_a_hand_made_curve(fraction, smooth, step):
-    trace = {"method": "dreambooth", "informative": True, "max_train_steps": 1000,
-             "identity_checks": {"steps": list(range(50, 550, 50)),
-                                 "identity": [0.0, 0.5, 0.8, 0.9, 0.96, 0.99, 1.0, 1.0, 1.0, 1.0]}}
-    [row] = report.saturation_steps([trace], fraction=fraction, smooth=smooth)
-    assert row["saturation_step_median"] == step
-    assert row["budget_ratio"] == pytest.approx(1000 / step)
+def test_oracle_saturation_on_planted_curves(identity, noise_sd, smooth, expected):
+    found = saturation.oracle_saturation(STEPS, identity, noise_sd, smooth=smooth)
+    assert (found.step, found.status) == expected
 
 
-@pytest.mark.parametrize("smooth, step", [(1, 350), (5, 250)])
-def test_smoothing_keeps_one_noisy_peak_from_setting_saturation(smooth, step):
-    """A plateau at 0.5 from step 150 with one lucky check at 0.6: raw values call the peak saturation;
-    averaging over 5 checks finds the plateau, one edge (100 steps) late."""
-    identity = [0.0, 0.3, 0.5, 0.5, 0.5, 0.5, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5]
-    assert report.saturation_step(range(50, 650, 50), identity, fraction=0.95, smooth=smooth) == step
+@pytest.mark.parametrize("steps, identity, noise_sd", [
+    ([0, 100, 200], [0.1, 0.2, 0.3], 0.01),  # too few checks
+    (STEPS, _plateau_at(400), 0.0),  # no noise scale
+])
+def test_oracle_saturation_refuses_what_it_cannot_judge(steps, identity, noise_sd):
+    with pytest.raises(ValueError):
+        saturation.oracle_saturation(steps, identity, noise_sd)
+
+
+def test_power_table_sees_the_planted_bad_stops(results):
+    rows = {(r["method"], r["comparison"]): r for r in power.power_table(report.load_records(results))}
+    assert set(rows) == {(m, c) for m in METHODS for c, _ in power.COMPARISONS}
+    step0 = rows["textual_inversion", "budget_vs_step0"]
+    assert step0["n"] == 5 and step0["median_delta"] == pytest.approx(0.304)
+    assert step0["p_value"] == pytest.approx(0.0625), "5 pairs, all one sign: the smallest two-sided p"
+    sd = np.std(RETEST, ddof=1) / math.sqrt(2)  # retest minus score = RETEST
+    assert step0["delta_over_noise"] == pytest.approx(0.304 / sd)
+    assert rows["textual_inversion", "budget_vs_early10"]["median_delta"] == pytest.approx(0.154)
+    assert power.sampling_noise_sd([make_record("m", "cat", "dvar")]) is None, "no retest, no noise estimate"
+
+
+def test_power_verdicts_name_what_falls_short():
+    rows = [{"method": "m", "comparison": "budget_vs_step0", "n": 48, "median_delta": 0.2, "p_value": 1e-6,
+             "delta_over_noise": 3.0},
+            {"method": "m", "comparison": "budget_vs_early10", "n": 48, "median_delta": 0.05, "p_value": 0.2,
+             "delta_over_noise": 0.8}]
+    [sentence] = power.power_verdicts(rows)
+    assert "gain = 3.0 test-retest SDs (bar >= 5)" in sentence and "budget vs early10 p = 0.2" in sentence
+    rows[0]["delta_over_noise"], rows[1]["p_value"] = 9.0, 0.001
+    assert "a bad stop is visible" in power.power_verdicts(rows)[0]
 
 
 def _rule(variant: str, steps: float, change: float | None = None, p: float | None = None) -> dict:
@@ -189,13 +242,13 @@ def _rule(variant: str, steps: float, change: float | None = None, p: float | No
     ([_rule("dvar", 250, -0.01, None)], None, None),  # too few pairs for a test: no evidence either way
 ])
 def test_budget_check_picks_the_earliest_rule_that_keeps_identity(rules, variant, ratio):
-    [row] = report.budget_check([_rule("baseline", 1000), *rules])
+    [row] = saturation.budget_check([_rule("baseline", 1000), *rules])
     assert row["variant"] == variant
     assert row["budget_ratio"] == (pytest.approx(ratio) if ratio else None)
 
 
 def test_ablation_table(results):
-    rows = {r["setting"]: r for r in report.ablation_table(report.load_traces(results))}
+    rows = {r["setting"]: r for r in tables.ablation_table(report.load_traces(results))}
     assert list(rows) == ["none", "noise", "timesteps"]
     assert rows["none"] == {"setting": "none", "n": 1, "stopped_fraction": 1.0, "stop_step_median": 400.0,
                             "rho_median": pytest.approx(-1.0)}
@@ -208,7 +261,8 @@ def test_write_report_writes_tables_csvs_and_plots(results):
     path = report.write_report(results)
     folder = results / "report"
     assert path == folder / "report.md"
-    expected = ["report.md", "runs.csv", "summary.csv", "informativeness.csv", "curves_textual_inversion.png",
+    expected = ["report.md", "runs.csv", "summary.csv", "informativeness.csv", "power.csv", "oracle.csv",
+                "curves_textual_inversion.png",
                 "curves_dreambooth_lora.png", "speedup_vs_quality.png", "informativeness.png", "ablation.png"]
     assert all((folder / name).stat().st_size > 0 for name in expected)
 
@@ -221,7 +275,16 @@ def test_write_report_writes_tables_csvs_and_plots(results):
     assert "| textual_inversion | dvar | 5 | 300 ± 100 |" in text
     assert "DVAR loses nowhere here" in text
     assert "identity stops improving by step 300 (dvar), and the budget sits 3.3x past it" in text
-    assert "| textual_inversion | 5 | 500 | 1000 | 2.0 |" in text, "traced saturation, averaged over 5 checks"
+    assert "| textual_inversion | budget_vs_step0 | 5 | 0.304 | 0.0625 |" in text
+    assert "textual_inversion: the benchmark's power falls short: budget vs step 0 p = 0.062 (bar < 0.001)" in text
+
+    with open(folder / "power.csv") as handle:
+        assert next(csv.reader(handle)) == ["method", "comparison", "n", "median_delta", "p_value", "delta_over_noise"]
+    with open(folder / "oracle.csv") as handle:
+        oracle = list(csv.DictReader(handle))
+    assert len(oracle) == len(METHODS) * len(CONCEPTS)
+    assert {"method", "concept", "saturation_step", "budget", "dvar_stop", "clip_s_stop"} <= set(oracle[0])
+    assert all(row["saturation_status"] == "saturated" and 200 <= int(row["saturation_step"]) <= 600 for row in oracle)
 
     with open(folder / "runs.csv") as handle:
         runs = list(csv.DictReader(handle))
@@ -263,11 +326,11 @@ def test_cli_exits_2_on_a_folder_without_records(tmp_path, capsys):
       "dvar": {"eval_s": [600.0]}, "identity_checks": {"check_s": [600.0]}}, 1.0, 1),
 ])
 def test_benchmark_cost_uses_job_time_else_the_measured_parts(trace, hours, untimed):
-    [row] = report.benchmark_cost([trace], [])
+    [row] = tables.benchmark_cost([trace], [])
     assert row["trajectory_hours"] == pytest.approx(hours) and row["untimed_jobs"] == untimed
 
 
 def test_budget_check_needs_an_early_rule():
-    assert report.budget_check([_rule("baseline", 1000)]) == []
-    text = report.budget_markdown(report.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
+    assert saturation.budget_check([_rule("baseline", 1000)]) == []
+    text = render.budget_markdown(saturation.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
     assert "no early stop keeps identity" in text

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from benchmarks.personalization import run as bench
-from benchmarks.personalization.config import VARIANTS, BenchmarkConfig, load_config, preset
+from benchmarks.personalization.config import PREMATURE_STOPS, VARIANTS, BenchmarkConfig, load_config, preset
 from benchmarks.personalization.report import load_records, load_traces
-from dvar.criterion import first_stop_step
+from dvar.criterion import evaluations_in_window, first_stop_step
 
 REPO = Path(__file__).resolve().parents[1]
 CI_METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
@@ -25,37 +25,48 @@ def ci_run(tmp_path_factory):
     return out
 
 
-def test_every_method_gets_the_four_variants(ci_run):
+def test_every_method_gets_every_variant(ci_run):
+    """The rules, the budget, and the premature controls (step 0, 10% and 25% of the budget), all from one run."""
     records = load_records(ci_run)
-    variants = (*VARIANTS, "dvar_every5")  # the same DVAR rule evaluating every 5 steps, from the same run
-    assert sorted((r["method"], r["variant"]) for r in records) == sorted((m, v) for m in CI_METHODS for v in variants)
+    assert sorted((r["method"], r["variant"]) for r in records) == sorted((m, v) for m in CI_METHODS for v in VARIANTS)
+
+
+@pytest.mark.parametrize("variant, steps", [("step0", 0), ("early10", 4), ("early25", 10), ("baseline", 40)])
+def test_premature_controls_stop_where_they_say(ci_run, variant, steps):
+    for r in load_records(ci_run):
+        if r["variant"] == variant:
+            assert r["steps"] == steps
+            assert (r["alignment"] is None) == (variant in PREMATURE_STOPS), "controls are scored for identity only"
 
 
 def test_each_variant_costs_its_own_steps_and_rule(ci_run):
     for r in load_records(ci_run):
-        assert 1 <= r["steps"] <= r["max_train_steps"] == 40
+        assert 0 <= r["steps"] <= r["max_train_steps"] == 40
         assert r["wall_time_s"] == pytest.approx(r["setup_s"] + r["train_s"] + r["monitor_s"] + r["save_s"], abs=0.01)
-        assert (r["monitor_s"] > 0) == (r["variant"] in ("clip_s", "dvar", "dvar_every5"))
-        assert -1 <= r["identity"] <= 1 and 0 <= r["alignment"] <= 1
-        assert set(r["alignment_by_attribute"]) == {"background", "size"}
+        assert (r["monitor_s"] > 0) == (r["variant"] in ("clip_s", "dvar", "dvar_every1"))
+        assert 0 <= r["identity"] <= 1 and -1 <= r["identity_embedding"] <= 1  # look probability; cosine
+        if r["variant"] not in PREMATURE_STOPS:
+            assert 0 <= r["alignment"] <= 1 and set(r["alignment_by_attribute"]) == {"background", "size"}
         if r["variant"] == "baseline":
             assert r["steps"] == 40 and r["stop_reason"] == "budget"
+            assert 0 <= r["identity_retest"] <= 1 and r["identity_retest"] != r["identity"]  # another sampling seed
 
 
 def test_the_rules_fire_where_their_pure_functions_say(ci_run):
     for trace in load_traces(ci_run):
-        dvar, checks = trace["dvar"], trace["identity_checks"]
-        assert trace["informative"] and dvar["steps"] == list(range(1, 41))  # traced: through the budget
-        assert dvar["stop_step"] == first_stop_step(dvar["eval_loss"], dvar["window"], dvar["threshold"])
-        assert checks["steps"] == [0, 10, 20, 30, 40]  # traced: from the untrained start
-        by_variant = {r["variant"]: r for r in load_records(ci_run) if r["method"] == trace["method"]}
-        assert by_variant["dvar"]["steps"] == (dvar["stop_step"] or 40)
-        every5 = trace["dvar_variants"]["dvar_every5"]
-        assert every5["steps"] == [5, 10, 15, 20, 25, 30, 35, 40]
-        assert every5["stop_step"] == (
-            None if (n := first_stop_step(every5["eval_loss"], 3, dvar["threshold"])) is None else 5 * n
+        dvar, every1, checks = trace["dvar"], trace["dvar_variants"]["dvar_every1"], trace["identity_checks"]
+        assert trace["informative"] and dvar["steps"] == list(range(4, 41, 4))  # traced: through the budget
+        assert dvar["stop_step"] == (
+            None if (n := first_stop_step(dvar["eval_loss"], evaluations_in_window(12, 4), dvar["threshold"])) is None
+            else 4 * n
         )  # window 12 steps = 3 evaluations
-        assert by_variant["dvar_every5"]["steps"] == (every5["stop_step"] or 40)
+        assert every1["steps"] == list(range(1, 41))
+        assert every1["stop_step"] == first_stop_step(every1["eval_loss"], every1["window"], every1["threshold"])
+        assert every1["eval_loss"][3::4] == dvar["eval_loss"], "one frozen batch, whatever the stride"
+        assert checks["steps"] == [0, 10, 20, 30, 40] and len(checks["identity"]) == len(checks["identity_embedding"])
+        by_variant = {r["variant"]: r for r in load_records(ci_run) if r["method"] == trace["method"]}
+        for variant, curve in (("dvar", dvar), ("dvar_every1", every1)):
+            assert by_variant[variant]["steps"] == (curve["stop_step"] or 40)
         assert by_variant["clip_s"]["steps"] == (checks["stop_step"] or 40)
 
 
@@ -183,7 +194,8 @@ def test_photo_concepts_on_an_sd_format_model_scored_by_clip(tmp_path, tiny_pipe
     records = load_records(out)
     assert sorted(r["variant"] for r in records) == sorted(VARIANTS)
     for r in records:
-        assert -1 <= r["identity"] <= 1 and -1 <= r["alignment"] <= 1 and r["identity_attributes"] is None
+        assert -1 <= r["identity"] <= 1 and r["identity"] == r["identity_embedding"]  # CLIP-I is both
+        assert r["alignment"] is None or -1 <= r["alignment"] <= 1
     assert json.loads((out / "benchmark.json").read_text())["scorer"] == "clip"
     assert (out / "report" / "report.md").is_file()
 

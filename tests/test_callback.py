@@ -122,7 +122,8 @@ def test_logs_to_accelerate_trackers(toy_dataset):
 
 def test_nan_loss_stops_with_a_reason(toy_dataset):
     stopper = DVAREarlyStopping(
-        objective=lambda models, batch: torch.tensor(float("nan")), train_dataset=toy_dataset, preset="dreambooth_lora"
+        objective=lambda models, batch: torch.tensor(float("nan")), train_dataset=toy_dataset, preset="dreambooth_lora",
+        eval_every=1,
     )
     assert stopper.step(1) is True
     assert stopper.stop_step == 1 and stopper.reason.startswith("non-finite")

@@ -205,6 +205,32 @@ def test_caption_agreement_scores_only_the_attributes_asked_for(classifier: Attr
     assert classifier.caption_agreement([render(scene, rng=0)], [wrong]) == {"background": 0.0, "position": 1.0}
 
 
+def test_expected_probability_is_the_soft_caption_agreement(classifier: AttributeClassifier) -> None:
+    """High for the words in the picture, low for others, only for the attributes asked for, averaged per image."""
+    scenes = sample_scenes(16, seed=UNSEEN_SEED)
+    images = [render(s, rng=i) for i, s in enumerate(scenes)]
+    right = classifier.expected_probability(images, scenes)
+    assert set(right) == set(CLASSIFIER_ATTRIBUTES) and min(right.values()) > 0.8, right
+    wrong = [{"color": next(c for c in COLORS if c != s.color)} for s in scenes]
+    assert set(classifier.expected_probability(images, wrong)) == {"color"}
+    assert classifier.expected_probability(images, wrong)["color"] < 0.1
+    one_each = [classifier.expected_probability([im], [s])["shape"] for im, s in zip(images[:2], scenes[:2])]
+    assert classifier.expected_probability(images[:2], scenes[:2])["shape"] == pytest.approx(sum(one_each) / 2)
+
+
+@pytest.mark.parametrize(("objects", "in_held_out"), [("held_out", True), ("seen", False)])
+def test_concept_sets_draw_their_outer_objects_from_the_pool_asked_for(objects: str, in_held_out: bool) -> None:
+    designed = design_concepts(0, objects)
+    assert len(designed) == 48 and len({c.name for c in designed}) == 48
+    assert all((c.signature in HELD_OUT) == in_held_out for c in designed)
+    assert {c.kind for c in designed} == {f"{objects}_object", "composite"}
+
+
+def test_an_unknown_object_pool_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown object pool"):
+        design_concepts(0, "novel")
+
+
 def test_bundled_classifier_is_small() -> None:
     from dvar.world.classifier import default_weights_path
 

@@ -45,22 +45,32 @@ class Sampler:
             ).images
 
 
-def score_current_weights(sampler: Sampler, scorer: Any, concept: ConceptSpec, phrase: str) -> Dict[str, Any]:
-    """Identity (training-style prompts) and alignment (new-context prompts) of the current weights."""
+def score_current_weights(sampler: Sampler, scorer: Any, concept: ConceptSpec, phrase: str,
+                          alignment: bool = True, retest: bool = False) -> Dict[str, Any]:
+    """Identity and embedding identity (training-style prompts), alignment (new-context prompts) of the current
+    weights; ``retest``: identity again with the next sampling seed (the score's test-retest noise)."""
     s = sampler.sampling
     started = time.perf_counter()
-    identity_images = sampler([p.format(phrase) for p in concept.identity_prompts], s.identity_images_per_prompt)
-    eval_images = sampler([p.template.format(phrase) for p in concept.eval_prompts], s.images_per_prompt)
-    expanded = [p for p in concept.eval_prompts for _ in range(s.images_per_prompt)]
-    alignment, by_attribute = scorer.alignment(eval_images, expanded)
-    return {
+    identity_prompts = [p.format(phrase) for p in concept.identity_prompts]
+    identity_images = sampler(identity_prompts, s.identity_images_per_prompt)
+    scores: Dict[str, Any] = {
         "identity": scorer.identity(identity_images, concept),
-        "identity_attributes": scorer.look(identity_images, concept),
-        "alignment": alignment,
-        "alignment_by_attribute": by_attribute,
-        "images_scored": len(identity_images) + len(eval_images),
-        "scoring_s": round(time.perf_counter() - started, 3),
+        "identity_embedding": scorer.embedding_identity(identity_images, concept),
+        "identity_images": len(identity_images),
+        "alignment": None, "alignment_by_attribute": {}, "images_scored": len(identity_images),
     }
+    if alignment:
+        eval_images = sampler([p.template.format(phrase) for p in concept.eval_prompts], s.images_per_prompt)
+        expanded = [p for p in concept.eval_prompts for _ in range(s.images_per_prompt)]
+        scores["alignment"], scores["alignment_by_attribute"] = scorer.alignment(eval_images, expanded)
+        scores["images_scored"] += len(eval_images)
+    if retest:
+        retest_images = sampler(identity_prompts, s.identity_images_per_prompt, seed=s.seed + 1)
+        scores["identity_retest"] = scorer.identity(retest_images, concept)
+        scores["identity_embedding_retest"] = scorer.embedding_identity(retest_images, concept)
+        scores["images_scored"] += len(retest_images)
+    scores["scoring_s"] = round(time.perf_counter() - started, 3)
+    return scores
 
 
 class LossWatch:
@@ -114,23 +124,31 @@ class TrajectoryMonitor(TrainerCallback):
         scorer: a :class:`~benchmarks.personalization.scoring.WorldScorer` or ``ClipScorer``.
         concept: the concept being trained.
         phrase: how prompts name the concept for this method (e.g. ``"<concept>"``, ``"sks star"``).
-        trace_full: keep evaluating DVAR and identity to the end of the budget.
+        trace_full: keep evaluating every DVAR watch and identity to the end of the budget.
         ablation_parts: also track one DVAR batch per part redrawn at every evaluation.
         job_started: ``time.perf_counter()`` when the job began (setup time is measured from it).
         rules: False for a plain fixed-budget run (few iters): timings, losses and a sampler only.
+        checks_to_budget: score identity at every check from step 0 to the budget (the concept's saturation
+            curve); the checks after the CLIP-s stop are not charged to CLIP-s.
+        loss_to_budget: keep the every-step DVAR watch evaluating to the budget (replays of other rules).
+        premature_steps: ``{variant: step}``: keep a copy of the learned weights at these steps (e.g. step 0 and
+            10% of the budget), to score deliberately premature stops.
     """
 
     def __init__(
         self, settings: MethodSettings, sampling: SamplingSettings, scorer: Any, concept: ConceptSpec, phrase: str,
         trace_full: bool = False, ablation_parts: Sequence[str] = (), job_started: Optional[float] = None,
-        rules: bool = True,
+        rules: bool = True, checks_to_budget: bool = False, loss_to_budget: bool = False,
+        premature_steps: Optional[Dict[str, int]] = None,
     ) -> None:
         self.settings, self.sampling, self.scorer, self.concept, self.phrase = settings, sampling, scorer, concept, phrase
         self.trace_full, self.ablation_parts, self.rules = trace_full, tuple(ablation_parts), rules
+        self.checks_to_budget, self.loss_to_budget = checks_to_budget or trace_full, loss_to_budget or trace_full
+        self.premature_steps = dict(premature_steps or {})
         self.job_started = time.perf_counter() if job_started is None else job_started
         self.train_step_s: List[float] = []
         self.train_loss: List[float] = []
-        self.identity_trace: Dict[str, list] = {"steps": [], "identity": [], "check_s": []}
+        self.identity_trace: Dict[str, list] = {"steps": [], "identity": [], "identity_embedding": [], "check_s": []}
         self.dvar_watches: Dict[str, LossWatch] = {}  # "dvar", and "dvar_every<k>" for settings.dvar_extra_eval_every
         self.ablation_watches: Dict[str, LossWatch] = {}
         self.snapshots: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -156,7 +174,8 @@ class TrajectoryMonitor(TrainerCallback):
         self.scorer.references(self.concept)
         self.clip_rule = PatienceCriterion(self.settings.clip_s_eps, self.settings.clip_s_patience)
         self.clip_setup_s = time.perf_counter() - clip_started
-        if self.trace_full:  # where the curve starts: the untrained token / adapters (not part of any rule)
+        self._keep_premature(0)
+        if self.checks_to_budget:  # where the curve starts: the untrained token / adapters (not part of any rule)
             self._identity_check(0, feed_rule=False)
         self.last = time.perf_counter()
 
@@ -168,27 +187,39 @@ class TrajectoryMonitor(TrainerCallback):
             self.last = time.perf_counter()
             return
         for name, watch in self.dvar_watches.items():
-            if (watch.stop_step is None or self.trace_full) and watch(global_step, loss):
+            to_budget = self.trace_full or (self.loss_to_budget and watch.stopper.config.eval_every == 1)
+            if (watch.stop_step is None or to_budget) and watch(global_step, loss):
                 self.snapshots[name] = self.trainer.method.learned_state(trainer.parts, trainer.accelerator)
         for watch in self.ablation_watches.values():
             watch(global_step, loss)
-        if global_step % self.settings.check_every == 0 and (self.clip_s_stop is None or self.trace_full):
+        self._keep_premature(global_step)
+        if global_step % self.settings.check_every == 0 and (self.clip_s_stop is None or self.checks_to_budget):
             self._identity_check(global_step)
         self.last = time.perf_counter()
 
     # -- the rules --------------------------------------------------------------------------
 
+    def _keep_premature(self, step: int) -> None:
+        for variant, at in self.premature_steps.items():
+            if at == step:
+                self.snapshots[variant] = self.trainer.method.learned_state(self.trainer.parts, self.trainer.accelerator)
+
     def _identity_check(self, step: int, feed_rule: bool = True) -> None:
+        """Sample the check images once; CLIP-s watches their embedding identity (the paper's CLIP-I), the
+        saturation curve their identity. Only checks that feed the rule are charged to it."""
         started = time.perf_counter()
         s = self.sampling
         images = self.sampler([p.format(self.phrase) for p in self.concept.identity_prompts], s.check_images_per_prompt)
-        identity = self.scorer.identity(images, self.concept)
-        self.identity_trace["steps"].append(step)
-        self.identity_trace["identity"].append(identity)
-        if feed_rule and self.clip_s_stop is None and self.clip_rule.update(identity):
+        embedding_identity = self.scorer.embedding_identity(images, self.concept)
+        charged = feed_rule and self.clip_s_stop is None
+        if charged and self.clip_rule.update(embedding_identity):
             self.clip_s_stop, self.clip_s_reason = step, self.clip_rule.reason
             self.snapshots["clip_s"] = self.trainer.method.learned_state(self.trainer.parts, self.trainer.accelerator)
-        self.identity_trace["check_s"].append(time.perf_counter() - started if feed_rule else 0.0)
+        check_s = time.perf_counter() - started
+        self.identity_trace["steps"].append(step)
+        self.identity_trace["identity_embedding"].append(embedding_identity)
+        self.identity_trace["identity"].append(self.scorer.identity(images, self.concept))
+        self.identity_trace["check_s"].append(check_s if charged else 0.0)
 
     # -- results ------------------------------------------------------------------------------
 

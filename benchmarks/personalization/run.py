@@ -33,7 +33,15 @@ if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     __package__ = "benchmarks.personalization"
 
-from .config import GROUP_OF_METHOD, METHOD_ORDER, BenchmarkConfig, MethodSettings, load_config, preset  # noqa: E402
+from .config import (  # noqa: E402
+    GROUP_OF_METHOD,
+    METHOD_ORDER,
+    PREMATURE_STOPS,
+    BenchmarkConfig,
+    MethodSettings,
+    load_config,
+    preset,
+)
 from .scoring import ConceptSpec, bundled_concepts, folder_concepts  # noqa: E402
 
 EXIT_USAGE = 2
@@ -111,8 +119,11 @@ class Benchmark:
         method, work = method_instance(settings.method), self.out / "work" / settings.method / concept.name
         phrase, argv = trainer_argv(self.cfg, settings, concept, work, self.model)
         ablation = self.cfg.ablation_parts if traced and settings.method in self.cfg.ablation_methods else ()
+        premature = self.premature_steps(settings)
         monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase,
-                                    trace_full=traced, ablation_parts=ablation, job_started=started)
+                                    trace_full=traced, ablation_parts=ablation, job_started=started,
+                                    checks_to_budget=self.cfg.checks_to_budget, loss_to_budget=self.cfg.loss_to_budget,
+                                    premature_steps=premature)
         code = train_main(method, argv, callbacks=[monitor])
         if code != 0:
             raise RuntimeError(f"{settings.method} on {concept.name}: the trainer exited with {code}")
@@ -121,8 +132,10 @@ class Benchmark:
         trainer = monitor.trainer
 
         records: Dict[str, Dict[str, Any]] = {}
+        baseline_scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase, retest=True)
         records["baseline"] = self._record(settings, concept, "baseline", budget, "budget", monitor, save_s,
-                                           score_current_weights(monitor.sampler, self.scorer, concept, phrase))
+                                           baseline_scores)
+        records["baseline"].update({k: baseline_scores[k] for k in RETEST_KEYS})
         for variant in monitor.stops:
             stop = monitor.stops[variant]
             if stop is None:  # the rule never fired: that variant trains to the budget
@@ -133,6 +146,11 @@ class Benchmark:
                 scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase)
                 reason = monitor.reasons[variant]
             records[variant] = self._record(settings, concept, variant, stop or budget, reason, monitor, save_s, scores)
+        for variant, step in premature.items():  # the controls: identity only (no alignment), from the same run
+            method.load_learned_state(monitor.snapshots[variant], trainer.parts, trainer.accelerator)
+            scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase, alignment=False)
+            reason = f"premature control: {PREMATURE_STOPS[variant]:.0%} of the budget"
+            records[variant] = self._record(settings, concept, variant, step, reason, monitor, save_s, scores)
 
         trace = {
             "concept": concept.name, "method": settings.method, "max_train_steps": settings.max_train_steps,
@@ -142,7 +160,8 @@ class Benchmark:
             "dvar": monitor.dvar_watches["dvar"].to_json(),
             "dvar_variants": {name: w.to_json() for name, w in monitor.dvar_watches.items() if name != "dvar"},
             "identity_checks": {**monitor.identity_trace, "every": settings.check_every, "stop_step": monitor.clip_s_stop,
-                                "eps": settings.clip_s_eps, "patience": settings.clip_s_patience},
+                                "eps": settings.clip_s_eps, "patience": settings.clip_s_patience,
+                                "images": self.cfg.sampling.check_images_per_prompt * len(concept.identity_prompts)},
         }
         if monitor.ablation_watches:
             trace["ablation"] = monitor.ablation_json()
@@ -164,6 +183,12 @@ class Benchmark:
             **monitor.variant_timing(variant, steps, save_s),
             **{k: scores.get(k) for k in SCORE_KEYS},
         }
+
+    def premature_steps(self, settings: MethodSettings) -> Dict[str, int]:
+        """``{variant: step}`` of the deliberately premature stops (step 0, 10% and 25% of the budget)."""
+        if not self.cfg.premature_stops:
+            return {}
+        return {variant: round(share * settings.max_train_steps) for variant, share in PREMATURE_STOPS.items()}
 
     def few_iters_step(self, method: str) -> Optional[int]:
         """Mean CLIP-s stop of the method over all its concepts, once every trajectory is done."""
@@ -240,7 +265,8 @@ class Benchmark:
         )
 
 
-SCORE_KEYS = ("identity", "identity_attributes", "alignment", "alignment_by_attribute", "images_scored")
+SCORE_KEYS = ("identity", "identity_embedding", "identity_images", "alignment", "alignment_by_attribute", "images_scored")
+RETEST_KEYS = ("identity_retest", "identity_embedding_retest")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -332,6 +358,8 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
         concepts = {m.method: pool for m in cfg.methods}
     else:
         root = args.world_concepts
+        if root is None and cfg.concept_objects != "held_out":
+            root = ensure_world_concepts(args.out / "concepts", cfg.seed, cfg.concept_objects)
         concepts = {
             m.method: bundled_concepts(GROUP_OF_METHOD[m.method] if cfg.concept_source == "group" else None, root)
             for m in cfg.methods
@@ -339,6 +367,20 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
     if cfg.concepts_per_method is not None:
         concepts = {m: c[: cfg.concepts_per_method] for m, c in concepts.items()}
     return cfg, concepts, extra
+
+
+def ensure_world_concepts(folder: Path, seed: int, objects: str) -> Path:
+    """The synthetic concept set ``(seed, objects)`` in ``folder``, written once (atomically: shards may race)."""
+    from dvar.world.concepts import write_concepts
+
+    if not (folder / "index.json").is_file():
+        staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        write_concepts(staging, seed, objects)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another shard was first: its set is the same
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def check_same_benchmark(out: Path, description: Dict[str, Any]) -> None:

@@ -2,13 +2,15 @@
 
 Two scorers share one interface:
 
-* :class:`WorldScorer` (mini-SD's synthetic world): identity = cosine similarity of
-  EfficientNet-Lite0 ImageNet features (:mod:`dvar.metrics.identity`) to the training images;
-  alignment = the :class:`~dvar.world.AttributeClassifier` reading back the background and
-  size an evaluation prompt asks for.
-* :class:`ClipScorer` (real photos, a local CLIP): identity = CLIP image-image similarity;
-  alignment = CLIP image-text similarity to the prompt with the concept's identifier removed,
-  as in the DVAR paper.
+* :class:`WorldScorer` (mini-SD's synthetic world): identity = the world's ground truth, the
+  :class:`~dvar.world.AttributeClassifier`'s mean probability for the concept's own shape, colour
+  and pattern; embedding identity (the paper's CLIP-I role, and what CLIP-s watches) = cosine
+  similarity of EfficientNet-Lite0 ImageNet features (:mod:`dvar.metrics.identity`) to the
+  training images; alignment = the classifier reading back the background and size an
+  evaluation prompt asks for.
+* :class:`ClipScorer` (real photos, a local CLIP): identity = embedding identity = CLIP
+  image-image similarity; alignment = CLIP image-text similarity to the prompt with the
+  concept's identifier removed, as in the DVAR paper.
 
 Example:
     >>> concept = bundled_concepts("textual_inversion")[0]
@@ -29,7 +31,7 @@ from PIL import Image
 #: Only these are scored for alignment on mini-SD: it follows background and size words but not
 #: position ones (37% on held-out captions, chance 33%; benchmarks/embedded/MINI_SD.md).
 WORLD_ALIGNMENT_ATTRIBUTES = ("background", "size")
-#: The concept's own look, read back by the attribute classifier (a second identity measure).
+#: The concept's own look, read back by the attribute classifier (the primary identity score on mini-SD).
 LOOK_ATTRIBUTES = ("shape", "color", "pattern")
 
 
@@ -74,7 +76,7 @@ def bundled_concepts(group: Optional[str] = None, root: Optional[Path] = None) -
             EvalPrompt(p.prompt, {a: getattr(p, a) for a in WORLD_ALIGNMENT_ATTRIBUTES}, info.class_word)
             for p in info.eval_prompts
         )
-        look = {"shape": info.shape, "color": info.color, "pattern": info.pattern}
+        look = {attribute: getattr(info, attribute) for attribute in LOOK_ATTRIBUTES}
         specs.append(ConceptSpec(info.name, info.path, info.class_word, tuple(info.train_prompts), prompts, look))
     return specs
 
@@ -104,7 +106,7 @@ def folder_concepts(entries: Sequence[Dict[str, Any]], root: Path, identity_prom
 
 
 class _EmbeddingIdentity:
-    """Identity = mean cosine similarity of image embeddings to the concept's training images."""
+    """Embedding identity = mean cosine similarity of image embeddings to the concept's training images."""
 
     def __init__(self, encoder: Any) -> None:  # a dvar.metrics image encoder
         self.encoder = encoder
@@ -115,14 +117,15 @@ class _EmbeddingIdentity:
             self._references[concept.name] = self.encoder.encode(concept.reference_images())
         return self._references[concept.name]
 
-    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
+    def embedding_identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
         from dvar.metrics import mean_pairwise_cosine
 
         return float(mean_pairwise_cosine(self.encoder.encode(list(images)), self.references(concept)))
 
 
 class WorldScorer(_EmbeddingIdentity):
-    """Identity by EfficientNet-Lite0 features, alignment by the world's attribute classifier."""
+    """Identity by the world's attribute classifier (the concept's look), embedding identity by
+    EfficientNet-Lite0 features, alignment by the classifier."""
 
     def __init__(self, device: str = "cpu") -> None:
         from dvar.metrics import IdentityEncoder
@@ -131,11 +134,11 @@ class WorldScorer(_EmbeddingIdentity):
         super().__init__(IdentityEncoder(device=device))
         self.classifier = AttributeClassifier.load(device=device)
 
-    def look(self, images: Sequence[Image.Image], concept: ConceptSpec) -> Optional[float]:
-        """Fraction of (image, attribute) pairs where the classifier sees the concept's shape/color/pattern."""
+    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
+        """The classifier's mean probability for the concept's own shape, colour and pattern in the images."""
         if not concept.look:
-            return None
-        scores = self.classifier.caption_agreement(list(images), [concept.look] * len(images))
+            raise ValueError(f"concept {concept.name} has no look (shape/color/pattern) to score on the world")
+        scores = self.classifier.expected_probability(list(images), [concept.look] * len(images))
         return sum(scores.values()) / len(scores)
 
     def alignment(self, images: Sequence[Image.Image], prompts: Sequence[EvalPrompt]) -> Tuple[Optional[float], Dict[str, float]]:
@@ -179,8 +182,8 @@ class ClipScorer(_EmbeddingIdentity):
         inputs = self.tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True).to(self.device)
         return torch.nn.functional.normalize(self.text_model(**inputs).text_embeds, dim=-1)
 
-    def look(self, images: Sequence[Image.Image], concept: ConceptSpec) -> Optional[float]:
-        return None
+    def identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
+        return self.embedding_identity(images, concept)
 
     def alignment(self, images: Sequence[Image.Image], prompts: Sequence[EvalPrompt]) -> Tuple[Optional[float], Dict[str, float]]:
         image_embeds = self.encoder.encode(list(images))

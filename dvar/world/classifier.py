@@ -137,13 +137,47 @@ class AttributeClassifier(nn.Module):
         batch = _as_batch(images)
         out: dict[str, list[str]] = {a: [] for a in CLASSIFIER_ATTRIBUTES}
         for start in range(0, batch.shape[0], batch_size):
-            x = batch[start : start + batch_size].to(device=device, dtype=torch.float32)
-            if x.shape[-2:] != (64, 64):
-                x = F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
+            x = _to_64(batch[start : start + batch_size].to(device=device, dtype=torch.float32))
             for attr, logits in self(x).items():
                 out[attr].extend(ATTRIBUTES[attr][i] for i in logits.argmax(dim=1).tolist())
         self.train(was_training)
         return out
+
+    @torch.no_grad()
+    def expected_probability(self, images: Images, expected: Sequence[Expected], batch_size: int = 256) -> dict[str, float]:
+        """Mean probability the classifier gives the expected word, per attribute (the soft form of
+        :meth:`caption_agreement`: continuous, so averages over few images are less noisy).
+
+        Example:
+            >>> from dvar.world import Scene, render
+            >>> s = Scene("cross", "orange", "striped", "large", "center", "grass")
+            >>> AttributeClassifier.load().expected_probability([render(s, rng=0)], [{"color": "orange"}])["color"] > 0.9
+            True
+        """
+        targets = self._targets(images, expected)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        batch = _as_batch(images)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for start in range(0, batch.shape[0], batch_size):
+            x = _to_64(batch[start : start + batch_size].to(device=device, dtype=torch.float32))
+            for attr, logits in self(x).items():
+                probabilities = logits.softmax(dim=1)
+                for row, target in zip(probabilities, targets[start : start + batch_size]):
+                    if target.get(attr) is not None:
+                        sums[attr] = sums.get(attr, 0.0) + float(row[ATTRIBUTES[attr].index(target[attr])])
+                        counts[attr] = counts.get(attr, 0) + 1
+        self.train(was_training)
+        return {attr: sums[attr] / counts[attr] for attr in CLASSIFIER_ATTRIBUTES if attr in counts}
+
+    @staticmethod
+    def _targets(images: Images, expected: Sequence[Expected]) -> list[dict[str, Optional[str]]]:
+        targets = [e.to_dict() if isinstance(e, Scene) else dict(e) for e in expected]
+        if len(targets) != len(_as_batch(images)):
+            raise ValueError(f"{len(targets)} expectations for {len(_as_batch(images))} images")
+        return targets
 
     def caption_agreement(self, images: Images, expected: Sequence[Expected]) -> dict[str, float]:
         """Fraction of images whose predicted attribute equals the expected one, per attribute.
@@ -159,9 +193,7 @@ class AttributeClassifier(nn.Module):
             >>> clf.caption_agreement([render(s, rng=0)], [{"background": "grass"}])
             {'background': 1.0}
         """
-        targets = [e.to_dict() if isinstance(e, Scene) else dict(e) for e in expected]
-        if len(targets) != len(_as_batch(images)):
-            raise ValueError(f"{len(targets)} expectations for {len(_as_batch(images))} images")
+        targets = self._targets(images, expected)
         predicted = self.predict(images)
         scores: dict[str, float] = {}
         for attr in CLASSIFIER_ATTRIBUTES:
@@ -169,6 +201,13 @@ class AttributeClassifier(nn.Module):
             if pairs:
                 scores[attr] = sum(p == t for p, t in pairs) / len(pairs)
         return scores
+
+
+def _to_64(x: torch.Tensor) -> torch.Tensor:
+    """Images of another size are resized to the classifier's 64x64."""
+    if x.shape[-2:] == (64, 64):
+        return x
+    return F.interpolate(x, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
 
 
 def _as_batch(images: Images) -> torch.Tensor:

@@ -43,7 +43,9 @@ from dvar.world.scenes import (
     FULL_TEMPLATES,
     HELD_OUT,
     INNER_SHAPES,
+    PATTERNS,
     POSITIONS,
+    SHAPES,
     SIZES,
     TEMPLATES,
     Scene,
@@ -52,6 +54,7 @@ from dvar.world.scenes import (
 
 __all__ = [
     "GROUP_SIZES",
+    "OBJECT_POOLS",
     "TRAIN_PROMPTS",
     "ConceptImage",
     "ConceptInfo",
@@ -61,6 +64,7 @@ __all__ = [
     "design_concepts",
     "list_concepts",
     "metadata_path",
+    "object_pool",
     "render_concept",
     "write_concepts",
 ]
@@ -133,7 +137,7 @@ class ConceptInfo:
 
     name: str
     group: str
-    kind: str  # "held_out_object" or "composite"
+    kind: str  # "held_out_object" (or "seen_object") or "composite"
     class_word: str
     shape: str
     color: str
@@ -160,7 +164,7 @@ class ConceptInfo:
 
     @property
     def signature(self) -> tuple[str, str, str]:
-        """The outer object's (color, pattern, shape); always in :data:`HELD_OUT`."""
+        """The outer object's (color, pattern, shape); in :data:`HELD_OUT` for the bundled set."""
         return (self.color, self.pattern, self.shape)
 
     def scene(self, background: str, position: str, size: str) -> Scene:
@@ -272,11 +276,31 @@ def _eval_contexts(
     return out
 
 
-def design_concepts(seed: int = 0) -> list[ConceptInfo]:
+#: Which outer objects a concept set draws from: ``held_out`` (never seen in pretraining: genuinely
+#: novel, but mini-SD cannot draw them even from words) or ``seen`` (combinations mini-SD saw in
+#: pretraining: a method still has to learn the colour and pattern, since the concept's prompts
+#: name only its shape, and mini-SD can render what it learns; the benchmark's default).
+OBJECT_POOLS: tuple[str, ...] = ("held_out", "seen")
+
+
+def object_pool(objects: str) -> list[tuple[str, str, str]]:
+    """The sorted (color, pattern, shape) objects of the pool ``objects`` (:data:`OBJECT_POOLS`).
+
+    Example:
+        >>> len(object_pool("held_out")), len(object_pool("seen"))
+        (64, 192)
+    """
+    if objects not in OBJECT_POOLS:
+        raise ValueError(f"unknown object pool {objects!r}; expected one of {OBJECT_POOLS}")
+    every = itertools.product(COLORS, PATTERNS, SHAPES)
+    return sorted(HELD_OUT) if objects == "held_out" else sorted(o for o in every if o not in HELD_OUT)
+
+
+def design_concepts(seed: int = 0, objects: str = "held_out") -> list[ConceptInfo]:
     """The concept set for ``seed`` (metadata only; :func:`render_concept` draws the images).
 
-    Half of the concepts are plain held-out objects, half are held-out objects with a
-    smaller solid shape inside. ``seed=0`` gives the bundled set.
+    Half of the concepts are plain objects from the pool ``objects`` (:data:`OBJECT_POOLS`), half
+    are such objects with a smaller solid shape inside. ``seed=0`` gives the bundled set.
 
     Example:
         >>> [c.name for c in design_concepts(0)] == [c.name for c in list_concepts()]
@@ -284,7 +308,7 @@ def design_concepts(seed: int = 0) -> list[ConceptInfo]:
     """
     gen = np.random.default_rng((seed, 0))
     total = sum(GROUP_SIZES.values())
-    pool = sorted(HELD_OUT)
+    pool = object_pool(objects)
     signatures = [pool[i] for i in gen.permutation(len(pool))[:total]]
     groups = [g for g, k in GROUP_SIZES.items() for _ in range(k)]
     concepts = []
@@ -308,7 +332,7 @@ def design_concepts(seed: int = 0) -> list[ConceptInfo]:
             ConceptInfo(
                 name=name,
                 group=group,
-                kind="held_out_object" if inner_shape is None else "composite",
+                kind=f"{objects}_object" if inner_shape is None else "composite",
                 class_word=shape,
                 shape=shape,
                 color=color,
@@ -337,7 +361,7 @@ def render_concept(info: ConceptInfo, size: int = 64) -> list[Image.Image]:
     ]
 
 
-def write_concepts(out: Union[str, Path], seed: int = 0) -> list[ConceptInfo]:
+def write_concepts(out: Union[str, Path], seed: int = 0, objects: str = "held_out") -> list[ConceptInfo]:
     """Design, render and write a concept set: per concept a folder of PNGs and a
     ``<name>.json`` beside it, and ``index.json``.
 
@@ -345,7 +369,7 @@ def write_concepts(out: Union[str, Path], seed: int = 0) -> list[ConceptInfo]:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    designed = design_concepts(seed)
+    designed = design_concepts(seed, objects)
     names = {info.name for info in designed}
     for stale in out.glob("*.json"):
         if stale.stem not in names and json.loads(stale.read_text()).get("name") == stale.stem:  # an old concept
@@ -407,8 +431,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Write a set of personalization concepts of the synthetic world.")
     parser.add_argument("--out", type=Path, default=default_root())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--objects", choices=OBJECT_POOLS, default="held_out",
+                        help="held_out: objects never seen in pretraining; seen: combinations mini-SD can draw.")
     args = parser.parse_args(argv)
-    concepts = write_concepts(args.out, args.seed)
+    concepts = write_concepts(args.out, args.seed, args.objects)
     print(f"wrote {len(concepts)} concepts to {args.out}")
 
 

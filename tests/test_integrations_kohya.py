@@ -1,0 +1,340 @@
+"""dvar.integrations.kohya on a loop of kohya's shape (tests/kohya_fake: sd-scripts' class and
+method names and order of calls, mini-SD's real diffusers parts); the real sd-scripts run is
+benchmarks/kohya_check.sh."""
+
+import inspect
+import json
+import math
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from dvar.integrations import kohya
+from dvar.integrations.kohya import KohyaFrozenBatch, check_trainer, make_trainer_class
+from dvar.integrations.kohya.frozen import candidate_order
+from dvar.models import mini_sd
+
+FAKE = Path(__file__).parent / "kohya_fake"
+KOHYA_MODULES = ("train_network", "sdxl_train_network", "flux_train_network", "library", "networks")
+STEPS_PER_EPOCH = 5  # 5 photos, 1 repeat, batch 1
+BUDGET = 60
+EARLY = ["--early_stop", "--early_stop_window", "8", "--early_stop_threshold", "0.3", "--early_stop_batch_size", "2"]
+
+
+def forget_kohya():
+    for name in list(sys.modules):
+        if name.split(".")[0] in KOHYA_MODULES:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def fake_kohya():
+    """The fake checkout on sys.path (as the launcher puts a real one), cleaned up afterwards."""
+    forget_kohya()
+    sys.path.insert(0, str(FAKE))
+    import flux_train_network
+    import sdxl_train_network
+    import train_network
+
+    yield {"train_network": train_network.NetworkTrainer, "sdxl_train_network": sdxl_train_network.SdxlNetworkTrainer,
+           "flux_train_network": flux_train_network.FluxNetworkTrainer}
+    sys.path.remove(str(FAKE))
+    forget_kohya()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, concept_dir):
+    """kohya's DreamBooth layout: <repeats>_<class tokens>/ with the images and .txt captions."""
+    root = tmp_path_factory.mktemp("kohya-data")
+    folder = root / "img" / "1_sks circle"
+    folder.mkdir(parents=True)
+    from dvar.world.concepts import metadata_path
+
+    concept = json.loads(metadata_path(concept_dir).read_text())
+    for image in concept["images"]:
+        shutil.copy(Path(concept_dir) / image["file"], folder / image["file"])
+        (folder / image["file"]).with_suffix(".txt").write_text(image["prompt"].format("sks circle"))
+    return root
+
+
+def flags(photos, out, *extra):
+    return ["--pretrained_model_name_or_path", str(mini_sd()), "--train_data_dir", str(photos / "img"),
+            "--output_dir", str(out), "--output_name", "lora", "--learning_rate", "1e-3", "--seed", "7",
+            "--cache_latents", "--log_with", "jsonl", "--logging_dir", str(out / "logs"), *extra]
+
+
+def train(trainer_cls, family, argv):
+    """What the launcher does, keeping the trainer to look at afterwards."""
+    import train_network
+
+    parser = kohya.add_early_stop_arguments(train_network.setup_parser())
+    args = parser.parse_args(argv)
+    kohya.launch.validate_args(args)
+    trainer = make_trainer_class(trainer_cls, family)()
+    trainer.train(args)
+    return trainer
+
+
+def lora(path):
+    with safe_open(str(path), "pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata()
+
+
+def logged(out, key):
+    rows = [json.loads(line) for line in (out / "logs" / "log.jsonl").read_text().splitlines()]
+    return [row["step"] for row in rows if key in row["values"]]
+
+
+def saved_files(out):
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith("dvar_") and p.name != "logs")
+
+
+# -- a stop is a shorter kohya run -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_runs(fake_kohya, photos, tmp_path_factory):
+    """An early-stopped run (saving models and states as it goes), then plain kohya runs of the
+    steps it trained, with and without the mixin."""
+    root = tmp_path_factory.mktemp("sd-runs")
+    saving = ["--save_every_n_epochs", "1", "--save_every_n_steps", "4", "--save_state"]
+    early = train(fake_kohya["train_network"], "sd",
+                  flags(photos, root / "early", "--max_train_steps", str(BUDGET), *saving, *EARLY))
+    stop = json.loads((root / "early" / "dvar_summary.json").read_text())["stop_step"]
+    plain = train(fake_kohya["train_network"], "sd", flags(photos, root / "plain", "--max_train_steps", str(stop), *saving))
+    return {"root": root, "stop": stop, "early": early, "plain": plain}
+
+
+def test_the_stop_ends_the_run_as_a_plain_run_of_that_many_steps(sd_runs):
+    root, stop = sd_runs["root"], sd_runs["stop"]
+    summary = json.loads((root / "early" / "dvar_summary.json").read_text())
+    epoch = math.ceil(stop / STEPS_PER_EPOCH)
+    assert summary["outcome"] == "early_stop" and summary["reason"].startswith("plateau")
+    assert 8 <= stop < BUDGET and epoch > 1, "the settings must stop mid-budget, after the first epoch"
+    assert summary["stop_epoch"] == epoch and summary["steps_saved"] == BUDGET - stop
+    early, early_meta = lora(root / "early" / "lora.safetensors")
+    plain, plain_meta = lora(root / "plain" / "lora.safetensors")
+    assert early.keys() == plain.keys() and all(torch.equal(early[k], plain[k]) for k in early)
+    assert (early_meta["ss_steps"], early_meta["ss_epoch"]) == (plain_meta["ss_steps"], plain_meta["ss_epoch"]) == (
+        str(stop), str(epoch))
+    assert early_meta["ss_max_train_steps"] == str(BUDGET)  # the budget it was given stays on record
+    # the same files (step and epoch models, states), the same sampling calls and logged steps
+    assert saved_files(root / "early") == saved_files(root / "plain")
+    assert sd_runs["early"].sample_calls == sd_runs["plain"].sample_calls
+    for key in ("loss/current", "loss/epoch_average"):
+        assert logged(root / "early", key) == logged(root / "plain", key)
+    assert logged(root / "early", "dvar/eval_loss") == list(range(1, stop + 1))
+    history = (root / "early" / "dvar_history.csv").read_text().splitlines()
+    assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, stop + 1))
+
+
+def test_without_early_stop_the_mixin_changes_nothing(sd_runs, fake_kohya, photos):
+    root, stop = sd_runs["root"], sd_runs["stop"]
+    bare = fake_kohya["train_network"]()  # kohya's own class, no mixin
+    import train_network
+
+    bare.train(train_network.setup_parser().parse_args(flags(photos, root / "bare", "--max_train_steps", str(stop))))
+    with_mixin, _ = lora(root / "plain" / "lora.safetensors")
+    without, _ = lora(root / "bare" / "lora.safetensors")
+    assert all(torch.equal(with_mixin[k], without[k]) for k in without)
+    assert not list((root / "plain").glob("dvar_*"))
+
+
+def test_resume_from_a_kohya_state_reaches_the_same_stop(sd_runs, fake_kohya, photos):
+    root, stop = sd_runs["root"], sd_runs["stop"]
+    state = root / "early" / "lora-step00000008-state"
+    assert torch.load(state / "dvar_state.pt", weights_only=True)["dvar_step"] == 8
+    train(fake_kohya["train_network"], "sd", flags(photos, root / "resumed", "--max_train_steps", str(BUDGET), *EARLY,
+                                                  "--resume", str(state), "--skip_until_initial_step"))
+    first = (root / "early" / "dvar_history.csv").read_text()
+    again = (root / "resumed" / "dvar_history.csv").read_text()
+    assert again == first  # the 8 restored rows and every later evaluation
+    assert json.loads((root / "resumed" / "dvar_summary.json").read_text())["stop_step"] == stop
+    early, _ = lora(root / "early" / "lora.safetensors")
+    resumed, meta = lora(root / "resumed" / "lora.safetensors")
+    assert all(torch.equal(early[k], resumed[k]) for k in early) and meta["ss_steps"] == str(stop)
+
+
+# -- other model families ----------------------------------------------------------------------------
+
+
+def test_flux_trainer_with_cached_text_and_flow_matching_stops_the_same_way(fake_kohya, photos, tmp_path):
+    flux = fake_kohya["flux_train_network"]
+    early = train(flux, "flux", flags(photos, tmp_path / "early", "--max_train_steps", str(BUDGET), *EARLY))
+    summary = json.loads((tmp_path / "early" / "dvar_summary.json").read_text())
+    stop = summary["stop_step"]
+    assert summary["outcome"] == "early_stop" and stop < BUDGET
+    train(flux, "flux", flags(photos, tmp_path / "plain", "--max_train_steps", str(stop)))
+    a, meta = lora(tmp_path / "early" / "lora.safetensors")
+    b, _ = lora(tmp_path / "plain" / "lora.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (meta["ss_steps"], meta["ss_epoch"], meta["modelspec.architecture"]) == (
+        str(stop), str(math.ceil(stop / STEPS_PER_EPOCH)), "flux-1-dev/lora")
+    # each frozen item went through the family's validation hooks (block swapping in real Flux)
+    assert early.validation_step_ends == summary["num_evaluations"] * 2
+    assert summary["frozen_batch"]["examples"] == 2
+
+
+@pytest.mark.parametrize("script, family", [("train_network", "sd"), ("sdxl_train_network", "sdxl"),
+                                            ("flux_train_network", "flux")])
+def test_the_mixin_takes_every_call_kohya_makes(fake_kohya, script, family):
+    cls = make_trainer_class(fake_kohya[script], family)
+    assert check_trainer(fake_kohya[script]) == [] and check_trainer(cls) == []
+    for name, (positional, keywords) in kohya.HOOK_CALLS.items():  # the overrides take kohya's calls too
+        inspect.signature(getattr(cls, name)).bind(None, *range(positional), **{key: None for key in keywords})
+    assert cls.__mro__[1:3] == (kohya.DVARTrainerMixin, fake_kohya[script]) and cls().dvar_family == family
+
+
+def test_a_changed_hook_is_reported_as_an_unsupported_version(fake_kohya):
+    class Changed(fake_kohya["train_network"]):
+        def process_batch(self, batch, models, args):  # a new signature
+            return None
+
+    problems = check_trainer(make_trainer_class(Changed))
+    assert len(problems) == 1 and "process_batch" in problems[0]
+
+
+# -- the frozen batch --------------------------------------------------------------------------------
+
+
+def test_frozen_batch_takes_new_training_images_first_and_no_regularization_images(fake_kohya, photos, tmp_path):
+    from library import train_util
+    import train_network
+
+    reg = tmp_path / "reg" / "2_circle"
+    reg.mkdir(parents=True)
+    for png in sorted((photos / "img" / "1_sks circle").glob("*.png"))[:2]:
+        shutil.copy(png, reg / png.name)
+    args = train_network.setup_parser().parse_args(
+        ["--train_data_dir", str(photos / "img"), "--reg_data_dir", str(tmp_path / "reg"), "--seed", "3",
+         "--flip_aug", "--train_batch_size", "1"])
+    dataset = train_util.DatasetGroup([train_util.DreamBoothDataset(args, lambda text: torch.zeros(77, dtype=torch.long))])
+    order = candidate_order(dataset)
+    keys = [dataset.datasets[0].bucket_manager.buckets[0][dataset.datasets[0].buckets_indices[i].batch_index]
+            for i in order]
+    assert len(order) == 5 and len(set(keys)) == 5 and all("/reg/" not in key for key in keys)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    frozen = KohyaFrozenBatch.from_dataset(dataset, num_examples=3, seed=0)
+    again = KohyaFrozenBatch.from_dataset(dataset, num_examples=3, seed=0)
+    assert (random.getstate(), torch.get_rng_state().tolist()) == (states[0], states[2].tolist())
+    assert (np.random.get_state()[1] == states[1]).all()
+    assert len(frozen) == 3 and frozen.indices == order[:3]
+    assert [item["flippeds"] for item in frozen.items] == [item["flippeds"] for item in again.items]
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+BAD = [
+    # id, argv after the script name, what the message must name
+    ("window-over-budget", ["--max_train_steps", "10", "--early_stop", "--early_stop_window", "20"], "could never fire"),
+    ("threshold-zero", ["--early_stop", "--early_stop_window", "4", "--early_stop_threshold", "0"], "threshold"),
+    ("eval-every-zero", ["--early_stop", "--early_stop_eval_every", "0"], "eval_every must be >= 1"),
+    ("batch-size-zero", ["--early_stop", "--early_stop_batch_size", "0"], "--early_stop_batch_size must be >= 1"),
+    ("deepspeed", ["--early_stop", "--deepspeed"], "does not support --deepspeed"),
+    ("epochs-too-few-for-the-window", ["--max_train_epochs", "1", "--early_stop", "--early_stop_window", "8"],
+     "--max_train_epochs 1 (5 steps)"),
+    ("window-from-toml", ["--max_train_steps", "10", "--config_file", "TOML"], "could never fire"),
+    ("resume-a-finished-run", ["--max_train_steps", str(BUDGET), *EARLY, "--resume", "FINISHED"], "training is finished"),
+]
+
+
+@pytest.mark.parametrize("name, argv, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_settings_exit_2_naming_the_flag_and_write_nothing(sd_runs, photos, tmp_path, capsys, monkeypatch, name,
+                                                               argv, message):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    toml = tmp_path / "settings.toml"
+    toml.write_text("[dvar]\nearly_stop = true\nearly_stop_window = 20\n")
+    finished = sd_runs["root"] / "early" / "lora-state"  # saved at the end, after the stop
+    argv = [str(toml) if a == "TOML" else str(finished) if a == "FINISHED" else a for a in argv]
+    out = tmp_path / "out"
+    assert kohya.main(["train_network", "--sd_scripts", str(FAKE), *flags(photos, out, *argv)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("dvar_*"))
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["train_network", "--sd_scripts", "EMPTY"], {}, "kohya-ss/sd-scripts not found in"),
+    (["train_network"], {"SD_SCRIPTS": "EMPTY"}, "($SD_SCRIPTS)"),
+    (["train_network"], {}, "(the current folder)"),
+    (["train_db"], {}, "not a kohya script the DVAR plugin supports"),
+])
+def test_sd_scripts_not_found_or_unsupported_script_exits_2(tmp_path, capsys, monkeypatch, argv, env, message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SD_SCRIPTS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(tmp_path) if value == "EMPTY" else value)
+    argv = [str(tmp_path) if a == "EMPTY" else a for a in argv]
+    assert kohya.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_unsupported_sd_scripts_version_exits_2(tmp_path, capsys, monkeypatch):
+    copy = tmp_path / "sd-scripts"
+    shutil.copytree(FAKE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    source = (copy / "train_network.py").read_text()
+    (copy / "train_network.py").write_text(source.replace("sai_metadata = self.get_sai_model_spec(args)",
+                                                          "sai_metadata = {}"))
+    forget_kohya()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    try:
+        assert kohya.main(["train_network", "--sd_scripts", str(copy), "--early_stop"]) == 2
+    finally:
+        forget_kohya()
+    err = capsys.readouterr().err
+    assert "unsupported sd-scripts version" in err and "get_sai_model_spec" in err and kohya.VERIFIED_COMMIT[:10] in err
+
+
+# -- which models the plugin loads itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unet_config, as_is", [
+    ({"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2}, False),  # SD 1.x/2.x: kohya's loader
+    ({"block_out_channels": [32, 64, 112], "layers_per_block": 1}, True),  # mini-SD
+    ({"block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 1}, True),
+    (None, False),  # a single-file checkpoint
+])
+def test_only_diffusers_folders_kohya_cannot_convert_are_loaded_as_they_are(tmp_path, unet_config, as_is):
+    from dvar.integrations.kohya.diffusers_model import needs_as_is_loader
+
+    path = tmp_path / "model.safetensors"
+    if unet_config is not None:
+        path = tmp_path / "model"
+        (path / "unet").mkdir(parents=True)
+        (path / "unet" / "config.json").write_text(json.dumps(unet_config))
+    assert needs_as_is_loader(str(path)) is as_is
+
+
+@pytest.mark.parametrize("prefix", ["", "text_model."], ids=["transformers-5-keys", "transformers-4-keys"])
+def test_the_text_encoder_loads_with_every_weight_of_its_file(tmp_path, prefix):
+    """transformers 4.x (sd-scripts pins 4.54) re-initialises a CLIPTextModel saved by 5.x at
+    random and only warns; the plugin's loader must give the file's weights in either case."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    from dvar.integrations.kohya.diffusers_model import load_text_encoder
+    from dvar.tiny import _text_config
+
+    torch.manual_seed(0)
+    model = CLIPTextModel(_text_config())
+    folder = tmp_path / "model" / "text_encoder"
+    model.config.save_pretrained(folder)
+    weights = {key.removeprefix("text_model."): value for key, value in model.state_dict().items()}
+    save_file({prefix + key: value.contiguous() for key, value in weights.items()}, str(folder / "model.safetensors"))
+    loaded = {key.removeprefix("text_model."): value for key, value in load_text_encoder(str(tmp_path / "model")).state_dict().items()}
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
