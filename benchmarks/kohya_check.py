@@ -25,11 +25,12 @@ PROMPT = "a photo of a large sks heart on the left, on a blue background"
 def data(out: str) -> dict:
     from dvar.models import mini_sd
     from dvar.world import concept_dir
+    from dvar.world.concepts import metadata_path
 
     root = Path(out)
     folder = root / "img" / f"{REPEATS}_sks heart"
     folder.mkdir(parents=True, exist_ok=True)
-    concept = json.loads((concept_dir(CONCEPT) / "concept.json").read_text())
+    concept = json.loads(metadata_path(concept_dir(CONCEPT)).read_text())
     for image in concept["images"]:
         shutil.copy(concept_dir(CONCEPT) / image["file"], folder / image["file"])
         (folder / image["file"]).with_suffix(".txt").write_text(image["prompt"].format("sks heart"))

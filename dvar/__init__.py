@@ -1,7 +1,7 @@
 """dvar: stop text-to-image personalization when it is done (DVAR, Voronov et al., NeurIPS 2023)."""
 
 from .batch import PARTS, EvalBatch, FixedEvalBatch, isolated_global_rng
-from .callback import DVARConfig, DVAREarlyStopping
+from .callback import DVARConfig, DVAREarlyStopping, stop_message
 from .criterion import (
     PRESETS,
     DVARCriterion,
@@ -14,6 +14,7 @@ from .criterion import (
 from .objectives import (
     CLIPPromptEncoder,
     DiffusionObjective,
+    FluxPromptEncoder,
     PromptEmbeddings,
     SDXLPromptEncoder,
     deterministic_loss,
@@ -32,6 +33,7 @@ __all__ = [
     "DiffusionObjective",
     "EvalBatch",
     "FixedEvalBatch",
+    "FluxPromptEncoder",
     "PatienceCriterion",
     "PromptEmbeddings",
     "SDXLPromptEncoder",
@@ -40,4 +42,5 @@ __all__ = [
     "first_stop_step",
     "isolated_global_rng",
     "normalized_variance",
+    "stop_message",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ PARTS: Tuple[str, ...] = ("images", "latents", "noise", "captions", "timesteps")
 IMAGE_KEYS = ("pixel_values", "instance_images", "images", "image")
 CAPTION_KEYS = ("prompt", "prompts", "caption", "captions", "text", "instance_prompt")
 TOKEN_KEYS = ("input_ids", "instance_prompt_ids", "prompt_ids")
+#: SDXL micro-conditioning of a dataset item (diffusers' train_dreambooth_lora_sdxl.py).
+SIZE_KEYS = ("original_size", "crop_top_left")
 
 
 @contextlib.contextmanager
@@ -91,6 +93,14 @@ def _example_parts(example: Any) -> Tuple[torch.Tensor, Union[str, torch.Tensor,
     return image, caption
 
 
+def _size_conditioning(example: Any) -> Optional[Tuple[int, int, int, int]]:
+    """(original height, width, crop top, left) when the item gives them (SDXL datasets), else None."""
+    if isinstance(example, Mapping) and all(key in example for key in SIZE_KEYS):
+        (height, width), (top, left) = example["original_size"], example["crop_top_left"]
+        return int(height), int(width), int(top), int(left)
+    return None
+
+
 def is_flow_matching(noise_scheduler: Any) -> bool:
     """True for rectified-flow schedulers (SD3 / Flux style ``FlowMatch*``)."""
     return noise_scheduler is not None and type(noise_scheduler).__name__.startswith("FlowMatch")
@@ -109,6 +119,8 @@ class EvalBatch:
         noise: diffusion noise shaped like ``latents``, or None.
         timesteps: one timestep per example (distinct), or None.
         sigmas: flow-matching noise levels matching ``timesteps``, or None.
+        size_conditioning: SDXL ``(original height, width, crop top, left)`` per example
+            ``[k, 4]`` when the dataset gives them, else None.
         indices: dataset indices of the examples.
         generator: a private CPU generator for custom objectives that need more randomness.
         cache_key: equal for evaluations whose inputs are identical (None when redrawn).
@@ -122,6 +134,7 @@ class EvalBatch:
     noise: Optional[torch.Tensor] = None
     timesteps: Optional[torch.Tensor] = None
     sigmas: Optional[torch.Tensor] = None
+    size_conditioning: Optional[torch.Tensor] = None
     indices: List[int] = field(default_factory=list)
     generator: Optional[torch.Generator] = None
     text_cache_key: Optional[Tuple[Any, ...]] = None
@@ -149,6 +162,7 @@ class EvalBatch:
             noise=take(self.noise),
             timesteps=take(self.timesteps),
             sigmas=take(self.sigmas),
+            size_conditioning=take(self.size_conditioning),
             indices=[self.indices[i] for i in positions],
             text_cache_key=None if self.text_cache_key is None else self.text_cache_key + key,
             input_cache_key=None if self.input_cache_key is None else self.input_cache_key + key,
@@ -173,6 +187,11 @@ class FixedEvalBatch:
         batch_size: K, the number of frozen examples (the paper uses 4).
         seed: seed of the private generators; the same seed gives the same batch.
         resample: parts in ``PARTS`` to redraw at every evaluation instead (ablation).
+        timestep_density: flow matching: ``k -> u`` in [0, 1), the script's timestep density
+            (e.g. diffusers' ``compute_density_for_timestep_sampling`` with
+            ``weighting_scheme="logit_normal"``), called with the global RNGs privately seeded;
+            timestep ``i`` is ``scheduler.timesteps[int(u_i * num_train_timesteps)]``, as in the
+            SD3/Flux scripts. Default: distinct timesteps drawn uniformly.
 
     Nothing here touches the global random generators, so attaching it does not change
     the training run's own random streams.
@@ -190,6 +209,7 @@ class FixedEvalBatch:
         batch_size: int = 4,
         seed: int = 0,
         resample: Iterable[str] = (),
+        timestep_density: Optional[Callable[[int], torch.Tensor]] = None,
     ) -> None:
         self.resample = frozenset(resample)
         unknown = self.resample - set(PARTS)
@@ -203,11 +223,17 @@ class FixedEvalBatch:
         self.vae = vae
         self.noise_scheduler = noise_scheduler
         self.flow_matching = is_flow_matching(noise_scheduler)
+        if timestep_density is not None and not self.flow_matching:
+            raise ValueError("timestep_density is for flow-matching (FlowMatch*) schedulers, as in the SD3/Flux scripts.")
+        self.timestep_density = timestep_density
+        self.has_latents = vae is not None or noise_scheduler is not None
         self.batch_size = min(batch_size, len(self.dataset))
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.num_draws = 0
         self.frozen = self._draw(list(range(self.batch_size)))
+        if "images" not in self.resample:
+            self.vae = None  # encoded once: let a script that frees its VAE (--cache_latents) free it
 
     @classmethod
     def from_tensors(
@@ -227,11 +253,14 @@ class FixedEvalBatch:
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**31 - 1, (1,), generator=self.generator))
 
-    def _read_examples(self, indices: Sequence[int]) -> Tuple[torch.Tensor, List[Any]]:
+    def _read_examples(self, indices: Sequence[int]) -> Tuple[torch.Tensor, List[Any], Optional[torch.Tensor]]:
         with isolated_global_rng(seed=self._next_seed()):
-            parts = [_example_parts(self.dataset[i]) for i in indices]
+            examples = [self.dataset[i] for i in indices]
+            parts = [_example_parts(example) for example in examples]
         pixel_values = torch.stack([image.float() for image, _ in parts])
-        return pixel_values, [caption for _, caption in parts]
+        sizes = [_size_conditioning(example) for example in examples]
+        size_conditioning = None if None in sizes else torch.tensor(sizes, dtype=torch.long)
+        return pixel_values, [caption for _, caption in parts], size_conditioning
 
     @torch.no_grad()
     def _encode(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -247,16 +276,27 @@ class FixedEvalBatch:
             mean = encoded.latents.float()
             std = torch.zeros_like(mean)
         config = self.vae.config
-        shift = getattr(config, "shift_factor", None) or 0.0
         scale = getattr(config, "scaling_factor", 1.0)
+        latents_mean, latents_std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if latents_mean is not None and latents_std is not None:  # SDXL scripts: (x - mean) * scale / std
+            view = (1, -1, 1, 1)
+            latents_mean = torch.tensor(latents_mean, dtype=mean.dtype, device=mean.device).view(view)
+            latents_std = torch.tensor(latents_std, dtype=mean.dtype, device=mean.device).view(view)
+            return ((mean - latents_mean) * scale / latents_std).cpu(), (std * scale / latents_std).cpu()
+        shift = getattr(config, "shift_factor", None) or 0.0
         return ((mean - shift) * scale).cpu(), (std * scale).cpu()
 
     def _draw_timesteps(self, k: int) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         scheduler = self.noise_scheduler
         num_train_timesteps = scheduler.config.num_train_timesteps
-        positions = torch.randperm(num_train_timesteps, generator=self.generator)[:k]
-        if k > num_train_timesteps:
-            raise ValueError(f"Cannot draw {k} distinct timesteps from {num_train_timesteps}.")
+        if self.timestep_density is not None:
+            with isolated_global_rng(seed=self._next_seed()):
+                u = self.timestep_density(k).cpu()
+            positions = (u * num_train_timesteps).long()  # the SD3/Flux scripts' indices
+        else:
+            positions = torch.randperm(num_train_timesteps, generator=self.generator)[:k]
+            if k > num_train_timesteps:
+                raise ValueError(f"Cannot draw {k} distinct timesteps from {num_train_timesteps}.")
         if not self.flow_matching:
             return positions, None
         # A fresh scheduler: the user's may have been set up for inference (set_timesteps).
@@ -269,11 +309,11 @@ class FixedEvalBatch:
         """Draw the parts that are frozen (``base is None``) or resampled (``base`` given)."""
         redraw = (lambda part: True) if base is None else (lambda part: part in self.resample)
         if base is None or "images" in self.resample or "captions" in self.resample:
-            pixel_values, captions = self._read_examples(indices)
+            pixel_values, captions, size_conditioning = self._read_examples(indices)
             if caption_indices is not None:
-                _, captions = self._read_examples(caption_indices)
+                _, captions, _ = self._read_examples(caption_indices)
         if base is not None and "images" not in self.resample:
-            pixel_values, indices = base.pixel_values, base.indices
+            pixel_values, indices, size_conditioning = base.pixel_values, base.indices, base.size_conditioning
         if base is not None and "captions" not in self.resample:
             texts, input_ids, prompt_embeds = base.captions, base.input_ids, base.prompt_embeds
         else:
@@ -284,9 +324,8 @@ class FixedEvalBatch:
         else:
             latent_mean, latent_std = self._latent_mean, self._latent_std
         k = pixel_values.shape[0]
-        wants_latents = self.vae is not None or self.noise_scheduler is not None
         latents = noise = timesteps = sigmas = None
-        if wants_latents:
+        if self.has_latents:
             if redraw("latents") or "images" in self.resample:
                 eps = torch.randn(latent_mean.shape, generator=self.generator)
                 latents = latent_mean + latent_std * eps
@@ -312,6 +351,7 @@ class FixedEvalBatch:
             noise=noise,
             timesteps=timesteps,
             sigmas=sigmas,
+            size_conditioning=size_conditioning,
             indices=list(indices),
             generator=self.generator,
             text_cache_key=("text",) if text_frozen else None,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -25,6 +27,25 @@ from .criterion import (
 from .objectives import DiffusionObjective, Objective
 
 HISTORY_COLUMNS = ("step", "eval_loss", "normalized_variance", "train_loss")
+SUMMARY_FILE = "dvar_summary.json"
+
+logger = logging.getLogger(__name__)
+
+
+def stop_message(stop_step: int, max_train_steps: Optional[int], reason: Optional[str]) -> str:
+    """The one line that announces a DVAR stop (the callback's and the trainers').
+
+    Example:
+        >>> stop_message(346, 600, "plateau: var(last 310) / var(all 346) = 0.1497 < 0.15")
+        'DVAR stopped training at step 346 of 600 (254 steps, 42% of the budget, saved): plateau: var(last 310) / var(all 346) = 0.1497 < 0.15'
+    """
+    if not max_train_steps:
+        return f"DVAR stopped training at step {stop_step}: {reason}"
+    saved = max_train_steps - stop_step
+    return (
+        f"DVAR stopped training at step {stop_step} of {max_train_steps} "
+        f"({saved} steps, {saved / max_train_steps:.0%} of the budget, saved): {reason}"
+    )
 
 
 @dataclass
@@ -63,6 +84,23 @@ class DVARConfig:
     )
     max_train_steps: Optional[int] = field(
         default=None, metadata={"help": "The step budget, to reject a window the run can never fill."}
+    )
+    verbose: bool = field(
+        default=True, metadata={"help": "Log the stop (one line, INFO, logger 'dvar.callback', main process)."}
+    )
+    # The training script's loss options, so that the frozen batch's loss is the one it trains on.
+    weighting_scheme: str = field(
+        default="none", metadata={"help": "SD3/Flux scripts' --weighting_scheme (loss weights or timestep density)."}
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "--logit_mean (weighting_scheme='logit_normal')."})
+    logit_std: float = field(default=1.0, metadata={"help": "--logit_std (weighting_scheme='logit_normal')."})
+    mode_scale: float = field(default=1.29, metadata={"help": "--mode_scale (weighting_scheme='mode')."})
+    snr_gamma: Optional[float] = field(default=None, metadata={"help": "DDPM scripts' --snr_gamma (min-SNR weighting)."})
+    guidance_scale: Optional[float] = field(
+        default=None, metadata={"help": "Flux scripts' --guidance_scale (the guidance embedding of the transformer)."}
+    )
+    max_sequence_length: Optional[int] = field(
+        default=None, metadata={"help": "Flux scripts' --max_sequence_length (T5 tokens; default 512)."}
     )
 
     def resolved_window_threshold(self) -> Tuple[int, float]:
@@ -161,7 +199,12 @@ class DVAREarlyStopping:
         accelerator: an ``accelerate.Accelerator``: device, autocast, trackers, multi-process.
         objective: a custom ``(models, batch) -> loss``; default: the diffusion loss.
         models: extra named modules for a custom objective (put in eval mode while evaluating).
-        config: a :class:`DVARConfig`; or give its fields as keyword arguments.
+        config: a :class:`DVARConfig`; or give its fields as keyword arguments (the preset or
+            window/threshold, the budget, and the training script's loss options:
+            ``snr_gamma``, ``weighting_scheme``, ``guidance_scale``, ``max_sequence_length``...).
+
+    At the stop it logs one line (INFO, main process; :meth:`report` prints it) and
+    :meth:`save_history` writes the history, its plot and ``dvar_summary.json``.
 
     Example (inside a diffusers training script)::
 
@@ -211,7 +254,11 @@ class DVAREarlyStopping:
                 raise ValueError("Pass the denoiser (unet= or transformer=), or a custom objective=.")
             if noise_scheduler is None:
                 raise ValueError("The diffusion objective needs noise_scheduler=.")
-            objective = DiffusionObjective(noise_scheduler, prompt_encoder, tokenizer, tokenizer_2)
+            cfg = self.config
+            objective = DiffusionObjective(
+                noise_scheduler, prompt_encoder, tokenizer, tokenizer_2, weighting_scheme=cfg.weighting_scheme,
+                snr_gamma=cfg.snr_gamma, guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
+            )
         self.objective = objective
 
         self.criterion = self._make_criterion()
@@ -222,12 +269,14 @@ class DVAREarlyStopping:
             batch_size=self.config.eval_batch_size,
             seed=self.config.seed,
             resample=self.config.resample,
+            timestep_density=_timestep_density(self.config),
         )
         self.history: List[HistoryRow] = []
         self.stop_step: Optional[int] = None
         self.reason: Optional[str] = None
         self.eval_seconds = 0.0
         self._plain_models: Optional[Dict[str, torch.nn.Module]] = None
+        self._cache_prompt_embeddings()
 
     def _make_criterion(self) -> DVARCriterion:
         # The criterion counts evaluations; the window is meant in optimizer steps.
@@ -238,6 +287,26 @@ class DVAREarlyStopping:
     def eval_every(self) -> int:
         """The stride k in optimizer steps this stopper evaluates at (resolved from ``"auto"``)."""
         return self.config.eval_every
+
+    def _cache_prompt_embeddings(self) -> None:
+        """Encode the frozen prompts now when the text side is frozen, and let go of the text
+        encoders: a script may free them right after (the Flux script deletes its T5)."""
+        frozen = getattr(self.eval_batch, "frozen", None)
+        if not isinstance(self.objective, DiffusionObjective) or frozen is None:
+            return
+        rank, world = self.rank_and_world
+        shard = frozen.shard(rank, world)
+        if not len(shard):
+            return
+        models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
+        with torch.no_grad(), eval_mode(models.values()), self._autocast():
+            cached = self.objective.cache_prompt_embeddings(models, shard)
+        if cached:
+            for key in self.objective.text_encoder_keys(models):
+                self.models.pop(key, None)
+
+    def _autocast(self) -> Any:
+        return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
 
     # -- the decision --------------------------------------------------------------------
 
@@ -285,8 +354,7 @@ class DVAREarlyStopping:
         models = self._plain_models
         local_sum = 0.0
         if len(shard):
-            autocast = self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-            with eval_mode(models.values()), autocast:
+            with eval_mode(models.values()), self._autocast():
                 local_sum = float(self.objective(models, shard)) * len(shard)
         total, count = self._all_reduce_sum([local_sum, float(len(shard))], self._device())
         self.eval_seconds += time.perf_counter() - started
@@ -316,6 +384,8 @@ class DVAREarlyStopping:
             self.reason = self.criterion.reason or "stopped by another process"
             if self.eval_every > 1 and self.reason.startswith("plateau"):
                 self.reason += f" (evaluated every {self.eval_every} steps)"
+            if self.config.verbose and self.rank_and_world[0] == 0:
+                logger.info(self.status_line())
         return stop
 
     # -- reporting -----------------------------------------------------------------------
@@ -332,7 +402,32 @@ class DVAREarlyStopping:
         nvar = "n/a" if math.isnan(row.normalized_variance) else f"{row.normalized_variance:.3f}"
         return {"dvar_loss": f"{row.eval_loss:.4f}", "nvar": f"{nvar}/{self.threshold:g}"}
 
+    def status_line(self) -> str:
+        """One line: where and why DVAR stopped (with the budget when it is known), or that it did not."""
+        if self.should_stop:
+            return stop_message(self.stop_step, self.config.max_train_steps, self.reason)
+        last = self.history[-1] if self.history else None
+        nvar = "n/a" if last is None or math.isnan(last.normalized_variance) else f"{last.normalized_variance:.4g}"
+        return (
+            f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
+            f"var(last {self.window}) / var(all) = {nvar} (stops below {self.threshold:g})"
+        )
+
+    def report(self) -> str:
+        """Print :meth:`status_line` on the main process (every process returns it).
+
+        Example:
+            >>> stopper.report()  # doctest: +SKIP
+            DVAR stopped training at step 346 of 600 (254 steps, 42% of the budget, saved): plateau: ...
+        """
+        line = self.status_line()
+        if self.rank_and_world[0] == 0:
+            print(line, flush=True)
+        return line
+
     def summary(self, max_train_steps: Optional[int] = None) -> Dict[str, Any]:
+        """The outcome as a dict (what ``dvar_summary.json`` holds); the budget defaults to the config's."""
+        max_train_steps = max_train_steps if max_train_steps is not None else self.config.max_train_steps
         out: Dict[str, Any] = {
             "stopped_early": self.should_stop,
             "stop_step": self.stop_step,
@@ -343,14 +438,18 @@ class DVAREarlyStopping:
             "eval_every_setting": self.eval_every_setting,
             "num_evaluations": len(self.history),
             "eval_seconds": round(self.eval_seconds, 3),
+            "message": self.status_line(),
         }
         if max_train_steps is not None:
             out["max_train_steps"] = max_train_steps
             out["steps_saved"] = max_train_steps - self.stop_step if self.stop_step is not None else 0
         return out
 
-    def save_history(self, output_dir: str, plot: bool = True, prefix: str = "dvar_history") -> List[Path]:
-        """Write the history to ``<prefix>.csv`` (and ``<prefix>.png``); returns the paths."""
+    def save_history(
+        self, output_dir: str, plot: bool = True, prefix: str = "dvar_history", summary: bool = True
+    ) -> List[Path]:
+        """Write the history to ``<prefix>.csv`` (the stop row carries its ``stop_reason``), the plot
+        ``<prefix>.png`` and, with ``summary``, :meth:`summary` to ``dvar_summary.json``; returns the paths."""
         from .plotting import plot_history
 
         out = Path(output_dir)
@@ -358,14 +457,18 @@ class DVAREarlyStopping:
         csv_path = out / f"{prefix}.csv"
         with open(csv_path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow((*HISTORY_COLUMNS, "eval_every"))
+            writer.writerow((*HISTORY_COLUMNS, "eval_every", "stop_reason"))
             for row in self.history:
-                writer.writerow(
-                    [row.step, repr(row.eval_loss), repr(row.normalized_variance), repr(row.train_loss), self.eval_every]
-                )
+                reason = self.reason if row.step == self.stop_step else ""
+                writer.writerow([
+                    row.step, repr(row.eval_loss), repr(row.normalized_variance), repr(row.train_loss), self.eval_every, reason
+                ])
         paths = [csv_path]
         if plot:
             paths.append(plot_history(self.history, self.threshold, self.stop_step, out / f"{prefix}.png"))
+        if summary:
+            paths.append(out / SUMMARY_FILE)
+            paths[-1].write_text(json.dumps(self.summary(), indent=2) + "\n")
         return paths
 
     # -- checkpointing -------------------------------------------------------------------
@@ -419,6 +522,21 @@ class DVAREarlyStopping:
             f"DVAREarlyStopping(window={self.window}, threshold={self.threshold}, eval_every={self.eval_every}, "
             f"evaluations={len(self.history)}, stop_step={self.stop_step})"
         )
+
+
+def _timestep_density(config: DVARConfig) -> Any:
+    """The scripts' non-uniform timestep density for ``logit_normal``/``mode``, else None (uniform)."""
+    if config.weighting_scheme not in ("logit_normal", "mode"):
+        return None
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    def density(k: int) -> torch.Tensor:
+        return compute_density_for_timestep_sampling(
+            weighting_scheme=config.weighting_scheme, batch_size=k, logit_mean=config.logit_mean,
+            logit_std=config.logit_std, mode_scale=config.mode_scale,
+        )
+
+    return density
 
 
 def _unwrap(module: torch.nn.Module, accelerator: Any) -> torch.nn.Module:

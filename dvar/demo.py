@@ -74,6 +74,7 @@ def main(argv=None) -> dict:
             unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
             train_dataset=train_dataset, accelerator=accelerator, eval_every=args.eval_every,
             window=args.window, threshold=1e-12 if args.attach_only else args.threshold,
+            max_train_steps=args.max_train_steps,
         )
         accelerator.register_for_checkpointing(stopper)  # DVAR
         initial_eval_loss = stopper.evaluate()  # not needed by DVAR: lets tests compare 1 vs 2 processes
@@ -142,9 +143,8 @@ def main(argv=None) -> dict:
         "checksum": checksum,
     }
     if stopper is not None and accelerator.is_main_process:
-        paths = stopper.save_history(args.output_dir)  # DVAR
-        if stopper.should_stop:
-            print(f"DVAR stopped at step {stopper.stop_step} of {args.max_train_steps}: {stopper.reason}")
+        paths = stopper.save_history(args.output_dir)  # DVAR: history, plot, dvar_summary.json
+        stopper.report()  # DVAR: one line, where and why it stopped
         print(f"history: {', '.join(str(p) for p in paths)}")
     torch.save(weights, os.path.join(args.output_dir, f"unet_rank{accelerator.process_index}.pt"))
     # one file per rank: lines the ranks print to a shared stdout can interleave

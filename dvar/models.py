@@ -26,7 +26,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["MINI_SD_RESOLUTION", "SCHEDULERS", "load_mini_sd_pipeline", "mini_sd"]
+__all__ = [
+    "MINI_SD_RESOLUTION",
+    "SCHEDULERS",
+    "IncompleteWeightsError",
+    "load_exactly",
+    "load_mini_sd_pipeline",
+    "mini_sd",
+    "portable_clip_text_state_dict",
+]
 
 #: Image side (pixels) that mini-SD generates.
 MINI_SD_RESOLUTION = 64
@@ -72,6 +80,65 @@ def mini_sd() -> Path:
     return path
 
 
+class IncompleteWeightsError(RuntimeError):
+    """A model's weights did not all load: it would run partly randomly initialised."""
+
+
+def _keys(info: dict, name: str) -> list:
+    return sorted(str(k) for k in (info.get(name) or []))
+
+
+def load_exactly(cls: Any, path: str | Path, subfolder: str | None = None, allow_unexpected: bool = False, **kwargs: Any):
+    """``cls.from_pretrained`` (a transformers or diffusers model class) that raises
+    :class:`IncompleteWeightsError` unless every weight of the model comes from the file.
+
+    ``from_pretrained`` only warns when a parameter is missing from the file (it is then
+    randomly initialised) or a weight of the file fits no parameter, e.g. a text encoder saved
+    by transformers 5 (keys without ``text_model.``) loaded by transformers 4.
+    ``allow_unexpected``: the file may hold more (a full CLIP checkpoint for its vision tower).
+
+    Example:
+        >>> from transformers import CLIPTextModel
+        >>> text_encoder = load_exactly(CLIPTextModel, mini_sd(), subfolder="text_encoder")
+    """
+    if subfolder is not None:
+        kwargs["subfolder"] = subfolder
+    model, info = cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    missing, unexpected = _keys(info, "missing_keys"), _keys(info, "unexpected_keys")
+    mismatched, errors = _keys(info, "mismatched_keys"), [str(e) for e in info.get("error_msgs") or []]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) of the model are not in the file (e.g. {missing[:3]})")
+    if unexpected and not allow_unexpected:
+        problems.append(f"{len(unexpected)} weight(s) of the file fit no parameter (e.g. {unexpected[:3]})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weight(s) have another shape (e.g. {mismatched[:3]})")
+    problems += errors
+    if problems:
+        import diffusers
+        import transformers
+
+        where = Path(path) / subfolder if subfolder else Path(path)
+        raise IncompleteWeightsError(
+            f"{cls.__name__} from {where} did not load exactly: {'; '.join(problems)}. It would run with "
+            f"randomly initialised weights. The file was probably written by another library version (this is "
+            f"transformers {transformers.__version__}, diffusers {diffusers.__version__}): install the version "
+            "that wrote it, or re-save the weights in a format both read (see dvar.models.portable_clip_text_state_dict)."
+        )
+    return model
+
+
+def portable_clip_text_state_dict(state_dict: dict) -> dict:
+    """A ``CLIPTextModel`` state dict with the ``text_model.`` key prefix, which transformers 4
+    needs and transformers 5 also reads (transformers 5 saves the keys without it).
+
+    Example:
+        >>> portable_clip_text_state_dict({"embeddings.token_embedding.weight": 0})
+        {'text_model.embeddings.token_embedding.weight': 0}
+    """
+    return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in state_dict.items()}
+
+
 def load_mini_sd_pipeline(
     scheduler: str = "dpm",
     device: str | torch.device = "cpu",
@@ -98,17 +165,25 @@ def load_mini_sd_pipeline(
         'DDIMScheduler'
     """
     import diffusers
-    from diffusers import StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     if scheduler not in SCHEDULERS:
         raise ValueError(
             f"unknown scheduler {scheduler!r}; expected one of {sorted(SCHEDULERS)}"
         )
+    root = mini_sd() if path is None else path
     with warnings.catch_warnings():
         # newer diffusers rename ``torch_dtype`` to ``dtype``; the old name works everywhere
         warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        # the models one by one, each checked to load exactly (the pipeline loader only warns)
+        models = {
+            name: kwargs.pop(name) if name in kwargs else load_exactly(cls, root, name, torch_dtype=dtype, local_files_only=True)
+            for name, cls in (("text_encoder", CLIPTextModel), ("unet", UNet2DConditionModel), ("vae", AutoencoderKL))
+        }
         pipe = StableDiffusionPipeline.from_pretrained(
-            mini_sd() if path is None else path,
+            root,
+            **models,
             torch_dtype=dtype,
             safety_checker=None,
             feature_extractor=None,

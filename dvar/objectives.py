@@ -5,11 +5,15 @@ computation with caches for what cannot change between evaluations (the noisy la
 and the prompt embeddings while no text-side parameter is trained). Both take
 ``(models, batch)``, the signature any custom objective plugs in with.
 
-Supported out of the box: epsilon-, v- and sample-prediction DDPM-family schedulers,
-rectified flow (``FlowMatchEulerDiscreteScheduler``, frozen sigmas, target
-``noise - latents``); SD 1.x/2.x UNets (one CLIP text encoder), SDXL UNets (two text
-encoders, pooled embeddings, added time ids), and SD3-style transformers when given a
-``prompt_encoder`` callable (e.g. wrapping ``pipe.encode_prompt``).
+Supported out of the box: epsilon-, v- and sample-prediction DDPM-family schedulers (with
+the scripts' optional min-SNR weighting, ``snr_gamma``), rectified flow
+(``FlowMatchEulerDiscreteScheduler``, frozen sigmas, target ``noise - latents``, the SD3/Flux
+scripts' ``weighting_scheme``); SD 1.x/2.x UNets (one CLIP text encoder), SDXL UNets (two
+text encoders, pooled embeddings, added time ids from the dataset's ``original_size`` and
+``crop_top_left``), Flux transformers (CLIP pooled + T5 embeddings, packed latents, the
+guidance embedding), and SD3-style transformers when given a ``prompt_encoder`` callable
+(e.g. wrapping ``pipe.encode_prompt``). Each matches what diffusers' training scripts
+compute for the same inputs (``tests/test_objectives.py``, ``tests/test_upstream_snippets.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from .batch import EvalBatch, is_flow_matching
 Models = Mapping[str, torch.nn.Module]
 Objective = Callable[[Models, EvalBatch], torch.Tensor]
 DENOISER_KEYS = ("unet", "transformer", "denoiser", "prior")
+#: ``--weighting_scheme`` of diffusers' SD3/Flux scripts: the first two weight the loss, the
+#: next two draw timesteps from a non-uniform density (:class:`~dvar.FixedEvalBatch`).
+WEIGHTING_SCHEMES = ("sigma_sqrt", "cosmap", "logit_normal", "mode", "none")
 
 
 @dataclass
@@ -38,11 +45,11 @@ class PromptEmbeddings:
 PromptEncoder = Callable[[Models, EvalBatch], PromptEmbeddings]
 
 
-def _tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+def _tokenize(tokenizer: Any, captions: Sequence[str], max_length: Optional[int] = None) -> torch.Tensor:
     return tokenizer(
         list(captions),
         padding="max_length",
-        max_length=tokenizer.model_max_length,
+        max_length=max_length or tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     ).input_ids
@@ -65,11 +72,11 @@ class CLIPPromptEncoder:
     def __init__(self, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
 
-    def _ids(self, batch: EvalBatch, tokenizer: Any) -> torch.Tensor:
+    def _ids(self, batch: EvalBatch, tokenizer: Any, max_length: Optional[int] = None) -> torch.Tensor:
         if batch.captions is not None:
             if tokenizer is None:
                 raise ValueError("The dataset gives caption strings: pass the tokenizer to DVAREarlyStopping.")
-            return _tokenize(tokenizer, batch.captions)
+            return _tokenize(tokenizer, batch.captions, max_length)
         if batch.input_ids is None:
             raise ValueError("The evaluation batch has no captions or input_ids for the text encoder.")
         return batch.input_ids
@@ -101,9 +108,41 @@ class SDXLPromptEncoder(CLIPPromptEncoder):
         return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
 
 
-def default_prompt_encoder(models: Models, tokenizer: Any = None, tokenizer_2: Any = None) -> Optional[PromptEncoder]:
-    """SDXL encoder when a second text encoder is given, CLIP when one is, else None."""
+class FluxPromptEncoder(CLIPPromptEncoder):
+    """Flux conditioning: the pooled output of the CLIP encoder and the last hidden state of the
+    T5 encoder (``text_encoder_2``, ``max_sequence_length`` tokens), as in diffusers'
+    ``train_dreambooth_lora_flux.py`` ``encode_prompt``.
+
+    Example:
+        >>> encode = FluxPromptEncoder(tokenizer_one, tokenizer_two, max_sequence_length=512)  # doctest: +SKIP
+    """
+
+    text_encoder_keys = ("text_encoder", "text_encoder_2")
+
+    def __init__(self, tokenizer: Any = None, tokenizer_2: Any = None, max_sequence_length: Optional[int] = None) -> None:
+        super().__init__(tokenizer)
+        self.tokenizer_2 = tokenizer_2
+        self.max_sequence_length = max_sequence_length or 512  # the scripts' --max_sequence_length default
+
+    def __call__(self, models: Models, batch: EvalBatch) -> PromptEmbeddings:
+        clip, t5 = models["text_encoder"], models["text_encoder_2"]
+        pooled = clip(self._ids(batch, self.tokenizer, 77).to(_device_of(clip)), output_hidden_states=False).pooler_output
+        hidden = t5(self._ids(batch, self.tokenizer_2, self.max_sequence_length).to(_device_of(t5)))[0]
+        return PromptEmbeddings(hidden, pooled)
+
+
+def is_t5(module: torch.nn.Module) -> bool:
+    return getattr(getattr(module, "config", None), "model_type", None) in ("t5", "umt5")
+
+
+def default_prompt_encoder(
+    models: Models, tokenizer: Any = None, tokenizer_2: Any = None, max_sequence_length: Optional[int] = None
+) -> Optional[PromptEncoder]:
+    """Flux's encoder when the second text encoder is a T5, SDXL's when it is a CLIP, CLIP's
+    when there is one text encoder, else None."""
     if "text_encoder_2" in models:
+        if is_t5(models["text_encoder_2"]):
+            return FluxPromptEncoder(tokenizer, tokenizer_2, max_sequence_length)
         return SDXLPromptEncoder(tokenizer, tokenizer_2)
     if "text_encoder" in models:
         return CLIPPromptEncoder(tokenizer)
@@ -139,13 +178,52 @@ def noisy_inputs(batch: EvalBatch, noise_scheduler: Any) -> Tuple[torch.Tensor, 
 
 
 def _sdxl_time_ids(batch: EvalBatch) -> torch.Tensor:
+    """(original size, crop top-left, target size) per example, as SDXL scripts' ``compute_time_ids``.
+
+    The size and crop come from the dataset items (``original_size``, ``crop_top_left``, as in
+    ``train_dreambooth_lora_sdxl.py``); without them, an uncropped image of the training size.
+    """
     height, width = batch.pixel_values.shape[-2:]
-    # (original size, crop top-left, target size), as for an uncropped training image.
+    if batch.size_conditioning is not None:
+        target = torch.tensor([[height, width]] * len(batch), dtype=torch.float32)
+        return torch.cat([batch.size_conditioning.float(), target], dim=1)
     return torch.tensor([[height, width, 0, 0, height, width]] * len(batch), dtype=torch.float32)
 
 
+def _predict_flux(
+    denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: PromptEmbeddings,
+    guidance_scale: Optional[float],
+) -> torch.Tensor:
+    """A FluxTransformer2DModel forward pass on unpacked latents, as ``train_dreambooth_lora_flux.py``."""
+    from diffusers import FluxPipeline
+
+    param = next(denoiser.parameters())
+    batch_size, channels, height, width = noisy.shape
+    guidance = None
+    if denoiser.config.guidance_embeds:
+        if guidance_scale is None:
+            raise ValueError(
+                "This Flux transformer embeds the guidance scale: pass guidance_scale=args.guidance_scale to DVAR "
+                "(the value the training script feeds it)."
+            )
+        guidance = torch.tensor([guidance_scale], device=param.device).expand(batch_size)
+    hidden = cond.hidden_states.to(param.device, param.dtype)
+    prediction = denoiser(
+        hidden_states=FluxPipeline._pack_latents(noisy, batch_size, channels, height, width),
+        timestep=timesteps / 1000,
+        guidance=guidance,
+        pooled_projections=cond.pooled.to(param.device, param.dtype),
+        encoder_hidden_states=hidden,
+        txt_ids=torch.zeros(hidden.shape[1], 3).to(device=param.device, dtype=param.dtype),
+        img_ids=FluxPipeline._prepare_latent_image_ids(batch_size, height // 2, width // 2, param.device, param.dtype),
+        return_dict=False,
+    )[0]
+    return FluxPipeline._unpack_latents(prediction, height=height, width=width, vae_scale_factor=1)
+
+
 def predict(
-    denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Optional[PromptEmbeddings], batch: EvalBatch
+    denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Optional[PromptEmbeddings], batch: EvalBatch,
+    guidance_scale: Optional[float] = None,
 ) -> torch.Tensor:
     """One denoiser forward pass, with the call convention of its diffusers class."""
     param = next(denoiser.parameters())
@@ -153,6 +231,10 @@ def predict(
     timesteps = timesteps.to(param.device)
     hidden = None if cond is None else cond.hidden_states.to(param.device, param.dtype)
     config = getattr(denoiser, "config", {})
+    if "guidance_embeds" in config:  # FluxTransformer2DModel
+        if cond is None or cond.pooled is None:
+            raise ValueError("A Flux transformer needs pooled CLIP and T5 embeddings (text_encoder, text_encoder_2).")
+        return _predict_flux(denoiser, noisy, timesteps, cond, guidance_scale)
     if hasattr(denoiser, "add_embedding") or "cross_attention_dim" in config:  # UNet2DConditionModel
         added: Optional[Dict[str, torch.Tensor]] = None
         if config.get("addition_embed_type") == "text_time":
@@ -181,7 +263,7 @@ class DiffusionObjective:
 
     Args:
         noise_scheduler: the training noise scheduler (its ``prediction_type`` and timesteps).
-        prompt_encoder: ``(models, batch) -> PromptEmbeddings``; by default CLIP (SD) or
+        prompt_encoder: ``(models, batch) -> PromptEncoder``; by default CLIP (SD) or
             SDXL, from which text encoders are in ``models``.
         tokenizer, tokenizer_2: for caption strings.
         cache_text: cache the prompt embeddings. Default: while no text-encoder
@@ -199,18 +281,46 @@ class DiffusionObjective:
         tokenizer: Any = None,
         tokenizer_2: Any = None,
         cache_text: Optional[bool] = None,
+        weighting_scheme: str = "none",
+        snr_gamma: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        max_sequence_length: Optional[int] = None,
     ) -> None:
+        check_loss_settings(noise_scheduler, weighting_scheme, snr_gamma)
         self.noise_scheduler = noise_scheduler
         self.prompt_encoder = prompt_encoder
         self.tokenizers = (tokenizer, tokenizer_2)
         self.cache_text = cache_text
+        self.weighting_scheme = weighting_scheme
+        self.snr_gamma = snr_gamma
+        self.guidance_scale = guidance_scale
+        self.max_sequence_length = max_sequence_length
         self._text_cache: Dict[Any, PromptEmbeddings] = {}
         self._input_cache: Dict[Any, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def _encoder(self, models: Models) -> Optional[PromptEncoder]:
         if self.prompt_encoder is None:
-            self.prompt_encoder = default_prompt_encoder(models, *self.tokenizers)
+            self.prompt_encoder = default_prompt_encoder(models, *self.tokenizers, self.max_sequence_length)
         return self.prompt_encoder
+
+    def text_encoder_keys(self, models: Models) -> Tuple[str, ...]:
+        encoder = self._encoder(models)
+        return getattr(encoder, "text_encoder_keys", ("text_encoder", "text_encoder_2", "text_encoder_3"))
+
+    def cache_prompt_embeddings(self, models: Models, batch: EvalBatch) -> bool:
+        """Encode the batch's prompts now if they can be cached (frozen text side, frozen captions).
+
+        True if they are cached: the text encoders are then no longer needed for this batch.
+        """
+        if batch.prompt_embeds is not None and self.prompt_encoder is None:
+            return True  # precomputed by the dataset: no text encoder is used
+        if self._encoder(models) is None or batch.text_cache_key is None:
+            return False
+        keys = self.text_encoder_keys(models)
+        if not (self.cache_text if self.cache_text is not None else not text_side_trainable(models, keys)):
+            return False
+        self._prompt_embeddings(models, batch)
+        return True
 
     def _prompt_embeddings(self, models: Models, batch: EvalBatch) -> Optional[PromptEmbeddings]:
         if batch.prompt_embeds is not None and self.prompt_encoder is None:  # precomputed by the dataset
@@ -218,7 +328,7 @@ class DiffusionObjective:
         encoder = self._encoder(models)
         if encoder is None:
             return None
-        keys = getattr(encoder, "text_encoder_keys", ("text_encoder", "text_encoder_2", "text_encoder_3"))
+        keys = self.text_encoder_keys(models)
         cache = self.cache_text if self.cache_text is not None else not text_side_trainable(models, keys)
         if not cache or batch.text_cache_key is None:
             return encoder(models, batch)
@@ -239,8 +349,42 @@ class DiffusionObjective:
         denoiser = denoiser_of(models)
         noisy, timesteps, target = self._noisy_inputs(batch, _device_of(denoiser))
         cond = self._prompt_embeddings(models, batch)
-        prediction = predict(denoiser, noisy, timesteps, cond, batch)
+        prediction = predict(denoiser, noisy, timesteps, cond, batch, self.guidance_scale)
+        # the reductions below are the scripts' own, line for line
+        if self.weighting_scheme in ("sigma_sqrt", "cosmap"):  # train_dreambooth_lora_flux.py / _sd3.py
+            from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+            sigmas = batch.sigmas.to(prediction.device).view(-1, *([1] * (prediction.ndim - 1)))
+            weighting = compute_loss_weighting_for_sd3(weighting_scheme=self.weighting_scheme, sigmas=sigmas)
+            squared = (weighting.float() * (prediction.float() - target.float()) ** 2).reshape(target.shape[0], -1)
+            return torch.mean(squared, 1).mean()
+        if self.snr_gamma is not None:  # train_dreambooth_lora_sdxl.py --snr_gamma
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            base_weight = torch.stack([snr, self.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+            v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
+            mse_loss_weights = base_weight + 1 if v_prediction else base_weight
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            return (loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights).mean()
         return F.mse_loss(prediction.float(), target.float())
+
+
+def check_loss_settings(noise_scheduler: Any, weighting_scheme: str = "none", snr_gamma: Optional[float] = None) -> None:
+    """Reject loss settings the training scripts would not combine with this scheduler."""
+    if weighting_scheme not in WEIGHTING_SCHEMES:
+        raise ValueError(f"Unknown weighting_scheme {weighting_scheme!r}; choose one of {WEIGHTING_SCHEMES}.")
+    flow = is_flow_matching(noise_scheduler)
+    if weighting_scheme != "none" and not flow:
+        raise ValueError(
+            f"weighting_scheme={weighting_scheme!r} is a flow-matching (SD3/Flux) option, but the noise scheduler is "
+            f"{type(noise_scheduler).__name__}; for DDPM-family schedulers use snr_gamma= (min-SNR) or nothing."
+        )
+    if snr_gamma is not None and (flow or snr_gamma <= 0):
+        raise ValueError(
+            f"snr_gamma={snr_gamma} needs a DDPM-family noise scheduler and a value > 0 "
+            f"(got {type(noise_scheduler).__name__}); flow matching uses weighting_scheme=."
+        )
 
 
 def deterministic_loss(
@@ -250,8 +394,11 @@ def deterministic_loss(
     tokenizer: Any = None,
     tokenizer_2: Any = None,
     prompt_encoder: Optional[PromptEncoder] = None,
+    **loss_settings: Any,
 ) -> torch.Tensor:
-    """The training loss of ``models`` on ``batch``, without caches.
+    """The training loss of ``models`` on ``batch``, without caches (``loss_settings``: the
+    ``weighting_scheme``/``snr_gamma``/``guidance_scale``/``max_sequence_length`` of
+    :class:`DiffusionObjective`).
 
     Call it under ``torch.no_grad()`` with the models in eval mode, or let
     :class:`~dvar.DVAREarlyStopping` do that.
@@ -260,5 +407,5 @@ def deterministic_loss(
         >>> with torch.no_grad():  # doctest: +SKIP
         ...     loss = deterministic_loss({"unet": unet, "text_encoder": te}, batch.next(), scheduler, tokenizer)
     """
-    objective = DiffusionObjective(noise_scheduler, prompt_encoder, tokenizer, tokenizer_2, cache_text=False)
+    objective = DiffusionObjective(noise_scheduler, prompt_encoder, tokenizer, tokenizer_2, cache_text=False, **loss_settings)
     return objective(models, batch)

@@ -131,6 +131,84 @@ def tiny_sd3(seed: int = 0, resolution: int = 16) -> Dict[str, Any]:
     return parts
 
 
+def t5_tokenizer(model_max_length: int = 512) -> Any:
+    """A tiny T5-style (Unigram, ``</s>``-terminated) fast tokenizer built in code: whole words
+    for the usual prompts, single characters for anything else."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    words = (
+        "photo of sks circle dog cat the red green blue yellow black white purple orange dotted striped "
+        "checkered solid star heart ring cross square triangle diamond on in background left right center "
+        "small large with inside"
+    ).split()
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [("\u2581" + w, -1.0) for w in words]
+    vocab += [("\u2581" + c, -4.0) for c in string.ascii_lowercase]
+    vocab += [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_flux(seed: int = 0, resolution: int = 16, guidance_embeds: bool = True) -> Dict[str, Any]:
+    """Flux-shaped parts: a FluxTransformer2DModel (packed 2x2 latents, guidance embedding as in
+    FLUX.1-dev), a VAE with a shift factor, CLIP + T5 text encoders, Flux's flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer_2 = t5_tokenizer()
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=resolution,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,  # 4 latent channels, packed 2x2
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    text_encoder = CLIPTextModel(_text_config())
+    text_encoder_2 = T5EncoderModel(
+        T5Config(vocab_size=len(tokenizer_2), d_model=32, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                 relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    return {
+        "transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": sd_tokenizer(),
+        "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2, "noise_scheduler": scheduler,
+    }
+
+
 class ToyConceptDataset(torch.utils.data.Dataset):
     """A few smooth random "photos" of one concept with a caption, shaped like the diffusers
     example datasets (``pixel_values`` in [-1, 1] and ``prompt``), with a random flip

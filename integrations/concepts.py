@@ -22,14 +22,17 @@ def bundled_concept(method: str) -> Any:
 
 
 def concept_metadata(folder: Optional[str]) -> Optional[Dict[str, Any]]:
-    """``concept.json`` of a bundled-format concept folder, or None for a plain folder of photos."""
+    """``<name>.json`` beside a bundled-format concept folder ``<name>/``, or None for a plain folder of photos."""
     if folder is None:
         return None
-    path = Path(folder) / "concept.json"
+    from dvar.world.concepts import metadata_path
+
+    path = metadata_path(Path(folder).resolve())
     if not path.is_file():
         return None
     with open(path) as handle:
-        return json.load(handle)
+        meta = json.load(handle)
+    return meta if meta.get("name") == path.stem else None  # some other JSON file that happens to lie there
 
 
 def concept_class_word(folder: Optional[str]) -> Optional[str]:

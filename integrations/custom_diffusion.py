@@ -157,7 +157,7 @@ class CustomDiffusion(DreamBoothBase):
     can_train_text_encoder = False  # the modifier token's embedding trains, not the encoder
     instance_prompt_help = (
         "Prompt with the modifier token, e.g. 'a photo of a <new1> cat' (default: 'a photo of a "
-        "<modifier_token> <class word>', the class word from a bundled concept's concept.json)."
+        "<modifier_token> <class word>', the class word from a bundled concept's <name>.json)."
     )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

@@ -22,8 +22,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 
-METADATA_FILES = {"concept.json"}  # the bundled concepts' metadata, next to their images
-
 
 class UsageError(ValueError):
     """Bad input from the user: the message names the problem and the fix (exit code 2)."""
@@ -65,7 +63,7 @@ def load_image_folder(folder: Optional[str], what: str = "--instance_data_dir") 
     if not root.is_dir():
         raise UsageError(f"{what} {root} is a file, not a folder; pass the folder that holds your photos.")
     files = sorted(
-        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".") and p.name not in METADATA_FILES
+        p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
     )
     if not files:
         raise UsageError(f"{what} {root} is empty; put 3-6 photos of your concept (JPEG, PNG or WebP) in it.")

@@ -276,11 +276,13 @@ class DreamBooth(DreamBoothBase):
     def load_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
         from diffusers import UNet2DConditionModel
 
+        from dvar.models import load_exactly
+
         unet = accelerator.unwrap_model(parts.unet)
-        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder, subfolder="unet").state_dict())
+        unet.load_state_dict(load_exactly(UNet2DConditionModel, folder, "unet").state_dict())
         if self.args.train_text_encoder:
             text_encoder = accelerator.unwrap_model(parts.text_encoder)
-            saved = type(text_encoder).from_pretrained(folder, subfolder="text_encoder")
+            saved = load_exactly(type(text_encoder), folder, "text_encoder")
             text_encoder.load_state_dict(saved.state_dict())
 
     def save(self, output_dir: str, parts: Components, accelerator: Any) -> List[str]:

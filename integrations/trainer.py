@@ -302,11 +302,13 @@ def load_components(path: str) -> Components:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from dvar.models import load_exactly  # fails loudly where from_pretrained would leave random weights
+
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder").float(),
-        vae=AutoencoderKL.from_pretrained(path, subfolder="vae").float(),
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet").float(),
+        text_encoder=load_exactly(CLIPTextModel, path, "text_encoder").float(),
+        vae=load_exactly(AutoencoderKL, path, "vae").float(),
+        unet=load_exactly(UNet2DConditionModel, path, "unet").float(),
         noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
         model_path=path,
     )
@@ -380,6 +382,7 @@ class Trainer:
             preset=self.method.preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
             eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
             seed=args.seed, max_train_steps=args.max_train_steps,
+            verbose=False,  # the stop line is printed by finish(), after the progress bar
         )
         settings.update(overrides)
         return DVAREarlyStopping(
@@ -579,13 +582,9 @@ class Trainer:
         if stopper is not None:
             summary.update(stopper.summary(args.max_train_steps))
             summary["time_saved_s_estimate"] = round(summary["steps_saved"] * mean_step, 2)
-            stopper.save_history(args.output_dir)
+            stopper.save_history(args.output_dir, summary=False)  # the summary below holds stopper.summary()
             if stopper.should_stop:
-                saved = args.max_train_steps - stopper.stop_step
-                accelerator.print(
-                    f"DVAR stopped training at step {stopper.stop_step} of {args.max_train_steps} "
-                    f"({saved} steps, {saved / args.max_train_steps:.0%} of the budget, saved): {stopper.reason}"
-                )
+                stopper.report()  # the callback's stop line: step, budget, steps saved, reason
         with open(os.path.join(args.output_dir, "dvar_summary.json"), "w") as handle:
             json.dump(summary, handle, indent=2)
         if samples and args.num_validation_images > 0:

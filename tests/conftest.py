@@ -45,7 +45,43 @@ def tiny_pipeline_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def concept_dir():
-    """A bundled synthetic concept folder (5 PNGs + concept.json)."""
+    """A bundled synthetic concept folder (5 PNGs only; its metadata is <name>.json beside it)."""
     from dvar.world import list_concepts
 
     return list_concepts("textual_inversion")[0].path
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A randomly initialised SDXL pipeline folder (16x16 images; two CLIP encoders, text_time UNet)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dvar.tiny import tiny_sdxl
+
+    parts = tiny_sdxl(seed=0, resolution=16)
+    pipe = StableDiffusionXLPipeline(
+        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+        scheduler=parts["noise_scheduler"],
+    )
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A randomly initialised Flux pipeline folder (16x16 images; CLIP + T5, guidance-embedding transformer)."""
+    from diffusers import FluxPipeline
+
+    from dvar.tiny import tiny_flux
+
+    parts = tiny_flux(seed=0, resolution=16)
+    pipe = FluxPipeline(
+        scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
+        transformer=parts["transformer"],
+    )
+    path = tmp_path_factory.mktemp("tiny-flux")
+    pipe.save_pretrained(path)
+    return path

@@ -63,7 +63,9 @@ def photos(tmp_path_factory, concept_dir):
     root = tmp_path_factory.mktemp("kohya-data")
     folder = root / "img" / "1_sks circle"
     folder.mkdir(parents=True)
-    concept = json.loads((Path(concept_dir) / "concept.json").read_text())
+    from dvar.world.concepts import metadata_path
+
+    concept = json.loads(metadata_path(concept_dir).read_text())
     for image in concept["images"]:
         shutil.copy(Path(concept_dir) / image["file"], folder / image["file"])
         (folder / image["file"]).with_suffix(".txt").write_text(image["prompt"].format("sks circle"))

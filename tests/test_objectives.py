@@ -190,3 +190,66 @@ def test_custom_objective_scale_wise_autoregressive_cross_entropy(sd_parts):
     losses = [row.eval_loss for row in stopper.history]
     assert losses[-1] < losses[0]
     assert model.training  # dropout was only switched off while evaluating
+
+
+def test_logit_normal_frozen_timesteps_follow_the_scripts_density(toy_dataset):
+    """weighting_scheme='logit_normal' (the SD3 scripts' default) draws the frozen timesteps as the
+    scripts do: sigma = 1 - sigmoid(N(0, 1)) puts 68% of them in [0.27, 0.73] (uniform: 46%)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, use_dynamic_shifting=True)
+
+    def logit_normal(k):
+        return compute_density_for_timestep_sampling("logit_normal", batch_size=k, logit_mean=0.0, logit_std=1.0)
+
+    def share_in_middle(density):
+        sigmas = torch.cat([
+            FixedEvalBatch(toy_dataset, noise_scheduler=scheduler, seed=seed, timestep_density=density).frozen.sigmas
+            for seed in range(100)
+        ])
+        return float(((sigmas > 0.27) & (sigmas < 0.73)).float().mean())
+
+    assert share_in_middle(logit_normal) == pytest.approx(0.68, abs=0.07)
+    assert share_in_middle(None) == pytest.approx(0.46, abs=0.07)
+
+
+@pytest.mark.parametrize(
+    "scheduler, kwargs, message",
+    [
+        ("flow", {"weighting_scheme": "sigma"}, "Unknown weighting_scheme 'sigma'"),
+        ("ddpm", {"weighting_scheme": "sigma_sqrt"}, "is a flow-matching .SD3/Flux. option"),
+        ("flow", {"snr_gamma": 5.0}, "snr_gamma=5.0 needs a DDPM-family noise scheduler"),
+        ("ddpm", {"snr_gamma": 0.0}, "and a value > 0"),
+    ],
+)
+def test_impossible_loss_settings(scheduler, kwargs, message, toy_dataset):
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    noise_scheduler = FlowMatchEulerDiscreteScheduler() if scheduler == "flow" else DDPMScheduler()
+    with pytest.raises(ValueError, match=message):
+        DiffusionObjective(noise_scheduler, **kwargs)
+
+
+def test_timestep_density_needs_a_flow_matching_scheduler(toy_dataset):
+    from diffusers import DDPMScheduler
+
+    with pytest.raises(ValueError, match="for flow-matching"):
+        FixedEvalBatch(toy_dataset, noise_scheduler=DDPMScheduler(), timestep_density=lambda k: torch.rand(k))
+
+
+def test_vae_latents_mean_and_std_are_applied_as_the_sdxl_scripts_do(toy_dataset):
+    """``(x - latents_mean) * scaling_factor / latents_std`` for a VAE whose config gives them."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(16,), norm_num_groups=8, latent_channels=4, scaling_factor=0.5,
+                        latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[2.0, 1.0, 0.5, 4.0])
+    fixed = FixedEvalBatch(toy_dataset, vae=vae, noise_scheduler=None)
+    pixels = fixed.frozen.pixel_values
+    assert fixed.vae is None  # encoded once, then let go (nothing is resampled)
+    with torch.no_grad():
+        dist = vae.encode(pixels).latent_dist
+    m, s = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1), torch.tensor(vae.config.latents_std).view(1, 4, 1, 1)
+    assert torch.allclose(fixed._latent_mean, (dist.mean - m) * 0.5 / s, atol=1e-6)
+    assert torch.allclose(fixed._latent_std, dist.std * 0.5 / s, atol=1e-6)

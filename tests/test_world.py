@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from dvar.world import (
     sample_scenes,
 )
 from dvar.world.classifier import CLASSIFIER_ATTRIBUTES, augment
-from dvar.world.concepts import GROUP_SIZES, design_concepts, render_concept
+from dvar.world.concepts import GROUP_SIZES, design_concepts, metadata_path, render_concept, write_concepts
 from dvar.world.scenes import (
     ATTRIBUTES,
     BACKGROUND_CONFLICTS,
@@ -266,6 +267,36 @@ def test_each_concept_folder_has_five_rgb_64px_pngs(concepts) -> None:
         for path in paths:
             with Image.open(path) as image:
                 assert (image.format, image.mode, image.size) == ("PNG", "RGB", (64, 64))
+
+
+def test_each_concept_folder_holds_only_images_as_the_diffusers_scripts_read_them(concepts) -> None:
+    """diffusers' textual_inversion.py and the DreamBooth scripts open every file of
+    --train_data_dir / --instance_data_dir as an image; the metadata lies beside the folder."""
+    for concept in concepts:
+        # examples/textual_inversion/textual_inversion.py, TextualInversionDataset
+        image_paths = [os.path.join(concept.path, file_path) for file_path in os.listdir(concept.path)]
+        for path in image_paths:
+            image = Image.open(path)
+            if not image.mode == "RGB":
+                image = image.convert("RGB")
+            assert np.array(image).astype(np.uint8).shape == (64, 64, 3), path
+        assert sorted(os.listdir(concept.path)) == [im.file for im in concept.images]
+        assert metadata_path(concept.path) == concept.path.parent / f"{concept.name}.json"
+        assert json.loads(metadata_path(concept.path).read_text())["name"] == concept.name
+
+
+def test_write_concepts_reproduces_the_bundled_files_and_removes_stale_ones(tmp_path) -> None:
+    stale = tmp_path / "old_concept"
+    stale.mkdir()
+    (stale / "00.png").write_bytes(b"")
+    (tmp_path / "old_concept.json").write_text(json.dumps({"name": "old_concept"}))
+    write_concepts(tmp_path, seed=0)
+    assert not stale.exists() and not (tmp_path / "old_concept.json").exists()
+    root = list_concepts()[0].path.parent
+    for concept in list_concepts()[:3]:  # byte-identical: PNGs and metadata
+        for name in [f"{concept.name}.json"] + [f"{concept.name}/{im.file}" for im in concept.images]:
+            assert (tmp_path / name).read_bytes() == (root / name).read_bytes(), name
+    assert (tmp_path / "index.json").read_bytes() == (root / "index.json").read_bytes()
 
 
 def test_committed_metadata_matches_a_fresh_design(concepts) -> None:

@@ -53,11 +53,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from dvar.models import load_exactly, portable_clip_text_state_dict
 from dvar.world import HELD_OUT, render, sample_scene
 from dvar.world.scenes import TEMPLATES
 
@@ -284,7 +286,7 @@ def load_part(init_from: Path, name: str):
         "unet": UNet2DConditionModel,
         "text_encoder": CLIPTextModel,
     }[name]
-    return cls.from_pretrained(init_from / name, torch_dtype=torch.float32)
+    return load_exactly(cls, init_from / name, torch_dtype=torch.float32)
 
 
 def train_vae(
@@ -568,6 +570,10 @@ def export(
             shutil.rmtree(out / name)
         shutil.copytree(tmp / name, out / name)
     shutil.copy(tmp / "model_index.json", out / "model_index.json")
+    # transformers 5 writes the text encoder's keys without "text_model.", which transformers 4
+    # silently ignores (random weights): write them in the form both versions read exactly.
+    weights = out / "text_encoder" / "model.safetensors"
+    save_file(portable_clip_text_state_dict(load_file(weights)), weights, metadata={"format": "pt"})
     # transformers loads a model in the dtype its config names, diffusers in float32: a plain
     # ``from_pretrained`` would pair a float16 text encoder with a float32 UNet.
     config_path = out / "text_encoder" / "config.json"

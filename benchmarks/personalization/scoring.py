@@ -155,6 +155,8 @@ class ClipScorer(_EmbeddingIdentity):
         from transformers import AutoTokenizer, CLIPConfig, CLIPTextModelWithProjection
         from transformers.utils import logging as hf_logging
 
+        from dvar.models import load_exactly
+
         from dvar.metrics import ClipImageEncoder
 
         if not Path(path).is_dir():
@@ -166,7 +168,9 @@ class ClipScorer(_EmbeddingIdentity):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the vision tower's weights are left out on purpose
         try:
-            self.text_model = CLIPTextModelWithProjection.from_pretrained(path, config=text_config, local_files_only=True)
+            self.text_model = load_exactly(  # a text weight missing from the file fails loudly
+                CLIPTextModelWithProjection, path, config=text_config, local_files_only=True, allow_unexpected=True
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
         self.text_model.eval().requires_grad_(False).to(device)

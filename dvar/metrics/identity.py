@@ -369,6 +369,8 @@ class ClipImageEncoder:
         )
         from transformers.utils import logging as hf_logging
 
+        from dvar.models import load_exactly
+
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
@@ -382,8 +384,9 @@ class ClipImageEncoder:
             config = vision_config
             hf_logging.set_verbosity_error()
         try:
-            self.model = CLIPVisionModelWithProjection.from_pretrained(
-                str(path), config=config, local_files_only=True
+            # unused text-tower weights are fine; a vision weight missing from the file is not
+            self.model = load_exactly(
+                CLIPVisionModelWithProjection, str(path), config=config, local_files_only=True, allow_unexpected=True
             )
         finally:
             hf_logging.set_verbosity(verbosity)

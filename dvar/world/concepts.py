@@ -2,10 +2,11 @@
 
 Each concept is an object the pretrained mini-SD never saw: a held-out
 (color, pattern, shape) combination from :data:`dvar.world.HELD_OUT`, alone or with a
-smaller solid shape inside it. It comes as a folder of 5 training images (the same object
-at different positions, sizes and backgrounds) and a ``concept.json`` with its class word,
-training prompts and evaluation prompts (new contexts, each with the attributes the
-:class:`~dvar.world.AttributeClassifier` checks). The 48 concepts are split 9 / 9 / 30 into
+smaller solid shape inside it. It comes as a folder ``<name>/`` holding only its 5 training
+images (the same object at different positions, sizes and backgrounds), so that the folder
+works as the ``--train_data_dir``/``--instance_data_dir`` of any trainer, and beside it a
+``<name>.json`` with its class word, training prompts and evaluation prompts (new contexts,
+each with the attributes the :class:`~dvar.world.AttributeClassifier` checks). The 48 concepts are split 9 / 9 / 30 into
 ``textual_inversion``, ``custom_diffusion`` and ``dreambooth``, as in the DVAR paper.
 
 The bundled set is regenerated with::
@@ -62,6 +63,7 @@ __all__ = [
     "default_root",
     "design_concepts",
     "list_concepts",
+    "metadata_path",
     "object_pool",
     "render_concept",
     "write_concepts",
@@ -76,6 +78,20 @@ TRAIN_PROMPTS: tuple[str, ...] = tuple(t.format(object="{}") for t in TEMPLATES 
 _IMAGE_TEMPLATE = 1  # "a photo of a {size} {} {position}, on a {background} background"
 
 Context = tuple[str, str, str]  # (background, position, size)
+
+
+def metadata_path(folder: Union[str, Path]) -> Path:
+    """The metadata file of a concept folder: ``<name>.json`` beside (not in) the folder.
+
+    The folder itself holds only images, so the diffusers example scripts, which open every
+    file of their data folder as an image, can train on it.
+
+    Example:
+        >>> metadata_path("dvar/assets/concepts/red_dotted_ring")
+        PosixPath('dvar/assets/concepts/red_dotted_ring.json')
+    """
+    folder = Path(folder)
+    return folder.parent / f"{folder.name}.json"
 
 
 def default_root() -> Path:
@@ -111,7 +127,7 @@ class ConceptImage(EvalPrompt):
 
 @dataclass(frozen=True)
 class ConceptInfo:
-    """Metadata of one concept, as stored in its ``concept.json``.
+    """Metadata of one concept, as stored in ``<name>.json`` beside its image folder.
 
     Example:
         >>> c = list_concepts()[0]
@@ -166,7 +182,7 @@ class ConceptInfo:
         return [Image.open(p).convert("RGB") for p in self.image_paths()]
 
     def to_json(self) -> dict[str, Any]:
-        """The ``concept.json`` content."""
+        """The ``<name>.json`` content."""
         return {
             "name": self.name,
             "group": self.group,
@@ -347,24 +363,26 @@ def render_concept(info: ConceptInfo, size: int = 64) -> list[Image.Image]:
 
 
 def write_concepts(out: Union[str, Path], seed: int = 0, objects: str = "held_out") -> list[ConceptInfo]:
-    """Design, render and write a concept set (folders of PNGs, ``concept.json``, ``index.json``).
+    """Design, render and write a concept set: per concept a folder of PNGs and a
+    ``<name>.json`` beside it, and ``index.json``.
 
-    Concept folders already in ``out`` that are not part of the new set are deleted.
+    Concepts already in ``out`` that are not part of the new set are deleted.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     designed = design_concepts(seed, objects)
     names = {info.name for info in designed}
-    for stale in out.glob("*/concept.json"):
-        if stale.parent.name not in names:
-            shutil.rmtree(stale.parent)
+    for stale in out.glob("*.json"):
+        if stale.stem not in names and json.loads(stale.read_text()).get("name") == stale.stem:  # an old concept
+            shutil.rmtree(out / stale.stem, ignore_errors=True)
+            stale.unlink()
     written = []
     for info in designed:
         folder = out / info.name
         folder.mkdir(exist_ok=True)
         for im, image in zip(info.images, render_concept(info)):
             image.save(folder / im.file, optimize=True)
-        (folder / "concept.json").write_text(json.dumps(info.to_json(), indent=2) + "\n")
+        metadata_path(folder).write_text(json.dumps(info.to_json(), indent=2) + "\n")
         written.append(ConceptInfo.from_json(info.to_json(), folder))
     index = {
         "seed": seed,
@@ -393,7 +411,7 @@ def list_concepts(group: Optional[str] = None, root: Union[str, Path, None] = No
     for entry in index["concepts"]:
         if group is None or entry["group"] == group:
             folder = root / entry["name"]
-            out.append(ConceptInfo.from_json(json.loads((folder / "concept.json").read_text()), folder))
+            out.append(ConceptInfo.from_json(json.loads(metadata_path(folder).read_text()), folder))
     return out
 
 
@@ -405,7 +423,7 @@ def concept_dir(name: str, root: Union[str, Path, None] = None) -> Path:
         True
     """
     folder = (default_root() if root is None else Path(root)) / name
-    if not (folder / "concept.json").is_file():
+    if not folder.is_dir() or not metadata_path(folder).is_file():
         raise KeyError(f"no concept {name!r} under {folder.parent}")
     return folder
 

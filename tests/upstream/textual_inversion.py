@@ -24,6 +24,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+from diffusers.utils.import_utils import is_xformers_available
 from dvar import DVAREarlyStopping  # DVAR
 
 logger = get_logger(__name__)
@@ -63,6 +65,11 @@ def parse_args(input_args=None):
     parser.add_argument("--checkpointing_steps", type=int, default=500)
     parser.add_argument("--checkpoints_total_limit", type=int, default=None)
     parser.add_argument("--resume_from_checkpoint", type=str, default=None)
+    parser.add_argument(
+        "--no_safe_serialization",
+        action="store_true",
+        help="If specified save the checkpoint not in `safetensors` format, but in original PyTorch format instead.",
+    )
     parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
     parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
 
@@ -226,6 +233,7 @@ def main(args):
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
 
+    # We need to initialize the trackers we use, and also store our configuration.
     global_step = 0
     first_epoch = 0
     if args.resume_from_checkpoint:
@@ -310,8 +318,15 @@ def main(args):
         # Save the newly trained embeddings
         weight_name = "learned_embeds.safetensors"
         save_path = os.path.join(args.output_dir, weight_name)
-        save_progress(text_encoder, placeholder_token_ids, accelerator, args, save_path)
-        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png
+        save_progress(
+            text_encoder,
+            placeholder_token_ids,
+            accelerator,
+            args,
+            save_path,
+            safe_serialization=not args.no_safe_serialization,
+        )
+        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png, dvar_summary.json
 
     accelerator.end_training()
     return result(accelerator, global_step, epoch, args, stopper)

@@ -27,6 +27,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders import AttnProcsLayers
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor, CustomDiffusionAttnProcessor2_0
 from diffusers.optimization import get_scheduler
+from diffusers.utils.import_utils import is_xformers_available
 from dvar import DVAREarlyStopping  # DVAR
 
 logger = get_logger(__name__)
@@ -176,6 +177,11 @@ def parse_args(input_args=None):
     parser.add_argument("--initializer_token", type=str, default="ktn+pll+ucd")
     parser.add_argument("--hflip", action="store_true")
     parser.add_argument("--noaug", action="store_true")
+    parser.add_argument(
+        "--no_safe_serialization",
+        action="store_true",
+        help="If specified save the checkpoint not in `safetensors` format, but in original PyTorch format instead.",
+    )
     parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
     parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
 
@@ -367,6 +373,7 @@ def main(args):
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
 
+    # Train!
     global_step = 0
     first_epoch = 0
     if args.resume_from_checkpoint:
@@ -456,9 +463,16 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = unet.to(torch.float32)
-        unet.save_attn_procs(args.output_dir, safe_serialization=True)
-        save_new_embed(text_encoder, modifier_token_id, accelerator, args, args.output_dir)
-        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png
+        unet.save_attn_procs(args.output_dir, safe_serialization=not args.no_safe_serialization)
+        save_new_embed(
+            text_encoder,
+            modifier_token_id,
+            accelerator,
+            args,
+            args.output_dir,
+            safe_serialization=not args.no_safe_serialization,
+        )
+        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png, dvar_summary.json
 
     accelerator.end_training()
     return result(accelerator, global_step, epoch, args, stopper)

@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, CLIPTextModel
 
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.utils.import_utils import is_xformers_available
 from dvar import DVAREarlyStopping  # DVAR
 
 logger = get_logger(__name__)
@@ -58,6 +59,13 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_scheduler", type=str, default="constant")
     parser.add_argument("--lr_warmup_steps", type=int, default=500)
     parser.add_argument("--max_grad_norm", default=1.0, type=float)
+    parser.add_argument(
+        "--validation_scheduler",
+        type=str,
+        default="DPMSolverMultistepScheduler",
+        choices=["DPMSolverMultistepScheduler", "DDPMScheduler"],
+        help="Select which scheduler to use for validation. DDPMScheduler is recommended for DeepFloyd IF.",
+    )
     parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
     parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
 
@@ -274,6 +282,7 @@ def main(args):
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
 
+    # We need to initialize the trackers we use, and also store our configuration.
     global_step = 0
     first_epoch = 0
     if args.resume_from_checkpoint:
@@ -348,7 +357,7 @@ def main(args):
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
 
-    # Create the pipeline using using the trained modules and save it.
+    # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         pipeline_args = {}
@@ -360,7 +369,7 @@ def main(args):
             **pipeline_args,
         )
         pipeline.save_pretrained(args.output_dir)
-        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png
+        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png, dvar_summary.json
 
     accelerator.end_training()
     return result(accelerator, global_step, epoch, args, stopper)

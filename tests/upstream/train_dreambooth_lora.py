@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.optimization import get_scheduler
 from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils.torch_utils import is_compiled_module
 from dvar import DVAREarlyStopping  # DVAR
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -181,6 +182,7 @@ def main(args):
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
 
+    # We need to initialize the trackers we use, and also store our configuration.
     global_step = 0
     first_epoch = 0
     if args.resume_from_checkpoint:
@@ -263,12 +265,14 @@ def main(args):
         unet = unwrap_model(unet)
         unet = unet.to(torch.float32)
         unet_lora_state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        text_encoder_state_dict = None  # (--train_text_encoder is not part of this copy)
+
         StableDiffusionLoraLoaderMixin.save_lora_weights(
             save_directory=args.output_dir,
             unet_lora_layers=unet_lora_state_dict,
-            text_encoder_lora_layers=None,
+            text_encoder_lora_layers=text_encoder_state_dict,
         )
-        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png
+        stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png, dvar_summary.json
 
     accelerator.end_training()
     return result(accelerator, global_step, epoch, args, stopper)

@@ -1,0 +1,195 @@
+"""The hand check of the upstream-script guide, in one command: diffusers' own example scripts,
+patched by ``integrations/README.md`` (``check_guide.py --write``), run for real.
+
+    python benchmarks/upstream_check.py PATH_TO_DIFFUSERS [--work /tmp/dvar-upstream-check]
+
+* textual_inversion.py on the bundled mini-SD, with a bundled concept folder as
+  ``--train_data_dir`` (600 steps, the ``textual_inversion`` preset);
+* train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py on tiny randomly initialised
+  SDXL and Flux pipelines saved to disk (``dvar.tiny``; 40 steps, window 5, threshold 0.2),
+  plus, for each: the unmodified script against the patched one with a threshold that cannot
+  fire (LoRA weights must be bit-identical), and a run resumed from ``checkpoint-8`` (its first
+  8 history rows must be the uninterrupted run's).
+
+Each run must print the stop line, write ``dvar_history.csv`` (stop row) and
+``dvar_summary.json``, and finish the script (the SDXL/Flux scripts reload their LoRA with
+``pipeline.load_lora_weights`` at the end). Needs torchvision (the scripts import it). Exit 1 on
+any failed check. Takes about 6 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from benchmarks import check_guide  # noqa: E402
+
+def make_torchvision_importable() -> None:
+    """PyPI's torchvision is a CUDA build: with a CPU-only torch its C ops do not load, and its
+    import then fails on two op schemas. The scripts use only torchvision.transforms (pure
+    Python), so define those two schemas when the ops cannot load."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return
+    try:
+        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
+    except (ImportError, OSError):
+        library = torch.library.Library("torchvision", "DEF")
+        for op in ("nms", "qnms"):
+            library.define(op + "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        make_torchvision_importable.library = library  # keep the definitions alive
+
+
+def save_tiny_pipelines(work: Path) -> Dict[str, Path]:
+    from diffusers import FluxPipeline, StableDiffusionXLPipeline
+
+    from dvar.tiny import tiny_flux, tiny_sdxl
+
+    paths = {"sdxl": work / "tiny-sdxl", "flux": work / "tiny-flux"}
+    if not paths["sdxl"].exists():
+        p = tiny_sdxl(seed=0, resolution=16)
+        StableDiffusionXLPipeline(
+            vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"], tokenizer=p["tokenizer"],
+            tokenizer_2=p["tokenizer_2"], unet=p["unet"], scheduler=p["noise_scheduler"],
+        ).save_pretrained(paths["sdxl"])
+    if not paths["flux"].exists():
+        p = tiny_flux(seed=0, resolution=16)
+        FluxPipeline(
+            scheduler=p["noise_scheduler"], vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"],
+            text_encoder_2=p["text_encoder_2"], tokenizer_2=p["tokenizer_2"], transformer=p["transformer"],
+        ).save_pretrained(paths["flux"])
+    return paths
+
+
+def run(script: Path, args: Sequence[str], out: Path) -> str:
+    if out.exists() and "--resume_from_checkpoint" not in args:
+        shutil.rmtree(out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
+    command = [sys.executable, __file__, "--exec", str(script), *args, "--output_dir", str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
+    log = done.stdout + done.stderr
+    (out.parent / f"{out.name}.log").write_text(log)
+    if done.returncode != 0:
+        raise SystemExit(f"{script.name} failed (exit {done.returncode}); the end of its log:\n{log[-3000:]}")
+    return log
+
+
+def stop_lines(log: str) -> List[str]:
+    return [line.split(" - dvar.callback - ")[1] for line in log.replace("\r", "\n").splitlines() if " - dvar.callback - " in line]
+
+
+def history(out: Path) -> List[dict]:
+    with open(out / "dvar_history.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def check_stop(name: str, out: Path, log: str, failures: List[str]) -> dict:
+    summary = json.loads((out / "dvar_summary.json").read_text())
+    rows = history(out)
+    ok = (
+        stop_lines(log) == [summary["message"]] and summary["stopped_early"]
+        and rows[-1]["stop_reason"] == summary["reason"] and int(rows[-1]["step"]) == summary["stop_step"]
+    )
+    print(f"{'OK  ' if ok else 'FAIL'} {name}: {summary['message']}")
+    if not ok:
+        failures.append(f"{name}: stop line, history and summary disagree (see {out})")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("diffusers", type=Path, help="a diffusers checkout (the folder holding examples/)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/dvar-upstream-check"))
+    args = parser.parse_args(argv)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    if check_guide.check(args.diffusers, write=work / "patched"):
+        return 1
+    for script in ("train_dreambooth_lora_sdxl.py", "train_dreambooth_lora_flux.py"):
+        target = work / "unpatched" / "examples" / "dreambooth" / script
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(args.diffusers / "examples" / "dreambooth" / script, target)
+    make_torchvision_importable()
+    from dvar.models import mini_sd
+    from dvar.world import list_concepts
+
+    patched = work / "patched" / "examples"
+    failures: List[str] = []
+
+    ti = list_concepts("textual_inversion")[0]
+    out = work / "ti"
+    log = run(patched / "textual_inversion" / "textual_inversion.py", [
+        "--pretrained_model_name_or_path", str(mini_sd()), "--train_data_dir", str(ti.path), "--learnable_property",
+        "object", "--placeholder_token", "<sks>", "--initializer_token", ti.class_word, "--resolution", "64",
+        "--train_batch_size", "1", "--max_train_steps", "600", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
+        "--seed", "0",
+    ], out)
+    check_stop(f"textual_inversion.py, mini-SD, {ti.name}", out, log, failures)
+
+    pipelines = save_tiny_pipelines(work)
+    db = list_concepts("dreambooth")[0]
+    for kind in ("sdxl", "flux"):
+        script = patched / "dreambooth" / f"train_dreambooth_lora_{kind}.py"
+        common = [
+            "--pretrained_model_name_or_path", str(pipelines[kind]), "--instance_data_dir", str(db.path),
+            "--instance_prompt", f"a photo of sks {db.class_word}", "--resolution", "16", "--train_batch_size", "1",
+            "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--seed", "0", "--report_to", "tensorboard",
+        ]
+        out = work / kind
+        log = run(script, [*common, "--max_train_steps", "40", "--checkpointing_steps", "4", "--dvar_window", "5",
+                           "--dvar_threshold", "0.2"], out)
+        full = check_stop(f"train_dreambooth_lora_{kind}.py, tiny {kind}", out, log, failures)
+
+        resumed = work / f"{kind}-resumed"
+        if resumed.exists():
+            shutil.rmtree(resumed)
+        resumed.mkdir()
+        shutil.copytree(out / "checkpoint-8", resumed / "checkpoint-8")
+        run(script, [*common, "--max_train_steps", "40", "--checkpointing_steps", "4", "--dvar_window", "5",
+                     "--dvar_threshold", "0.2", "--resume_from_checkpoint", "checkpoint-8"], resumed)
+        same = [r["eval_loss"] for r in history(resumed)[:8]] == [r["eval_loss"] for r in history(out)[:8]]
+        stop = json.loads((resumed / "dvar_summary.json").read_text())["stop_step"]
+        print(f"{'OK  ' if same else 'FAIL'} {kind} resumed from checkpoint-8: history rows 1-8 "
+              f"{'identical' if same else 'differ'}; stopped at {stop} (uninterrupted: {full['stop_step']})")
+        if not same:
+            failures.append(f"{kind}: the resumed run's first 8 history rows differ")
+
+        from safetensors.torch import load_file
+
+        short = [*common, "--max_train_steps", "12", "--checkpointing_steps", "100", "--random_flip"]
+        run(work / "unpatched" / "examples" / "dreambooth" / script.name, short, work / f"{kind}-plain")
+        run(script, [*short, "--dvar_window", "5", "--dvar_threshold", "1e-9"], work / f"{kind}-attached")
+        plain = load_file(str(work / f"{kind}-plain" / "pytorch_lora_weights.safetensors"))
+        attached = load_file(str(work / f"{kind}-attached" / "pytorch_lora_weights.safetensors"))
+        equal = sorted(plain) == sorted(attached) and all((plain[k] == attached[k]).all() for k in plain)
+        print(f"{'OK  ' if equal else 'FAIL'} {kind}: 12 steps with and without the guide's lines: {len(plain)} LoRA "
+              f"tensors {'bit-identical' if equal else 'DIFFER'}")
+        if not equal:
+            failures.append(f"{kind}: attaching the stopper changed the LoRA weights")
+    for failure in failures:
+        print(f"error: {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--exec"]:  # run one script (the subprocesses above)
+        make_torchvision_importable()
+        sys.argv = sys.argv[2:]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    else:
+        sys.exit(main())
