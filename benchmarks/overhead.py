@@ -125,12 +125,13 @@ class ProbeDone(Exception):
 
 
 class SavingsProbe(TrainerCallback):
-    """Per evaluation, what the callback's two bit-identical savings remove (timed in turns, 200 times
-    each): eval mode by ``Module.eval()``/``train()`` against :func:`dvar.callback.eval_mode`, and
-    ``accelerator.unwrap_model`` on every evaluation against once. Then stops the run."""
+    """Per evaluation, what the bit-identical savings remove (timed in turns, 200 times each): eval
+    mode by ``Module.eval()``/``train()`` against :func:`dvar.callback.eval_mode`;
+    ``accelerator.unwrap_model`` and tokenizing the frozen captions, now done once. Then stops the run."""
 
     def __init__(self) -> None:
         self.ms: Dict[str, float] = {}
+        self.captions = False
 
     def on_train_begin(self, trainer: Trainer) -> None:
         from dvar.callback import eval_mode
@@ -138,6 +139,7 @@ class SavingsProbe(TrainerCallback):
         stopper = trainer.make_stopper(max_train_steps=None, eval_every=1)
         wrapped = list(stopper.models.values())
         plain = [trainer.accelerator.unwrap_model(m) for m in wrapped]
+        plain_models = dict(zip(stopper.models, plain))
         for module in plain:
             module.train()
 
@@ -155,7 +157,16 @@ class SavingsProbe(TrainerCallback):
         def unwrap() -> None:
             [trainer.accelerator.unwrap_model(m) for m in wrapped]
 
-        probes = {"Module.eval()/train()": module_eval_train, "eval_mode flags": flags, "unwrap_model": unwrap}
+        from dvar.objectives import _tokenize
+
+        batch = stopper.eval_batch.next()
+
+        def tokenize() -> None:
+            if batch.captions is not None:  # the dataset gives caption strings (else token ids: nothing to do)
+                _tokenize(trainer.parts.tokenizer, batch.captions)
+
+        probes = {"Module.eval()/train()": module_eval_train, "eval_mode flags": flags, "unwrap_model": unwrap,
+                  "tokenize": tokenize}
         times: Dict[str, List[float]] = {name: [] for name in probes}
         for _ in range(200):
             for name, probe in probes.items():
@@ -164,20 +175,26 @@ class SavingsProbe(TrainerCallback):
                 times[name].append(time.perf_counter() - started)
         self.ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
         self.ms["submodules"] = sum(1 for m in plain for _ in m.modules())
+        from dvar.objectives import text_side_trainable
+
+        # the text encoder runs at each evaluation only while a text-side parameter trains (else cached)
+        self.captions = batch.captions is not None and text_side_trainable(plain_models, ("text_encoder",))
         raise ProbeDone  # nothing more to time: leave the trainer before its first step
 
 
 def savings(methods: Sequence[str], extra: Sequence[str]) -> None:
-    print("\n| method | submodules | eval mode: Module.eval()/train() | dvar's eval_mode | unwrap_model (now once) |")
-    print("|---|---|---|---|---|")
+    print("\n| method | submodules | eval mode: Module.eval()/train() | dvar's eval_mode | unwrap_model (now once) "
+          "| tokenizing the frozen captions (now once) |")
+    print("|---|---|---|---|---|---|")
     for method in methods:
         probe = SavingsProbe()
         with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(ProbeDone):
             train_main(method_instance(method), ["--output_dir", tmp, "--overwrite_output_dir", "--num_validation_images",
                                                  "0", *extra], callbacks=[probe])
         ms = probe.ms
+        tokenize = f"{ms['tokenize']:.2f} ms" if probe.captions else "- (prompt embeddings cached)"
         print(f"| {method} | {ms['submodules']:.0f} | {ms['Module.eval()/train()']:.2f} ms | {ms['eval_mode flags']:.2f} ms "
-              f"| {ms['unwrap_model']:.2f} ms |", flush=True)
+              f"| {ms['unwrap_model']:.2f} ms | {tokenize} |", flush=True)
 
 
 def quartiles(values: Sequence[float]) -> List[float]:
