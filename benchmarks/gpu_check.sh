@@ -28,10 +28,11 @@ else
   python3 benchmarks/make_random_sd.py /tmp/random-sd15 > /dev/null 2>&1 || exit 1
   model_flags=(--pretrained_model_name_or_path /tmp/random-sd15); resolution_flags=(--resolution 512); rounds=10
 fi
-concept=dvar/assets/concepts/$(ls dvar/assets/concepts | grep -v json | head -1)
+window=$(( steps < 20 ? steps : 20 ))  # any window: the threshold never fires
+concept=$(ls -d dvar/assets/concepts/*/ | head -1)  # the first concept folder
 for mp in bf16 fp16 no; do
   for es in off on; do
-    flags=(); [ "$es" = on ] && flags=(--early-stop --early-stop-window 5 --early-stop-threshold 1e-9 --early-stop-eval-every 1)
+    flags=(); [ "$es" = on ] && flags=(--early-stop --early-stop-window $window --early-stop-threshold 1e-9 --early-stop-eval-every 1)
     python3 integrations/textual_inversion.py "${model_flags[@]}" "${resolution_flags[@]}" \
       --train_data_dir "$concept" --output_dir /tmp/ti-$mp-$es --overwrite_output_dir --max_train_steps "$steps" \
       --mixed_precision $mp --num_validation_images 0 --checkpointing_steps 100000 \

@@ -19,6 +19,7 @@ is the median over rounds of each block's s/step over the same round's block wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -119,6 +120,83 @@ def measure(method: str, batch_size: int, rounds: int, block_steps: int, out: st
     }
 
 
+class ProbeDone(Exception):
+    pass
+
+
+class SavingsProbe(TrainerCallback):
+    """Per evaluation, what the bit-identical savings remove (timed in turns, 200 times each): eval
+    mode by ``Module.eval()``/``train()`` against :func:`dvar.callback.eval_mode`;
+    ``accelerator.unwrap_model`` and tokenizing the frozen captions, now done once. Then stops the run."""
+
+    def __init__(self) -> None:
+        self.ms: Dict[str, float] = {}
+        self.captions = False
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        from dvar.callback import eval_mode
+
+        stopper = trainer.make_stopper(max_train_steps=None, eval_every=1)
+        wrapped = list(stopper.models.values())
+        plain = [trainer.accelerator.unwrap_model(m) for m in wrapped]
+        plain_models = dict(zip(stopper.models, plain))
+        for module in plain:
+            module.train()
+
+        def module_eval_train() -> None:
+            was = [m.training for m in plain]
+            for module in plain:
+                module.eval()
+            for module, training in zip(plain, was):
+                module.train(training)
+
+        def flags() -> None:
+            with eval_mode(plain):
+                pass
+
+        def unwrap() -> None:
+            [trainer.accelerator.unwrap_model(m) for m in wrapped]
+
+        from dvar.objectives import _tokenize
+
+        batch = stopper.eval_batch.next()
+
+        def tokenize() -> None:
+            if batch.captions is not None:  # the dataset gives caption strings (else token ids: nothing to do)
+                _tokenize(trainer.parts.tokenizer, batch.captions)
+
+        probes = {"Module.eval()/train()": module_eval_train, "eval_mode flags": flags, "unwrap_model": unwrap,
+                  "tokenize": tokenize}
+        times: Dict[str, List[float]] = {name: [] for name in probes}
+        for _ in range(200):
+            for name, probe in probes.items():
+                started = time.perf_counter()
+                probe()
+                times[name].append(time.perf_counter() - started)
+        self.ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
+        self.ms["submodules"] = sum(1 for m in plain for _ in m.modules())
+        from dvar.objectives import text_side_trainable
+
+        # the text encoder runs at each evaluation only while a text-side parameter trains (else cached)
+        self.captions = batch.captions is not None and text_side_trainable(plain_models, ("text_encoder",))
+        raise ProbeDone  # nothing more to time: leave the trainer before its first step
+
+
+def savings(methods: Sequence[str], extra: Sequence[str]) -> None:
+    print("\n| method | submodules | eval mode: Module.eval()/train() | dvar's eval_mode | unwrap_model (now once) "
+          "| tokenizing the frozen captions (now once) |")
+    print("|---|---|---|---|---|---|")
+    for method in methods:
+        probe = SavingsProbe()
+        with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(ProbeDone):
+            train_main(method_instance(method), ["--output_dir", tmp, "--overwrite_output_dir", "--num_validation_images",
+                                                 "0", *extra], callbacks=[probe])
+        ms = probe.ms
+        tokenize = f"{ms['tokenize']:.2f} ms" if probe.captions else "- (prompt embeddings cached)"
+        print(f"| {method} | {ms['submodules']:.0f} | {ms['Module.eval()/train()']:.2f} ms | {ms['eval_mode flags']:.2f} ms "
+              f"| {ms['unwrap_model']:.2f} ms | {tokenize} |", flush=True)
+
+
 def quartiles(values: Sequence[float]) -> List[float]:
     return statistics.quantiles(values, n=4)[::2] if len(values) > 1 else [values[0], values[0]]
 
@@ -141,6 +219,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--resolution", type=int, default=None, help="training resolution (default: the model's)")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default=None)
     parser.add_argument("--json", type=str, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--savings", action="store_true", help="only time the evaluation-side savings, per evaluation")
     args = parser.parse_args(argv)
     extra = [] if args.model is None else ["--pretrained_model_name_or_path", args.model]
     extra += [] if args.resolution is None else ["--resolution", str(args.resolution)]
@@ -155,6 +234,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     print(f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load average before: {load_average()}", flush=True)
+    if args.savings:
+        savings(args.methods, extra)
+        print(f"\nmedian of 200 timings each, taken in turns; load average after: {load_average()}")
+        return 0
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods:

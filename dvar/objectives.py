@@ -2,7 +2,8 @@
 
 ``deterministic_loss`` is the plain function; :class:`DiffusionObjective` is the same
 computation with caches for what cannot change between evaluations (the noisy latents,
-and the prompt embeddings while no text-side parameter is trained). Both take
+the token ids of frozen captions, and the prompt embeddings while no text-side parameter
+is trained). Both take
 ``(models, batch)``, the signature any custom objective plugs in with.
 
 Supported out of the box: epsilon-, v- and sample-prediction DDPM-family schedulers (with
@@ -71,12 +72,18 @@ class CLIPPromptEncoder:
 
     def __init__(self, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
+        self._ids_cache: Dict[Any, torch.Tensor] = {}  # token ids of frozen captions: tokenized once
 
     def _ids(self, batch: EvalBatch, tokenizer: Any, max_length: Optional[int] = None) -> torch.Tensor:
         if batch.captions is not None:
             if tokenizer is None:
                 raise ValueError("The dataset gives caption strings: pass the tokenizer to DVAREarlyStopping.")
-            return _tokenize(tokenizer, batch.captions, max_length)
+            if batch.text_cache_key is None:  # captions redrawn at every evaluation
+                return _tokenize(tokenizer, batch.captions, max_length)
+            key = (id(tokenizer), len(tokenizer), tuple(batch.captions), max_length)  # (len: tokens added since)
+            if key not in self._ids_cache:
+                self._ids_cache[key] = _tokenize(tokenizer, batch.captions, max_length)
+            return self._ids_cache[key]
         if batch.input_ids is None:
             raise ValueError("The evaluation batch has no captions or input_ids for the text encoder.")
         return batch.input_ids

@@ -88,6 +88,38 @@ def test_models_are_unwrapped_once(toy_dataset, sd_parts):
     assert calls == [sd_parts["unet"]] * 3 and stopper._plain_models == {"unet": sd_parts["unet"]}
 
 
+class CountingTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer, self.calls = tokenizer, 0
+        self.model_max_length = tokenizer.model_max_length
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+    def __len__(self):
+        return len(self.tokenizer)
+
+
+@pytest.mark.parametrize("resample, tokenizations", [((), 1), (("captions",), 3)])
+def test_frozen_captions_are_tokenized_once(sd_parts, toy_dataset, resample, tokenizations):
+    """While the text encoder trains (its embeddings cannot be cached), its token ids can."""
+    tokenizer = CountingTokenizer(sd_parts["tokenizer"])
+    assert any(p.requires_grad for p in sd_parts["text_encoder"].parameters())
+    stopper = DVAREarlyStopping(unet=sd_parts["unet"], vae=sd_parts["vae"], text_encoder=sd_parts["text_encoder"],
+                                tokenizer=tokenizer, noise_scheduler=sd_parts["noise_scheduler"], train_dataset=toy_dataset,
+                                window=5, threshold=0.1, resample=resample)
+    losses = [stopper.evaluate() for _ in range(3)]
+    assert tokenizer.calls == tokenizations
+    if not resample:  # the same as tokenizing every time (a batch without a text cache key is)
+        from dataclasses import replace
+
+        uncached = replace(stopper.eval_batch.next().shard(0, 1), text_cache_key=None)
+        with torch.no_grad(), eval_mode(stopper.models.values()):
+            reference = float(stopper.objective(stopper.models, uncached))
+        assert tokenizer.calls == 2 and losses == [reference] * 3
+
+
 # -- benchmarks/overhead.py -----------------------------------------------------------------
 
 
