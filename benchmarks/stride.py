@@ -69,8 +69,13 @@ class Outcome:
     censored: bool  # the strided rule had not fired when the trace ends (and the trace ends before the budget)
 
     @property
+    def delta(self) -> Optional[int]:
+        """stop(k) - stop(1) when both are known (positive: the stride stops later)."""
+        return None if self.censored or self.stop1 is None or self.stopk is None else self.stopk - self.stop1
+
+    @property
     def shift(self) -> Optional[int]:
-        return None if self.censored or self.stop1 is None or self.stopk is None else abs(self.stopk - self.stop1)
+        return None if self.delta is None else abs(self.delta)
 
 
 def load_traces(folder: Path) -> List[Trace]:
@@ -128,12 +133,14 @@ def method_rows(traces: Sequence[Trace], ks: Iterable[int]) -> List[Dict[str, ob
     for k in ks:
         outcomes = [outcome(t, k) for t in traces]
         shifts = [o.shift for o in outcomes if o.shift is not None]
+        deltas = [o.delta for o in outcomes if o.delta is not None]
         rows.append({
             "k": k,
             "evaluations": evaluations_in_window(window, k),
             "resolved": len(shifts),
             "median": statistics.median(shifts) if shifts else None,
             "max": max(shifts) if shifts else None,
+            "range": (min(deltas), max(deltas)) if deltas else None,
             "moved": sum(s > 0.01 * window for s in shifts),
             "later": sum(o.censored for o in outcomes),
             "appear": sum(o.stop1 is None and o.stopk is not None for o in outcomes),
@@ -150,16 +157,17 @@ def table(method: str, traces: Sequence[Trace], rows: Sequence[Dict[str, object]
         f"### {method}: window {window} steps, threshold {threshold:g}, {len(traces)} concepts "
         f"({full} recorded to the budget), auto stride k = {auto}",
         "",
-        "| k | evaluations per window | both fire in the trace | median \\|Δ\\| | max \\|Δ\\| | moved > 1% of window "
-        "| stop(k) later than the trace | appear | vanish |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| k | evaluations per window | both fire in the trace | median \\|Δ\\| | max \\|Δ\\| | Δ from .. to "
+        "| moved > 1% of window | stop(k) later than the trace | appear | vanish |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         share = f"{r['moved']}/{r['resolved']} ({r['moved'] / r['resolved']:.0%})" if r["resolved"] else "-"
         median = "-" if r["median"] is None else f"{r['median']:g}"
         mark = " (auto)" if r["k"] == auto else ""
+        span = "-" if r["range"] is None else f"{r['range'][0]:+d} .. {r['range'][1]:+d}"
         lines.append(f"| {r['k']}{mark} | {r['evaluations']} | {r['resolved']} | {median} | "
-                     f"{'-' if r['max'] is None else r['max']} | {share} | {r['later']} | {r['appear']} | {r['vanish']} |")
+                     f"{'-' if r['max'] is None else r['max']} | {span} | {share} | {r['later']} | {r['appear']} | {r['vanish']} |")
     return "\n".join(lines)
 
 
@@ -174,7 +182,7 @@ def report(folder: Path, ks: Sequence[int], source: str) -> str:
         "`python benchmarks/stride.py` replays each recorded every-step DVAR trace as the callback with "
         "`eval_every=k` would see it (values at steps k, 2k, ...; window round(N/k) evaluations). "
         "|Δ| = |stop(k) - stop(1)| in optimizer steps, over the concepts where both fire inside the recorded "
-        "trace; \"later than the trace\": stop(k) comes after the trace ends (it was recorded only up to "
+        "trace (Δ from .. to: the earliest and the latest stop(k) - stop(1), signed); \"later than the trace\": stop(k) comes after the trace ends (it was recorded only up to "
         "its every-step stop), so by how much is unknown; appear / vanish: a stop inside the budget with k "
         f"but not every step / the reverse (only decidable on traces recorded to the budget). "
         f"Auto stride: k = max(1, window // {AUTO_EVALS_PER_WINDOW}).",
