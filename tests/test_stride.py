@@ -233,7 +233,7 @@ def test_stride_tool_replays_what_the_callback_decides(tmp_path, toy_dataset, ca
     text = capsys.readouterr().out
     assert text == (tmp_path / "stride.md").read_text()
     assert "replay check: 4 recorded stops compared, 0 differ" in text  # 3 every-step stops + c0's every-5 stop
-    assert "| 1 (auto) | 40 | 3 | 0 | 0 | 0/3 (0%) | 0 | 0 | 0 |" in text  # k = 1: every concept, nothing moves
+    assert "| 1 (auto) | 40 | 3 | 0 | 0 | +0 .. +0 | 0/3 (0%) | 0 | 0 | 0 |" in text  # k = 1: every concept, nothing moves
 
     data = json.loads(path.read_text())
     data["dvar_variants"]["dvar_every5"]["eval_loss"][0] += 1e-3
