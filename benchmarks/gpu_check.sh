@@ -5,9 +5,11 @@
 #     every step: median step time, peak GPU memory, finite DVAR losses (table.md);
 #  2. what watching costs: benchmarks/overhead.py in bf16 at training batch 1 and 4, s/step
 #     without DVAR, at the default stride (eval_every="auto") and at every step, in interleaved
-#     blocks of one run (overhead.md).
+#     blocks of one run (overhead.md);
+#  3. the other trainers' CUDA paths: DreamBooth-LoRA, Custom Diffusion and DreamBooth in fp16 and
+#     bf16 with DVAR watching (window 20: the auto stride is 1): exit code, s/step, peak GPU memory (trainers.md).
 # Writes few files (the device tool brings back at most 8): gpu.txt, results.json, table.md,
-# overhead.md, overhead.json, logs.txt.
+# overhead.md, overhead.json, trainers.md, logs.txt.
 #   bash benchmarks/gpu_check.sh OUTDIR [STEPS] [MODEL]
 # MODEL "mini" runs everything on the embedded mini-SD at its own resolution instead (the CPU
 # dry run of this script's logic: bash benchmarks/gpu_check.sh /tmp/gpu_check 6 mini).
@@ -66,3 +68,30 @@ python3 benchmarks/overhead.py --methods textual_inversion --batch-sizes 1 4 --r
   "${overhead_model[@]}" "${mp_flags[@]}" --json "$out/overhead.json" > "$out/overhead.md" 2>> "$out/logs.txt"
 echo "overhead rc=$?" | tee -a "$out/logs.txt"
 cat "$out/overhead.md"
+# 3. the other trainers in fp16 / bf16 (trainable weights stay fp32, frozen ones in the compute dtype)
+echo "| method | precision | rc | outcome | median s/step | peak GB |" > "$out/trainers.md"
+echo "|---|---|---|---|---|---|" >> "$out/trainers.md"
+for method in dreambooth_lora custom_diffusion dreambooth; do
+  prompt="a photo of sks object"; extra=()
+  [ $method = custom_diffusion ] && prompt="a photo of <new1> object" && extra=(--modifier_token "<new1>" --initializer_token object)
+  for mp in fp16 bf16; do
+    [ "$model" = mini ] && [ $mp = fp16 ] && continue  # CPU autocast has no fp16 training path worth timing
+    python3 integrations/$method.py "${model_flags[@]}" "${resolution_flags[@]}" --instance_data_dir "$concept" \
+      --instance_prompt "$prompt" "${extra[@]}" --output_dir /tmp/$method-$mp --overwrite_output_dir \
+      --max_train_steps "$steps" --mixed_precision $mp --num_validation_images 0 --checkpointing_steps 100000 \
+      --early-stop --early-stop-window $window --early-stop-threshold 1e-9 > /tmp/log-$method-$mp.txt 2>&1
+    rc=$?
+    echo "$method $mp rc=$rc" >> "$out/logs.txt"
+    tail -c 1500 /tmp/log-$method-$mp.txt | tr '\r' '\n' | tail -4 >> "$out/logs.txt"
+    python3 - "$method" "$mp" "$rc" >> "$out/trainers.md" <<'PY'
+import json, pathlib, sys
+method, mp, rc = sys.argv[1:]
+try:
+    s = json.loads(pathlib.Path(f"/tmp/{method}-{mp}/dvar_summary.json").read_text())
+    print(f"| {method} | {mp} | {rc} | {s['outcome']} | {s['median_step_s']:.4f} | {s.get('peak_gpu_memory_gb')} |")
+except Exception as error:
+    print(f"| {method} | {mp} | {rc} | failed: {error} | | |")
+PY
+  done
+done
+cat "$out/trainers.md"
