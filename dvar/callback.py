@@ -16,13 +16,16 @@ import torch
 
 from .batch import PARTS, FixedEvalBatch
 from .criterion import (
+    AUTO_EVALS_PER_BUDGET,
     AUTO_EVALS_PER_WINDOW,
+    AUTO_TOLERANCE,
     DVARCriterion,
     EvalEvery,
     NonFinitePolicy,
     evaluations_in_window,
     resolve_eval_every,
     resolve_preset,
+    SettledCriterion,
 )
 from .objectives import DiffusionObjective, Objective
 
@@ -59,7 +62,9 @@ class DVARConfig:
 
     preset: Optional[str] = field(
         default=None,
-        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth."},
+        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; or "
+                          "'auto': no window, stop once the recent half of the run fell by less than threshold "
+                          f"(default {AUTO_TOLERANCE}) of the loss's total drop (needs max_train_steps for its stride)."},
     )
     window: Optional[int] = field(
         default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
@@ -103,12 +108,26 @@ class DVARConfig:
         default=None, metadata={"help": "Flux scripts' --max_sequence_length (T5 tokens; default 512)."}
     )
 
-    def resolved_window_threshold(self) -> Tuple[int, float]:
+    @property
+    def is_auto(self) -> bool:
+        """``preset="auto"``: the run-relative rule (:class:`~dvar.criterion.SettledCriterion`), no window."""
+        return (self.preset or "").lower() == "auto"
+
+    def resolved_window_threshold(self) -> Tuple[Optional[int], float]:
+        """(window in steps, threshold); the window is None for ``preset="auto"``."""
+        if self.is_auto:
+            if self.window is not None:
+                raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
+                                 "fixed-window preset).")
+            threshold = AUTO_TOLERANCE if self.threshold is None else self.threshold
+            SettledCriterion(threshold)  # validates it
+            self.resolved_eval_every()
+            return None, threshold
         preset = resolve_preset(self.preset) if self.preset else None
         window = self.window if self.window is not None else (preset.window if preset else None)
         threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
         if window is None or threshold is None:
-            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion') or both window and threshold.")
+            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion' or 'auto') or both window and threshold.")
         DVARCriterion(window, threshold)  # validates both, with the criterion's own messages
         resolve_eval_every(self.eval_every, window)  # validates it
         if self.max_train_steps is not None and window > self.max_train_steps:
@@ -119,13 +138,23 @@ class DVARConfig:
         return window, threshold
 
     def resolved_eval_every(self) -> int:
-        """The stride k in optimizer steps (``"auto"``: ``max(1, window // M)``, M = ``AUTO_EVALS_PER_WINDOW``).
+        """The stride k in optimizer steps (``"auto"``: ``max(1, window // M)``, M = ``AUTO_EVALS_PER_WINDOW``;
+        with ``preset="auto"``, which has no window: ``max(1, max_train_steps // 100)``).
 
         Example:
             >>> DVARConfig(preset="textual_inversion").resolved_eval_every()
             10
+            >>> DVARConfig(preset="auto", max_train_steps=1000).resolved_eval_every()
+            10
         """
-        return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
+        if not self.is_auto:
+            return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
+        if self.eval_every == "auto":
+            if self.max_train_steps is None:
+                raise ValueError("preset='auto' derives its evaluation stride from the step budget: pass "
+                                 "max_train_steps (or an explicit eval_every).")
+            return max(1, int(self.max_train_steps) // AUTO_EVALS_PER_BUDGET)
+        return resolve_eval_every(self.eval_every, 1)
 
 
 @dataclass
@@ -278,7 +307,9 @@ class DVAREarlyStopping:
         self._plain_models: Optional[Dict[str, torch.nn.Module]] = None
         self._cache_prompt_embeddings()
 
-    def _make_criterion(self) -> DVARCriterion:
+    def _make_criterion(self) -> Any:
+        if self.window is None:  # preset="auto"
+            return SettledCriterion(self.threshold, nonfinite=self.config.nonfinite)
         # The criterion counts evaluations; the window is meant in optimizer steps.
         evals_in_window = evaluations_in_window(self.window, self.eval_every)
         return DVARCriterion(evals_in_window, self.threshold, nonfinite=self.config.nonfinite)
@@ -382,7 +413,7 @@ class DVAREarlyStopping:
         if stop:
             self.stop_step = global_step
             self.reason = self.criterion.reason or "stopped by another process"
-            if self.eval_every > 1 and self.reason.startswith("plateau"):
+            if self.eval_every > 1 and self.reason.startswith(("plateau", "settled")):
                 self.reason += f" (evaluated every {self.eval_every} steps)"
             if self.config.verbose and self.rank_and_world[0] == 0:
                 logger.info(self.status_line())
@@ -408,9 +439,10 @@ class DVAREarlyStopping:
             return stop_message(self.stop_step, self.config.max_train_steps, self.reason)
         last = self.history[-1] if self.history else None
         nvar = "n/a" if last is None or math.isnan(last.normalized_variance) else f"{last.normalized_variance:.4g}"
+        statistic = "recent drop / total drop" if self.window is None else f"var(last {self.window}) / var(all)"
         return (
             f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
-            f"var(last {self.window}) / var(all) = {nvar} (stops below {self.threshold:g})"
+            f"{statistic} = {nvar} (stops below {self.threshold:g})"
         )
 
     def report(self) -> str:
@@ -432,6 +464,7 @@ class DVAREarlyStopping:
             "stopped_early": self.should_stop,
             "stop_step": self.stop_step,
             "reason": self.reason,
+            "rule": "auto" if self.window is None else "window",
             "window": self.window,
             "threshold": self.threshold,
             "eval_every": self.eval_every,

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dvar import DVAREarlyStopping
+from dvar.criterion import PRESETS
 
 from .data import UsageError, collate, load_image_folder
 
@@ -197,10 +198,15 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     add("--num_inference_steps", type=int, default=25)
     add("--dataloader_num_workers", type=int, default=0)
     add("--early-stop", "--early_stop", dest="early_stop", action="store_true", help="Stop when DVAR says the concept is learned.")
+    add("--early-stop-preset", "--early_stop_preset", dest="early_stop_preset", default=method.preset,
+        choices=sorted(PRESETS) + ["auto"],
+        help=f"DVAR setting (default: {method.preset}, the paper's for this method); 'auto': no window, stop once "
+        "the recent half of the run fell by less than the threshold (default 0.05) of the loss's total drop.")
     add("--early-stop-window", "--early_stop_window", dest="early_stop_window", type=int, default=None,
-        help=f"DVAR window N in steps (default: the {method.preset} preset).")
+        help="DVAR window N in steps (default: the preset's; not with --early-stop-preset auto).")
     add("--early-stop-threshold", "--early_stop_threshold", dest="early_stop_threshold", type=float, default=None,
-        help="DVAR threshold (default: the preset's).")
+        help="DVAR threshold (default: the preset's; for auto, the share of the total drop the recent half may "
+        "still fall).")
     add("--early-stop-eval-every", "--early_stop_eval_every", dest="early_stop_eval_every", type=eval_every_arg,
         default="auto", help="Evaluate the frozen batch every K steps (default auto: window // 30, at least 1; "
         "1 is the paper's every-step setting).")
@@ -237,6 +243,7 @@ def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
 
 def validate_settings(args: argparse.Namespace) -> None:
     """Settings that can never work, refused before anything is loaded or written."""
+    from dvar import DVARConfig
     from dvar.criterion import DVARCriterion, resolve_preset
 
     if args.max_train_steps < 1:
@@ -251,8 +258,15 @@ def validate_settings(args: argparse.Namespace) -> None:
             f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path} is not a local diffusers model "
             "folder; dvar runs offline: download the model first, or leave the flag out to use the embedded mini-SD."
         )
-    if args.early_stop:
-        preset = resolve_preset(args.method_preset)
+    if args.early_stop and args.early_stop_preset == "auto":
+        try:
+            DVARConfig(preset="auto", window=args.early_stop_window, threshold=args.early_stop_threshold,
+                       eval_every=args.early_stop_eval_every, max_train_steps=args.max_train_steps,
+                       ).resolved_window_threshold()
+        except ValueError as error:
+            raise UsageError(f"--early-stop-preset auto: {error}") from None
+    elif args.early_stop:
+        preset = resolve_preset(args.early_stop_preset)
         window = args.early_stop_window if args.early_stop_window is not None else preset.window
         threshold = args.early_stop_threshold if args.early_stop_threshold is not None else preset.threshold
         try:
@@ -356,7 +370,6 @@ def main(method: Method, argv: Optional[Sequence[str]] = None, callbacks: Sequen
     """Parse, validate, train; returns the exit code (2 for bad input, 130 for Ctrl-C)."""
     parser = build_parser(method)
     args = parser.parse_args(argv)
-    args.method_preset = method.preset
     logging.basicConfig(format="%(message)s", level=logging.INFO)
     try:
         resolve_defaults(method, args)
@@ -379,7 +392,7 @@ class Trainer:
         """The run's DVAR stopper (``overrides``: DVARConfig fields, e.g. ``resample=("timesteps",)``)."""
         args, parts = self.args, self.parts
         settings = dict(
-            preset=self.method.preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
+            preset=args.early_stop_preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
             eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
             seed=args.seed, max_train_steps=args.max_train_steps,
             verbose=False,  # the stop line is printed by finish(), after the progress bar

@@ -102,6 +102,8 @@ def test_a_finished_benchmark_resumes_to_nothing_and_writes_the_report(ci_run, c
         (["--preset", "quick"], "other settings"),  # the folder holds the ci benchmark
         (["--preset", "ci", "--config", "x.json"], "not both"),
         (["--config", str(REPO / "benchmarks/personalization/paper48.json")], "--concepts DIR"),
+        (["--preset", "ci", "--lr-scale", "0"], "--lr-scale must be a positive number"),
+        (["--preset", "ci", "--lr-scale", "2"], "other settings"),  # another learning rate: another folder
     ],
 )
 def test_bad_settings_exit_2_with_the_fix(ci_run, capsys, argv, message):
@@ -240,3 +242,13 @@ def test_learned_state_round_trips(tmp_path, tiny_pipeline_dir, concept_dir, met
         assert row.shape[0] == 1
     instance.load_learned_state(grab.state, parts, accelerator)
     assert all(torch.equal(instance.learned_state(parts, accelerator)[k], grab.state[k]) for k in after)
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_the_learning_rate_axis_scales_every_method(scale, tmp_path):
+    args = bench.build_parser().parse_args(["--preset", "full", "--lr-scale", str(scale), "--out", str(tmp_path),
+                                            "--concepts-per-method", "12"])
+    cfg, concepts, _ = bench.resolve(args)
+    base = {m.method: m.learning_rate for m in preset("full").methods}
+    assert {m.method: m.learning_rate for m in cfg.methods} == {k: v * scale for k, v in base.items()}
+    assert cfg.name == f"full-lr{scale:g}" and all(len(c) == 12 for c in concepts.values())

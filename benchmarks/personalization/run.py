@@ -12,6 +12,8 @@ sharing --out).
     python -m benchmarks.personalization.run --preset quick --out runs/quick
     python -m benchmarks.personalization.run --preset full --out runs/full --shard 1/2   # and 2/2
     python -m benchmarks.personalization.report runs/full
+    # the learning-rate axis (issue 12): 12 concepts per method at half and twice the learning rate
+    python -m benchmarks.personalization.run --preset full --lr-scale 0.5 --concepts-per-method 12 --out runs/full-lr0.5
     # Stable Diffusion, your photos, a local CLIP:
     python -m benchmarks.personalization.run --config benchmarks/personalization/paper48.json \\
         --model ./sd-v1-5 --concepts ./dreambooth_dataset --clip ./clip-vit-base-patch32 --out runs/sd
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -322,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard", type=parse_shard, default=(1, 1), help="Run every n-th job, i/n (default 1/1).")
     parser.add_argument("--methods", nargs="+", choices=METHOD_ORDER, default=None, help="Only these methods.")
     parser.add_argument("--concepts-per-method", type=int, default=None, help="Only the first N concepts per method.")
+    parser.add_argument("--lr-scale", type=float, default=1.0,
+                        help="Multiply every method's learning rate (the learning-rate axis, e.g. 0.5 or 2; use its own --out).")
     parser.add_argument("--world-concepts", type=Path, default=None,
                         help="Another synthetic concept set (python -m dvar.world.concepts --out DIR --seed S).")
     parser.add_argument("--model", default=None, help="Local diffusers model folder (default: the embedded mini-SD).")
@@ -353,6 +358,12 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
             raise ValueError(f"--methods {args.methods}: none of them is in this benchmark")
     if args.concepts_per_method is not None:
         cfg.concepts_per_method = args.concepts_per_method
+    if args.lr_scale != 1.0:
+        if not (args.lr_scale > 0 and math.isfinite(args.lr_scale)):
+            raise ValueError(f"--lr-scale must be a positive number (got {args.lr_scale})")
+        for settings in cfg.methods:
+            settings.learning_rate *= args.lr_scale
+        cfg.name = f"{cfg.name}-lr{args.lr_scale:g}"
     if "concepts" in extra:
         if args.concepts is None or args.model is None:
             raise ValueError(f"{args.config} lists photo concepts: pass --concepts DIR (their folders) and --model PATH")
@@ -413,7 +424,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "model": args.model or "mini-SD (embedded)", "scorer": "clip" if args.clip else "world",
             "command": "python -m benchmarks.personalization.run " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine_description(),
-            "methods": {m.method: {"max_train_steps": m.max_train_steps} for m in cfg.methods},
+            "methods": {m.method: {"max_train_steps": m.max_train_steps, "learning_rate": m.learning_rate}
+                        for m in cfg.methods},
+            "lr_scale": args.lr_scale,
         }
         args.out.mkdir(parents=True, exist_ok=True)
         check_same_benchmark(args.out, description)
