@@ -175,17 +175,30 @@ class SavingsProbe(TrainerCallback):
                 times[name].append(time.perf_counter() - started)
         self.ms = {name: 1000 * statistics.median(values) for name, values in times.items()}
         self.ms["submodules"] = sum(1 for m in plain for _ in m.modules())
-        from dvar.objectives import text_side_trainable
+        from dvar.objectives import encode_distinct_rows, text_side_trainable
 
         # the text encoder runs at each evaluation only while a text-side parameter trains (else cached)
         self.captions = batch.captions is not None and text_side_trainable(plain_models, ("text_encoder",))
+        if self.captions:  # encoding every caption row against each distinct caption once (same bits)
+            encoder, ids = plain_models["text_encoder"], _tokenize(trainer.parts.tokenizer, batch.captions)
+            self.ms["distinct captions"] = len(set(batch.captions))
+            encoders = {"every row": lambda: encoder(ids, return_dict=False)[0],
+                        "distinct rows": lambda: encode_distinct_rows(lambda r: encoder(r, return_dict=False)[0], ids)}
+            times = {name: [] for name in encoders}
+            with torch.no_grad(), eval_mode(plain):
+                for _ in range(30):
+                    for name, run in encoders.items():
+                        started = time.perf_counter()
+                        run()
+                        times[name].append(time.perf_counter() - started)
+            self.ms.update({f"encode {name}": 1000 * statistics.median(v) for name, v in times.items()})
         raise ProbeDone  # nothing more to time: leave the trainer before its first step
 
 
 def savings(methods: Sequence[str], extra: Sequence[str]) -> None:
     print("\n| method | submodules | eval mode: Module.eval()/train() | dvar's eval_mode | unwrap_model (now once) "
-          "| tokenizing the frozen captions (now once) |")
-    print("|---|---|---|---|---|---|")
+          "| tokenizing the frozen captions (now once) | text encoder: every caption row / each distinct caption once |")
+    print("|---|---|---|---|---|---|---|")
     for method in methods:
         probe = SavingsProbe()
         with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(ProbeDone):
@@ -193,8 +206,10 @@ def savings(methods: Sequence[str], extra: Sequence[str]) -> None:
                                                  "0", *extra], callbacks=[probe])
         ms = probe.ms
         tokenize = f"{ms['tokenize']:.2f} ms" if probe.captions else "- (prompt embeddings cached)"
+        encode = (f"{ms['encode every row']:.1f} ms / {ms['encode distinct rows']:.1f} ms ({ms['distinct captions']:.0f} "
+                  "distinct)" if probe.captions else "-")
         print(f"| {method} | {ms['submodules']:.0f} | {ms['Module.eval()/train()']:.2f} ms | {ms['eval_mode flags']:.2f} ms "
-              f"| {ms['unwrap_model']:.2f} ms | {tokenize} |", flush=True)
+              f"| {ms['unwrap_model']:.2f} ms | {tokenize} | {encode} |", flush=True)
 
 
 def quartiles(values: Sequence[float]) -> List[float]:

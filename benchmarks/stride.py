@@ -83,8 +83,11 @@ def load_traces(folder: Path) -> List[Trace]:
     traces = []
     for path in sorted(folder.glob("traces/*/*.json")):
         data = json.loads(path.read_text())
-        dvar = data.get("dvar")
-        if not dvar or dvar.get("eval_every") != 1:
+        # v1 runs evaluated the "dvar" watch every step; later ones keep it at the default stride and record
+        # the paper's every-step setting as the variant "dvar_every1"
+        dvar = next((w for w in [data.get("dvar"), *data.get("dvar_variants", {}).values()]
+                     if w and w.get("eval_every") == 1), None)
+        if dvar is None:
             continue
         steps = dvar["steps"]
         if steps != list(range(1, len(steps) + 1)):

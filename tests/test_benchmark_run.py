@@ -252,3 +252,16 @@ def test_the_learning_rate_axis_scales_every_method(scale, tmp_path):
     base = {m.method: m.learning_rate for m in preset("full").methods}
     assert {m.method: m.learning_rate for m in cfg.methods} == {k: v * scale for k, v in base.items()}
     assert cfg.name == f"full-lr{scale:g}" and all(len(c) == 12 for c in concepts.values())
+
+
+def test_rules_replays_candidates_on_the_recorded_trajectories(ci_run, capsys, tmp_path):
+    import benchmarks.rules as rules
+
+    trajectories = rules.load_trajectories(ci_run)
+    assert {t.method for t in trajectories} == set(CI_METHODS)
+    for t in trajectories:  # the every-step loss and the checks cover the whole budget
+        assert len(t.losses) == t.budget and t.check_steps[0] == 0 and t.check_steps[-1] == t.budget
+    assert rules.main([str(ci_run), "--csv", str(tmp_path / "cells.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "### selection half" in out and "| paper | textual_inversion |" in out
+    assert (tmp_path / "cells.csv").read_text().startswith(",".join(rules.COLUMNS))

@@ -253,3 +253,24 @@ def test_vae_latents_mean_and_std_are_applied_as_the_sdxl_scripts_do(toy_dataset
     m, s = torch.tensor(vae.config.latents_mean).view(1, 4, 1, 1), torch.tensor(vae.config.latents_std).view(1, 4, 1, 1)
     assert torch.allclose(fixed._latent_mean, (dist.mean - m) * 0.5 / s, atol=1e-6)
     assert torch.allclose(fixed._latent_std, dist.std * 0.5 / s, atol=1e-6)
+
+
+def test_a_repeated_caption_is_encoded_once_with_the_same_bits():
+    """Custom Diffusion's and DreamBooth's frozen batch repeats the instance prompt: the text encoder runs once
+    per distinct caption, and the embeddings (hence the loss) are bitwise those of encoding every row."""
+    from dvar.models import load_mini_sd_pipeline
+    from dvar.objectives import encode_distinct_rows
+
+    pipe = load_mini_sd_pipeline()
+    captions = ["a photo of a <new1> star", "a photo of a star", "a photo of a <new1> star", "a photo of a <new1> star"]
+    ids = tokenize(pipe.tokenizer, captions)
+    calls = []
+
+    def encode(rows):
+        calls.append(rows.shape[0])
+        return pipe.text_encoder(rows, return_dict=False)[0]
+
+    with torch.no_grad():
+        once = encode_distinct_rows(encode, ids)
+        every_row = pipe.text_encoder(ids, return_dict=False)[0]
+    assert calls == [2] and torch.equal(once, every_row)
