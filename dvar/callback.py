@@ -22,10 +22,10 @@ from .criterion import (
     DVARCriterion,
     EvalEvery,
     NonFinitePolicy,
+    SettledCriterion,
     evaluations_in_window,
     resolve_eval_every,
     resolve_preset,
-    SettledCriterion,
 )
 from .objectives import DiffusionObjective, Objective
 

@@ -125,8 +125,9 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     group = parser.add_argument_group("DVAR early stopping (dvar.integrations.kohya)")
     group.add_argument("--early_stop", action="store_true",
                        help="stop when the loss on a frozen batch of the training images plateaus (DVAR)")
-    group.add_argument("--early_stop_preset", type=str, default="dreambooth_lora", choices=sorted(PRESETS),
-                       help="published DVAR window/threshold (default dreambooth_lora: 440 steps, 0.4)")
+    group.add_argument("--early_stop_preset", type=str, default="dreambooth_lora", choices=sorted(PRESETS) + ["auto"],
+                       help="published DVAR window/threshold (default dreambooth_lora: 440 steps, 0.4), or 'auto' "
+                            "(no window; needs --max_train_steps or --early_stop_eval_every)")
     group.add_argument("--early_stop_window", type=int, default=None,
                        help="DVAR window N in optimizer steps (overrides the preset)")
     group.add_argument("--early_stop_threshold", type=float, default=None,

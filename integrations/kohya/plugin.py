@@ -153,7 +153,7 @@ class DVARTrainerMixin:
             len(run.dataset) / accelerator.num_processes / args.gradient_accumulation_steps
         )
         window, _ = run.config.resolved_window_threshold()
-        if window > budget:
+        if window is not None and window > budget:  # (preset "auto" has no window)
             raise KohyaPluginError(
                 f"--early_stop_window {window} is larger than the step budget of --max_train_epochs "
                 f"{args.max_train_epochs} ({budget} steps): DVAR could never fire. Lower the window or train longer."

@@ -1,0 +1,52 @@
+"""benchmarks/rules.py judges a stopping rule by each concept's saturation step: planted trajectories whose
+loss settles and whose identity saturates at known steps."""
+
+import math
+
+import numpy as np
+import pytest
+
+import benchmarks.rules as rules
+from benchmarks.personalization.saturation import oracle_saturation
+
+
+def planted(concept, tau, saturation, half="selection", budget=1000, method="dreambooth_lora"):
+    """Loss exp(-t / tau) (every step), identity rising linearly to a plateau at ``saturation``."""
+    steps = list(range(0, budget + 1, 50))
+    identity = [0.4 + 0.4 * min(s, saturation) / saturation for s in steps]
+    losses = [0.02 + 0.01 * math.exp(-t / tau) for t in range(1, budget + 1)]
+    return rules.Trajectory(method, concept, half, 1.0, budget, losses, steps, identity,
+                            oracle_saturation(steps, identity, noise_sd=0.01), [0.1] * budget, 0.05)
+
+
+def test_identity_between_checks_is_interpolated_and_time_counts_evaluations():
+    t = planted("a", tau=50, saturation=400)
+    assert t.identity_at(425) == pytest.approx(0.8) and t.identity_at(200) == pytest.approx(0.6)
+    assert t.seconds_to(100, 10) == pytest.approx(100 * 0.1 + 10 * 0.05)
+
+
+@pytest.mark.parametrize("tau, saturation", [(30, 150), (60, 300), (120, 600)])
+def test_the_shipped_auto_rule_stops_near_saturation_when_identity_tracks_the_loss(tau, saturation):
+    # identity saturates at 5 tau; the rule stops near 6 tau: stop / saturation within [0.8, 1.5]
+    row = rules.judge(planted("a", tau, saturation), rules.candidates()[rules.AUTO])
+    assert abs(row["saturation_step"] - saturation) <= 50 and 0.8 <= row["ratio"] <= 1.5
+    assert row["speedup"] > 1 and row["regret"] == pytest.approx(0)
+
+
+def test_a_rule_that_never_fires_is_judged_at_the_budget():
+    never = lambda t: (None, 0)  # noqa: E731
+    row = rules.judge(planted("a", 50, 400), never)
+    assert row["stop"] is None and row["ratio"] == pytest.approx(1000 / 400) and row["identity_change"] == 0
+    assert row["speedup"] == pytest.approx(1.0)
+
+
+def test_choose_prefers_the_closest_rule_without_an_identity_drop():
+    trajectories = [planted(f"c{i}", tau, 5 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    early = lambda t: (50, 1)  # noqa: E731  far too early: identity drops on every concept
+    late = lambda t: (t.budget, 1)  # noqa: E731  safe but far past saturation
+    cells = rules.compare(trajectories, {"paper": late, "early": early, "late": late, rules.AUTO: rules.candidates()[rules.AUTO]})
+    by_rule = {c["rule"]: c for c in cells}
+    assert not by_rule["early"]["no_significant_drop"] and by_rule["early"]["identity_p"] < 0.05
+    assert by_rule["late"]["too_late"] > 0.5
+    assert rules.choose(cells) == rules.AUTO
+    assert rules.meets_target(by_rule[rules.AUTO]) and not rules.meets_target(by_rule["late"])
