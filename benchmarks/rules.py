@@ -158,16 +158,17 @@ def fraction_window(fraction: float, threshold: float, floor: int = 10) -> Rule:
 def candidates() -> Dict[str, Rule]:
     """The paper's presets, the shipped ``auto`` and its neighbours, and fraction-of-the-run windows."""
     rules: Dict[str, Rule] = {"paper": paper_preset}
-    for tolerance in (0.02, 0.05, 0.1, 0.2):
+    for tolerance in (0.05, 0.1, 0.2, 0.3):
         for fraction in (1 / 3, 0.5):
-            rules[f"settled tol={tolerance:g} f={fraction:.2g}"] = settled(tolerance, fraction)
+            for z in (0.0, 2.0):
+                rules[f"settled tol={tolerance:g} f={fraction:.2g} z={z:g}"] = settled(tolerance, fraction, z=z)
     for fraction in (0.25, 0.5):
         for threshold in (0.1, 0.2, 0.4):
             rules[f"fraction-window f={fraction:g} alpha={threshold:g}"] = fraction_window(fraction, threshold)
     return rules
 
 
-AUTO = "settled tol=0.05 f=0.5"  # what preset="auto" ships (dvar.criterion defaults)
+AUTO = "settled tol=0.05 f=0.5 z=2"  # what preset="auto" ships (dvar.criterion defaults)
 
 
 # ------------------------------------------------------------------------------------------ judging
