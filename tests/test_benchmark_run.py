@@ -265,3 +265,23 @@ def test_rules_replays_candidates_on_the_recorded_trajectories(ci_run, capsys, t
     out = capsys.readouterr().out
     assert "### selection half" in out and "| paper | textual_inversion |" in out
     assert (tmp_path / "cells.csv").read_text().startswith(",".join(rules.COLUMNS))
+
+
+def test_traces_only_records_what_the_rule_comparison_replays(tmp_path, capsys):
+    import benchmarks.rules as rules
+
+    out = tmp_path / "lr2"
+    argv = ["--preset", "ci", "--methods", "dreambooth_lora", "--concepts-per-method", "2", "--lr-scale", "2",
+            "--traces-only", "--out", str(out)]
+    assert bench.main(argv) == 0
+    assert "python benchmarks/rules.py" in capsys.readouterr().out
+    concept = sorted(out.glob("records/dreambooth_lora/*"))[0]
+    variants = {p.stem: json.loads(p.read_text()) for p in concept.glob("*.json")}
+    assert set(variants) == {"baseline", "clip_s", "dvar", "dvar_every1"}  # no controls, no few iters
+    assert variants["baseline"]["identity_retest"] is not None and variants["baseline"]["alignment"] is None
+    assert variants["dvar"]["identity"] is None and variants["dvar"]["steps"] <= 40
+    assert json.loads((out / "benchmark.json").read_text())["lr_scale"] == 2.0
+    trajectories = rules.load_trajectories(out)
+    assert [(t.method, t.lr_scale, len(t.losses)) for t in trajectories] == [("dreambooth_lora", 2.0, 40)] * 2
+    assert {t.half for t in trajectories} == {"selection", "held_out"}
+    assert bench.main(argv[:-3] + ["--out", str(out)]) == 2  # the same folder without --traces-only: refused

@@ -13,7 +13,8 @@ sharing --out).
     python -m benchmarks.personalization.run --preset full --out runs/full --shard 1/2   # and 2/2
     python -m benchmarks.personalization.report runs/full
     # the learning-rate axis (issue 12): 12 concepts per method at half and twice the learning rate
-    python -m benchmarks.personalization.run --preset full --lr-scale 0.5 --concepts-per-method 12 --out runs/full-lr0.5
+    python -m benchmarks.personalization.run --preset full --lr-scale 0.5 --concepts-per-method 12 --traces-only \\
+        --out runs/full-lr0.5
     # Stable Diffusion, your photos, a local CLIP:
     python -m benchmarks.personalization.run --config benchmarks/personalization/paper48.json \\
         --model ./sd-v1-5 --concepts ./dreambooth_dataset --clip ./clip-vit-base-patch32 --out runs/sd
@@ -96,9 +97,9 @@ class Benchmark:
     """A results folder and the jobs that fill it."""
 
     def __init__(self, cfg: BenchmarkConfig, out: Path, concepts: Dict[str, List[ConceptSpec]], scorer: Any,
-                 model: Optional[str] = None, keep_weights: bool = False) -> None:
+                 model: Optional[str] = None, keep_weights: bool = False, traces_only: bool = False) -> None:
         self.cfg, self.out, self.concepts, self.scorer = cfg, Path(out), concepts, scorer
-        self.model, self.keep_weights = model, keep_weights
+        self.model, self.keep_weights, self.traces_only = model, keep_weights, traces_only
 
     def trajectory_jobs(self) -> List[Tuple[MethodSettings, ConceptSpec, bool]]:
         """(method, concept, traced) jobs, concept-major: an unfinished run has every method's first concepts."""
@@ -124,8 +125,9 @@ class Benchmark:
         started = time.perf_counter()
         method, work = method_instance(settings.method), self.out / "work" / settings.method / concept.name
         phrase, argv = trainer_argv(self.cfg, settings, concept, work, self.model)
+        traced = traced and not self.traces_only
         ablation = self.cfg.ablation_parts if traced and settings.method in self.cfg.ablation_methods else ()
-        premature = self.premature_steps(settings)
+        premature = {} if self.traces_only else self.premature_steps(settings)
         monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase,
                                     trace_full=traced, ablation_parts=ablation, job_started=started,
                                     checks_to_budget=self.cfg.checks_to_budget, loss_to_budget=self.cfg.loss_to_budget,
@@ -138,12 +140,18 @@ class Benchmark:
         trainer = monitor.trainer
 
         records: Dict[str, Dict[str, Any]] = {}
-        baseline_scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase, retest=True)
+        baseline_scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase, retest=True,
+                                                alignment=not self.traces_only)
         records["baseline"] = self._record(settings, concept, "baseline", budget, "budget", monitor, save_s,
                                            baseline_scores)
         records["baseline"].update({k: baseline_scores[k] for k in RETEST_KEYS})
         for variant in monitor.stops:
             stop = monitor.stops[variant]
+            if self.traces_only:  # where each rule stopped, not what its weights score
+                records[variant] = self._record(settings, concept, variant, stop or budget,
+                                                monitor.reasons[variant] or "budget (the rule did not fire)", monitor,
+                                                save_s, {})
+                continue
             if stop is None:  # the rule never fired: that variant trains to the budget
                 scores = {k: v for k, v in records["baseline"].items() if k in SCORE_KEYS}
                 reason = "budget (the rule did not fire)"
@@ -243,13 +251,17 @@ class Benchmark:
             records = self.run_trajectory(settings, concept, traced)
             base = records["baseline"]
             summary = ", ".join(
-                f"{v} {records[v]['steps']} steps ({base['wall_time_s'] / records[v]['wall_time_s']:.2f}x, "
-                f"identity {records[v]['identity'] - base['identity']:+.3f})" for v in records if v != "baseline"
+                f"{v} {records[v]['steps']} steps ({base['wall_time_s'] / records[v]['wall_time_s']:.2f}x"
+                + (f", identity {records[v]['identity'] - base['identity']:+.3f})" if records[v]["identity"] is not None
+                   else ")")
+                for v in records if v != "baseline"
             )
             log(f"[{number}/{len(pending)}] {settings.method} {concept.name}{' (traced)' if traced else ''}: "
                 f"baseline {base['steps']} steps, identity {base['identity']:.3f}; {summary} "
                 f"[{time.perf_counter() - started:.0f} s]")
 
+        if self.traces_only:  # no few iters: the trajectories are what benchmarks/rules.py replays
+            return False
         complete = True
         for settings in self.cfg.methods:
             steps = self.few_iters_step(settings.method)
@@ -337,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--keep-weights", action="store_true", help="Keep each run's output folder under OUT/work.")
     parser.add_argument("--no-report", action="store_true", help="Do not write the report when the benchmark completes.")
+    parser.add_argument("--traces-only", action="store_true",
+                        help="Only the trajectories (training, identity checks and every-step loss to the budget, the "
+                             "budget scored with its retest, where each rule stops): what benchmarks/rules.py replays, "
+                             "e.g. for --lr-scale runs; no premature controls, variant scores, ablation or few iters.")
     return parser
 
 
@@ -402,7 +418,8 @@ def check_same_benchmark(out: Path, description: Dict[str, Any]) -> None:
     description = json.loads(json.dumps(description))  # tuples -> lists, as stored
     if path.is_file():
         previous = json.loads(path.read_text())
-        if previous.get("config") != description["config"] or previous.get("concepts") != description["concepts"]:
+        if (previous.get("config") != description["config"] or previous.get("concepts") != description["concepts"]
+                or previous.get("traces_only", False) != description.get("traces_only", False)):
             raise ValueError(f"{out} holds a benchmark with other settings; resume it with the same flags or use another --out")
     else:
         write_json(path, description)
@@ -427,6 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "methods": {m.method: {"max_train_steps": m.max_train_steps, "learning_rate": m.learning_rate}
                         for m in cfg.methods},
             "lr_scale": args.lr_scale,
+            "traces_only": args.traces_only,
         }
         args.out.mkdir(parents=True, exist_ok=True)
         check_same_benchmark(args.out, description)
@@ -437,11 +455,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .scoring import ClipScorer, WorldScorer
 
     scorer = ClipScorer(args.clip) if args.clip else WorldScorer()
-    bench = Benchmark(cfg, args.out, concepts, scorer, model=args.model, keep_weights=args.keep_weights)
+    bench = Benchmark(cfg, args.out, concepts, scorer, model=args.model, keep_weights=args.keep_weights,
+                      traces_only=args.traces_only)
     started = time.perf_counter()
     complete = bench.run(args.shard)
     print(f"shard {args.shard[0]}/{args.shard[1]} done in {(time.perf_counter() - started) / 60:.1f} min")
-    if complete and not args.no_report:
+    if args.traces_only:
+        print(f"trajectories only: compare stopping rules with python benchmarks/rules.py {args.out}")
+    elif complete and not args.no_report:
         from .report import write_report
 
         print(f"report: {write_report(args.out)}")
