@@ -1,8 +1,9 @@
-"""Stop rules: the DVAR plateau test and the paper's patience baseline.
+"""Stop rules: the DVAR plateau test, the window-free ``auto`` rule and the paper's patience baseline.
 
-The decision is a pure function (:func:`normalized_variance`, :func:`dvar_should_stop`)
-that tests and notebooks can call on a whole trace; :class:`DVARCriterion` is the
-streaming version used during training: O(1) work per value (amortised), exact to
+Each decision is a pure function that tests and notebooks can call on a whole trace
+(:func:`normalized_variance` / :func:`dvar_should_stop`; :func:`settled_statistic` /
+:func:`settled_should_stop`); :class:`DVARCriterion` and :class:`SettledCriterion` are the
+streaming versions used during training: O(1) work per value (amortised), exact to
 numerical precision, and checkpointable through ``state_dict()``.
 """
 
@@ -408,13 +409,13 @@ class SettledCriterion:
             raise ValueError(f"auto rule fraction must be in (0, 1] (got {fraction!r}).")
         if isinstance(min_evaluations, bool) or not isinstance(min_evaluations, (int, np.integer)) or min_evaluations < 3:
             raise ValueError(f"auto rule min_evaluations must be an integer >= 3 (got {min_evaluations!r}).")
+        for name, value in (("z", z), ("min_drop_snr", min_drop_snr)):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"auto rule {name} must be a finite number >= 0 (got {value!r}).")
         if nonfinite not in ("stop", "skip", "raise"):
             raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
-        self.tolerance, self.fraction = float(tolerance), float(fraction)
-        if not math.isfinite(z) or z < 0:
-            raise ValueError(f"auto rule z must be a finite number >= 0 (got {z!r}).")
-        self.min_evaluations, self.z, self.nonfinite = int(min_evaluations), float(z), nonfinite
-        self.min_drop_snr = float(min_drop_snr)
+        self.tolerance, self.fraction, self.min_evaluations = float(tolerance), float(fraction), int(min_evaluations)
+        self.z, self.min_drop_snr, self.nonfinite = float(z), float(min_drop_snr), nonfinite
         self.threshold = self.tolerance  # what reports compare the statistic with
         self._shift: Optional[float] = None
         self._values: List[float] = []
