@@ -7,9 +7,11 @@ from .criterion import (
     DVARCriterion,
     DVARPreset,
     PatienceCriterion,
+    SettledCriterion,
     dvar_should_stop,
     first_stop_step,
     normalized_variance,
+    settled_should_stop,
 )
 from .objectives import (
     CLIPPromptEncoder,
@@ -37,10 +39,12 @@ __all__ = [
     "PatienceCriterion",
     "PromptEmbeddings",
     "SDXLPromptEncoder",
+    "SettledCriterion",
     "deterministic_loss",
     "dvar_should_stop",
     "first_stop_step",
     "isolated_global_rng",
     "normalized_variance",
+    "settled_should_stop",
     "stop_message",
 ]
