@@ -138,7 +138,7 @@ def mini_sd_methods() -> List[MethodSettings]:
     concept and then levels off inside the budget (measured: ``benchmarks/personalization/README.md``), and the
     paper's CLIP-s settings."""
     return [
-        MethodSettings("textual_inversion", 1000, 1e-3, clip_s_eps=0.02, clip_s_patience=6,
+        MethodSettings("textual_inversion", 500, 1e-3, clip_s_eps=0.02, clip_s_patience=6,
                        extra_args=("--train_batch_size", "4")),
         MethodSettings("dreambooth_lora", 1000, 5e-4, clip_s_eps=0.04, clip_s_patience=3),
         MethodSettings("custom_diffusion", 600, 1e-4, clip_s_eps=0.02, clip_s_patience=6),
