@@ -42,9 +42,9 @@ from benchmarks.personalization.saturation import Saturation, check_noise_sd, or
 from benchmarks.personalization.stats import SIGNIFICANCE, median, median_iqr, ordered, wilcoxon_p  # noqa: E402
 from dvar.criterion import (  # noqa: E402
     AUTO_EVALS_PER_BUDGET,
-    SettledCriterion,
     resolve_eval_every,
     resolve_preset,
+    settled_stop_step,
     strided_stop_step,
 )
 
@@ -127,11 +127,9 @@ def settled(tolerance: float, fraction: float = 0.5, min_evaluations: int = 20, 
 
     def rule(t: Trajectory) -> tuple:
         k = max(1, t.budget // AUTO_EVALS_PER_BUDGET)
-        criterion = SettledCriterion(tolerance, fraction, min_evaluations, z)
-        for count, value in enumerate(t.losses[k - 1::k], 1):
-            if criterion.update(value):
-                return count * k, count
-        return None, t.budget // k
+        stop = settled_stop_step(t.losses, k, tolerance=tolerance, fraction=fraction,
+                                 min_evaluations=min_evaluations, z=z)
+        return stop, (stop or t.budget) // k
 
     return rule
 
