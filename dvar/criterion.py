@@ -349,6 +349,11 @@ def _line_fit(h: int, sum_y: float, sum_jy: float, sum_yy: float) -> Tuple[float
     return slope, mean + slope * (h - 1) / 2.0, math.sqrt(rss / (h - 2)) if h > 2 else 0.0
 
 
+def _recent_length(n: int, fraction: float) -> int:
+    """How many of ``n`` values the ``auto`` rule fits its line to: the last ``fraction``, at least 3."""
+    return min(n, max(3, math.ceil(fraction * n)))
+
+
 def settled_statistic(values: Sequence[float], fraction: float = 0.5) -> SettledStatistic:
     """The ``auto`` rule's reading of a trace: fit a line to its last ``fraction`` (at least 3 values)
     and compare how much that line falls across them with how much the loss fell in all.
@@ -358,7 +363,7 @@ def settled_statistic(values: Sequence[float], fraction: float = 0.5) -> Settled
     (3, 0.06, 2.817)
     """
     y = np.asarray(values, dtype=np.float64)
-    h = min(y.size, max(3, math.ceil(fraction * y.size)))
+    h = _recent_length(y.size, fraction)
     recent = y[y.size - h:] - y[0]
     j = np.arange(h, dtype=np.float64)
     slope, last, noise = _line_fit(h, float(recent.sum()), float((j * recent).sum()), float((recent * recent).sum()))
@@ -441,7 +446,7 @@ class SettledCriterion:
 
     def _statistic(self) -> SettledStatistic:
         n = len(self._values)
-        h = min(n, max(3, math.ceil(self.fraction * n)))
+        h = _recent_length(n, self.fraction)
         a = n - h
         sum_y = self._sums[n][0] - self._sums[a][0]
         sum_jy = self._sums[n][1] - self._sums[a][1] - a * sum_y
