@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.personalization import power, render, report, saturation, stats, tables
+from benchmarks.personalization import config, power, render, report, saturation, stats, tables
 
 METHODS = ("textual_inversion", "dreambooth_lora")
 CONCEPTS = ("cat", "dog", "mug", "toy", "vase")
@@ -277,6 +277,8 @@ def test_write_report_writes_tables_csvs_and_plots(results):
     assert "identity stops improving by step 300 (dvar), and the budget sits 3.3x past it" in text
     assert "| textual_inversion | budget_vs_step0 | 5 | 0.304 | 0.0625 |" in text
     assert "textual_inversion: the benchmark's power falls short: budget vs step 0 p = 0.062 (bar < 0.001)" in text
+    assert "on the concepts no setting was tuned on" not in text and not (folder / "power_untuned.csv").exists(), \
+        "no concept order in benchmark.json: no untuned table"
 
     with open(folder / "power.csv") as handle:
         assert next(csv.reader(handle)) == ["method", "comparison", "n", "median_delta", "p_value", "delta_over_noise"]
@@ -292,6 +294,19 @@ def test_write_report_writes_tables_csvs_and_plots(results):
     assert {"alignment_color", "alignment_shape"} <= set(runs[0])
     with open(folder / "summary.csv") as handle:
         assert len(list(csv.DictReader(handle))) == len(METHODS) * len(VARIANTS)
+
+
+def test_report_repeats_the_power_table_without_the_tuning_concepts(results):
+    meta = json.loads((results / "benchmark.json").read_text())
+    # 14 concepts before the 5 recorded ones: positions 14-18, of which 16-18 were not used for tuning
+    order = [f"tuned_{i}" for i in range(config.TUNING_CONCEPTS - 2)] + list(CONCEPTS)
+    _write(results / "benchmark.json", {**meta, "concepts": {method: order for method in METHODS}})
+    text = report.write_report(results).read_text()
+    with open(results / "report" / "power_untuned.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["n"] for row in rows} == {"3"} and len(rows) == len(METHODS) * len(power.COMPARISONS)
+    assert "### The same, on the concepts no setting was tuned on" in text
+    assert "| textual_inversion | budget_vs_step0 | 3 |" in text
 
 
 def test_report_says_where_dvar_loses(results):

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .config import METHOD_ORDER
+from .config import METHOD_ORDER, TUNING_CONCEPTS
 from .stats import finite, median, ordered, wilcoxon_p
 
 #: (comparison name, the premature variant compared with the budget)
@@ -74,6 +74,18 @@ def power_table(records: list[dict], score: str = "identity") -> list[dict]:
                 "delta_over_noise": middle / noise if noise and middle is not None else None,
             })
     return rows
+
+
+def untuned_records(records: list[dict], concept_order: dict[str, list[str]],
+                    tuned: int = TUNING_CONCEPTS) -> list[dict]:
+    """The records of concepts past the first ``tuned`` of their method's list: those no setting was chosen on.
+
+    >>> order = {"m": ["a", "b", "c"]}
+    >>> [r["concept"] for r in untuned_records([{"method": "m", "concept": c} for c in "abc"], order, tuned=2)]
+    ['c']
+    """
+    untuned = {method: set(names[tuned:]) for method, names in concept_order.items()}
+    return [r for r in records if r["concept"] in untuned.get(r["method"], ())]
 
 
 def power_verdicts(rows: list[dict], step0_p: float = 1e-3, step0_gain: float = 5.0, early10_p: float = 1e-2) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Sequence
 
+from .config import TUNING_CONCEPTS
 from .saturation import budget_check
 from .stats import SIGNIFICANCE, is_missing
 from .tables import RHO_COLUMNS, informativeness_by_method
@@ -178,7 +179,8 @@ def cost_markdown(rows: list[dict]) -> str:
 
 
 def render_markdown(meta: dict, summary: list[dict], info: list[dict], ablation: list[dict],
-                    cost: Sequence[dict] = (), power: Sequence[dict] = (), oracle: Sequence[dict] = ()) -> str:
+                    cost: Sequence[dict] = (), power: Sequence[dict] = (), oracle: Sequence[dict] = (),
+                    power_untuned: Sequence[dict] = ()) -> str:
     """The whole ``report.md``."""
     header = [f"- {key}: {_meta_value(meta[key])}" for key in ("preset", "command", "machine", "model") if key in meta]
     sections = [
@@ -195,6 +197,10 @@ def render_markdown(meta: dict, summary: list[dict], info: list[dict], ablation:
                         "concepts), in units of the identity score's test-retest SD (the budget's weights scored "
                         "with two sampling seeds). A \"no significant drop\" claim below is worth only as much as "
                         "this table's power.\n\n" + power_markdown(list(power)))
+        if power_untuned:
+            sections.append(f"### The same, on the concepts no setting was tuned on\n\nThe presets' learning rates "
+                            f"and budgets were revised while looking at each method's first {TUNING_CONCEPTS} "
+                            f"concepts; these rows leave them out.\n\n" + power_markdown(list(power_untuned)))
     sections.append("## Speedup and quality change of DVAR vs baseline per method\n\n" + dvar_table(summary)
                     + "\n\n" + dvar_verdict(summary))
     if oracle:

@@ -2,7 +2,8 @@
 
 Reads ``OUT/benchmark.json``, ``OUT/records/<method>/<concept>/<variant>.json`` and
 ``OUT/traces/<method>/<concept>.json`` and writes ``OUT/report/``: ``report.md``, ``runs.csv``,
-``summary.csv``, ``informativeness.csv``, ``power.csv``, ``oracle.csv`` and PNG plots. The pieces
+``summary.csv``, ``informativeness.csv``, ``power.csv`` (and ``power_untuned.csv``: the same on the
+concepts no setting was tuned on), ``oracle.csv`` and PNG plots. The pieces
 live in their own modules: :mod:`.stats` (tests), :mod:`.tables` (Table 1, informativeness,
 ablation, cost), :mod:`.power` (can the benchmark see a bad stop), :mod:`.saturation` (each
 concept's saturation step and the budget check), :mod:`.render` (markdown), :mod:`.plots`.
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .plots import write_plots
-from .power import POWER_COLUMNS, power_table
+from .power import POWER_COLUMNS, power_table, untuned_records
 from .render import main_table, render_markdown
 from .saturation import oracle_rows, oracle_summary
 from .tables import INFORMATIVENESS_COLUMNS, ablation_table, benchmark_cost, informativeness, summary_table
@@ -123,7 +124,9 @@ def write_report(out: Path) -> Path:
     summary = summary_table(records)
     info = informativeness(traces)
     ablation = ablation_table(traces)
+    meta = load_meta(out)
     power = power_table(records)
+    power_untuned = power_table(untuned_records(records, meta.get("concepts", {})))
     per_concept = oracle_rows(records, traces)
 
     folder = out / "report"
@@ -132,11 +135,13 @@ def write_report(out: Path) -> Path:
     write_csv(folder / "summary.csv", summary, SUMMARY_COLUMNS)
     write_csv(folder / "informativeness.csv", info, INFORMATIVENESS_COLUMNS)
     write_csv(folder / "power.csv", power, POWER_COLUMNS)
+    if power_untuned:
+        write_csv(folder / "power_untuned.csv", power_untuned, POWER_COLUMNS)
     write_csv(folder / "oracle.csv", per_concept, ORACLE_COLUMNS)
     write_plots(folder, records, traces, info)
     report = folder / "report.md"
-    report.write_text(render_markdown(load_meta(out), summary, info, ablation, benchmark_cost(traces, records),
-                                      power, oracle_summary(per_concept)))
+    report.write_text(render_markdown(meta, summary, info, ablation, benchmark_cost(traces, records), power,
+                                      oracle_summary(per_concept), power_untuned))
     return report
 
 
