@@ -35,7 +35,8 @@ common=(--pretrained_model_name_or_path "$(field model)" --tokenizer_cache_dir "
         --network_module networks.lora --network_dim 4 --network_alpha 4 --learning_rate 1e-3
         --train_batch_size 1 --seed 42 --cache_latents --max_data_loader_n_workers 0 --mixed_precision no
         --save_model_as safetensors --output_name lora)
-early=(--early_stop --early_stop_window 100 --early_stop_threshold 0.4)
+# every step, as when the README's result (stop at 114 of 300) was recorded; the default stride would be 100 // 30 = 3
+early=(--early_stop --early_stop_window 100 --early_stop_threshold 0.4 --early_stop_eval_every 1)
 kohya() { (cd "$sd" && "$py" -m dvar.integrations.kohya train_network "$@"); }
 
 record hooks "$(cd "$sd" && "$py" "$here/kohya_check.py" hooks "$sd" 2>/dev/null | tail -1)"

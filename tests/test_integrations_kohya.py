@@ -127,6 +127,7 @@ def test_the_stop_ends_the_run_as_a_plain_run_of_that_many_steps(sd_runs):
     assert summary["outcome"] == "early_stop" and summary["reason"].startswith("plateau")
     assert 8 <= stop < BUDGET and epoch > 1, "the settings must stop mid-budget, after the first epoch"
     assert summary["stop_epoch"] == epoch and summary["steps_saved"] == BUDGET - stop
+    assert (summary["eval_every_setting"], summary["eval_every"]) == ("auto", 1), "the default stride: max(1, 8 // 30)"
     early, early_meta = lora(root / "early" / "lora.safetensors")
     plain, plain_meta = lora(root / "plain" / "lora.safetensors")
     assert early.keys() == plain.keys() and all(torch.equal(early[k], plain[k]) for k in early)

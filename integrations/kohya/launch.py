@@ -14,7 +14,7 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from dvar.criterion import PRESETS
 
@@ -132,11 +132,17 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                        help="DVAR window N in optimizer steps (overrides the preset)")
     group.add_argument("--early_stop_threshold", type=float, default=None,
                        help="stop when var(last N) / var(all) < this (overrides the preset)")
-    group.add_argument("--early_stop_eval_every", type=int, default=1,
-                       help="evaluate the frozen batch every this many optimizer steps (default 1)")
+    group.add_argument("--early_stop_eval_every", type=_eval_every, default="auto",
+                       help="evaluate the frozen batch every this many optimizer steps (default auto: the window // 30, "
+                            "at least 1; 1 is the paper's every-step setting)")
     group.add_argument("--early_stop_batch_size", type=int, default=4,
                        help="training examples in the frozen DVAR batch (default 4, as the paper)")
     return parser
+
+
+def _eval_every(text: str) -> Union[int, str]:
+    """``--early_stop_eval_every``: ``auto`` or an integer (validated with the other DVAR settings)."""
+    return text if text == "auto" else int(text)
 
 
 def validate_args(args: argparse.Namespace) -> None:
