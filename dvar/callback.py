@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .batch import PARTS, FixedEvalBatch
@@ -24,12 +25,16 @@ from .criterion import (
     NonFinitePolicy,
     SettledCriterion,
     evaluations_in_window,
+    overhead_target,
     resolve_eval_every,
     resolve_preset,
+    stride_for_overhead,
 )
 from .objectives import DiffusionObjective, Objective
 
 HISTORY_COLUMNS = ("step", "eval_loss", "normalized_variance", "train_loss")
+#: eval_every="5%": training steps timed (after the first) before the stride is chosen
+STRIDE_PROBE_STEPS = 10
 SUMMARY_FILE = "dvar_summary.json"
 
 logger = logging.getLogger(__name__)
@@ -76,7 +81,9 @@ class DVARConfig:
         default="auto",
         metadata={
             "help": f"Evaluate the frozen batch every this many optimizer steps (window stays in steps); 'auto': "
-            f"window // {AUTO_EVALS_PER_WINDOW} (at least 1), deterministic; 1 is the paper's setting."
+            f"window // {AUTO_EVALS_PER_WINDOW} (at least 1), deterministic; 1 is the paper's setting; a percentage "
+            f"such as '5%': the stride at which evaluating costs about that share of the training time, timed on the "
+            f"first {STRIDE_PROBE_STEPS + 1} steps and then fixed (recorded, kept on resume; not machine-independent)."
         },
     )
     eval_batch_size: int = field(default=4, metadata={"help": "K: frozen examples (first K of the dataset)."})
@@ -129,7 +136,8 @@ class DVARConfig:
         if window is None or threshold is None:
             raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion' or 'auto') or both window and threshold.")
         DVARCriterion(window, threshold)  # validates both, with the criterion's own messages
-        resolve_eval_every(self.eval_every, window)  # validates it
+        if overhead_target(self.eval_every) is None:  # validates a percentage
+            resolve_eval_every(self.eval_every, window)  # validates it
         if self.max_train_steps is not None and window > self.max_train_steps:
             raise ValueError(
                 f"DVAR window ({window} steps) is larger than the step budget ({self.max_train_steps}): "
@@ -137,9 +145,10 @@ class DVARConfig:
             )
         return window, threshold
 
-    def resolved_eval_every(self) -> int:
+    def resolved_eval_every(self) -> Optional[int]:
         """The stride k in optimizer steps (``"auto"``: ``max(1, window // M)``, M = ``AUTO_EVALS_PER_WINDOW``;
-        with ``preset="auto"``, which has no window: ``max(1, max_train_steps // 100)``).
+        with ``preset="auto"``, which has no window: ``max(1, max_train_steps // 100)``); None for a target
+        overhead (``"5%"``), whose k the callback chooses from the first steps' timings.
 
         Example:
             >>> DVARConfig(preset="textual_inversion").resolved_eval_every()
@@ -147,6 +156,8 @@ class DVARConfig:
             >>> DVARConfig(preset="auto", max_train_steps=1000).resolved_eval_every()
             10
         """
+        if overhead_target(self.eval_every) is not None:
+            return None
         if not self.is_auto:
             return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
         if self.eval_every == "auto":
@@ -214,6 +225,11 @@ class DVAREarlyStopping:
     machine) that moves the stop by a few steps at a fraction of the every-step cost
     (``benchmarks/stride.py``); ``eval_every=1`` is the paper's setting. After construction
     ``config.eval_every`` holds the resolved stride k (``eval_every_setting`` what was asked).
+    ``eval_every="5%"`` instead times the first steps and one evaluation, then fixes the smallest k
+    at which evaluating costs at most 5% of the training time (:func:`~dvar.criterion.stride_for_overhead`;
+    ``summary()["eval_every_timing"]`` records what was measured). The evaluations start after that
+    probe and the stop then depends on the machine's timings: use it when wall time matters more than
+    a stop that every machine reproduces.
 
     Args:
         unet, transformer: the denoiser (diffusers class).
@@ -270,7 +286,10 @@ class DVAREarlyStopping:
         config = config or DVARConfig(**config_kwargs)
         self.window, self.threshold = config.resolved_window_threshold()
         self.eval_every_setting: EvalEvery = config.eval_every
-        self.config = replace(config, eval_every=config.resolved_eval_every())
+        self.config = replace(config, eval_every=config.resolved_eval_every())  # None: chosen from timings
+        self.overhead_target = overhead_target(config.eval_every)
+        self.stride_timing: Optional[Dict[str, float]] = None
+        self._step_clock: List[float] = []
         if train_dataset is None and eval_batch is None:
             raise ValueError("DVAREarlyStopping needs the training dataset (train_dataset=...) to freeze its batch.")
         self.accelerator = accelerator
@@ -310,14 +329,40 @@ class DVAREarlyStopping:
     def _make_criterion(self) -> Any:
         if self.window is None:  # preset="auto"
             return SettledCriterion(self.threshold, nonfinite=self.config.nonfinite)
-        # The criterion counts evaluations; the window is meant in optimizer steps.
-        evals_in_window = evaluations_in_window(self.window, self.eval_every)
+        # The criterion counts evaluations; the window is meant in optimizer steps. (Before a timed stride
+        # is chosen nothing is evaluated: the criterion is remade by _set_stride.)
+        evals_in_window = evaluations_in_window(self.window, self.eval_every or 1)
         return DVARCriterion(evals_in_window, self.threshold, nonfinite=self.config.nonfinite)
 
     @property
-    def eval_every(self) -> int:
-        """The stride k in optimizer steps this stopper evaluates at (resolved from ``"auto"``)."""
+    def eval_every(self) -> Optional[int]:
+        """The stride k in optimizer steps this stopper evaluates at (resolved from ``"auto"``; None while a
+        target overhead's stride is not chosen yet)."""
         return self.config.eval_every
+
+    def _set_stride(self, eval_every: Optional[int]) -> None:
+        self.config = replace(self.config, eval_every=eval_every)
+        self.criterion = self._make_criterion()
+        self._step_clock = []
+
+    def _choose_stride_from_timings(self) -> None:
+        """``eval_every="5%"``: time STRIDE_PROBE_STEPS training steps (between calls of :meth:`step`) and an
+        evaluation, then fix the stride. Ranks average their timings, so all of them choose the same k."""
+        self._step_clock.append(time.perf_counter())
+        if len(self._step_clock) <= STRIDE_PROBE_STEPS:
+            return
+        step_seconds = float(np.median(np.diff(self._step_clock)))
+        eval_seconds = min(self._timed_evaluation() for _ in range(2))  # the first also pays one-time setup
+        _, world = self.rank_and_world
+        eval_seconds, step_seconds = (v / world for v in self._all_reduce_sum([eval_seconds, step_seconds], self._device()))
+        self._set_stride(stride_for_overhead(eval_seconds, step_seconds, self.overhead_target))
+        self.stride_timing = {"target": self.overhead_target, "eval_seconds": round(eval_seconds, 6),
+                              "step_seconds": round(step_seconds, 6), "probe_steps": STRIDE_PROBE_STEPS}
+
+    def _timed_evaluation(self) -> float:
+        started = time.perf_counter()
+        self.evaluate()
+        return time.perf_counter() - started
 
     def _cache_prompt_embeddings(self) -> None:
         """Encode the frozen prompts now when the text side is frozen, and let go of the text
@@ -399,6 +444,9 @@ class DVAREarlyStopping:
         """
         if self.should_stop:
             return True
+        if self.eval_every is None:  # eval_every="5%": these first steps are timed, then the stride is fixed
+            self._choose_stride_from_timings()
+            return False
         if global_step % self.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
             return False  # not an evaluation step, or already evaluated (e.g. called twice)
         eval_loss = self.evaluate()
@@ -469,6 +517,7 @@ class DVAREarlyStopping:
             "threshold": self.threshold,
             "eval_every": self.eval_every,
             "eval_every_setting": self.eval_every_setting,
+            **({"eval_every_timing": self.stride_timing} if self.stride_timing is not None else {}),
             "num_evaluations": len(self.history),
             "eval_seconds": round(self.eval_seconds, 3),
             "message": self.status_line(),
@@ -528,15 +577,17 @@ class DVAREarlyStopping:
             "stop_step": self.stop_step,
             "reason": self.reason,
             "eval_seconds": self.eval_seconds,
+            "stride_timing": self.stride_timing,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. With ``eval_every="auto"`` the checkpoint's stride is kept
-        (a run resumes with the k it started with, even if the library's ``auto`` changed since)."""
+        """Restore a :meth:`state_dict`. With ``eval_every="auto"`` or a target overhead the checkpoint's
+        stride is kept (a run resumes with the k it started with, even if the library's ``auto`` changed or
+        this machine is faster; a checkpoint from before a timed stride was chosen times the steps again)."""
         saved_every = state["settings"]["eval_every"]
-        if self.eval_every_setting == "auto" and saved_every != self.eval_every:
-            self.config = replace(self.config, eval_every=resolve_eval_every(saved_every, self.window))
-            self.criterion = self._make_criterion()
+        chosen_by_library = self.eval_every_setting == "auto" or self.overhead_target is not None
+        if chosen_by_library and saved_every != self.eval_every:
+            self._set_stride(None if saved_every is None else resolve_eval_every(saved_every, self.window or 1))
         for key, value in self._settings().items():
             if state["settings"][key] != value:
                 raise ValueError(
@@ -549,6 +600,7 @@ class DVAREarlyStopping:
         self.stop_step = state["stop_step"]
         self.reason = state["reason"]
         self.eval_seconds = state["eval_seconds"]
+        self.stride_timing = state.get("stride_timing")
 
     def __repr__(self) -> str:
         return (

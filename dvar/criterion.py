@@ -103,11 +103,47 @@ def resolve_eval_every(eval_every: EvalEvery, window: int, evals_per_window: int
     """
     if eval_every == "auto":
         return max(1, int(window) // evals_per_window)
+    if overhead_target(eval_every) is not None:
+        raise ValueError(f"eval_every={eval_every!r} is chosen from timings at the start of training, not from the "
+                         "window (DVAREarlyStopping does it).")
     if isinstance(eval_every, bool) or not isinstance(eval_every, (int, np.integer)) or eval_every < 1:
         raise ValueError(
-            f"eval_every must be >= 1 (an integer) or 'auto' (got {eval_every!r}); 1 is the paper's every-step setting."
+            f"eval_every must be >= 1 (an integer), 'auto' or a target overhead such as '5%' (got {eval_every!r}); "
+            "1 is the paper's every-step setting."
         )
     return int(eval_every)
+
+
+def overhead_target(eval_every: EvalEvery) -> Optional[float]:
+    """The fraction of training time a percent setting (``eval_every="5%"``) allows evaluations; None otherwise.
+
+    >>> overhead_target("5%"), overhead_target("auto"), overhead_target(10)
+    (0.05, None, None)
+    """
+    if not (isinstance(eval_every, str) and eval_every.endswith("%")):
+        return None
+    try:
+        target = float(eval_every[:-1]) / 100
+    except ValueError:
+        target = math.nan
+    if not 0 < target <= 1:
+        raise ValueError(f"eval_every={eval_every!r}: a target overhead must be a percentage in (0, 100], e.g. '5%'.")
+    return target
+
+
+def stride_for_overhead(eval_seconds: float, step_seconds: float, target: float) -> int:
+    """The smallest stride k at which one evaluation every k steps costs at most ``target`` of the
+    training time: ``ceil(eval_seconds / (target * step_seconds))``, at least 1.
+
+    >>> stride_for_overhead(0.040, 0.100, 0.05)  # an evaluation costs 40% of a step: every 8 steps is 5%
+    8
+    >>> stride_for_overhead(0.004, 0.100, 0.05)
+    1
+    """
+    if not (eval_seconds >= 0 and step_seconds > 0 and 0 < target <= 1):
+        raise ValueError(f"need eval_seconds >= 0, step_seconds > 0 and 0 < target <= 1 (got {eval_seconds}, "
+                         f"{step_seconds}, {target})")
+    return max(1, math.ceil(round(eval_seconds / (target * step_seconds), 9)))  # round: 8.000000000000002 is 8
 
 
 def evaluations_in_window(window: int, eval_every: int) -> int:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dvar import DVAREarlyStopping
-from dvar.criterion import PRESETS
+from dvar.criterion import PRESETS, overhead_target
 
 from .data import UsageError, collate, load_image_folder
 
@@ -209,7 +209,8 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         "still fall).")
     add("--early-stop-eval-every", "--early_stop_eval_every", dest="early_stop_eval_every", type=eval_every_arg,
         default="auto", help="Evaluate the frozen batch every K steps (default auto: window // 30, at least 1; "
-        "1 is the paper's every-step setting).")
+        "1 is the paper's every-step setting; a percentage such as 5%%: the K at which evaluating costs about that "
+        "share of the training time, timed on the first steps).")
     add("--early-stop-batch-size", "--early_stop_batch_size", dest="early_stop_batch_size", type=int, default=4,
         help="Frozen examples in the DVAR batch.")
     method.add_arguments(parser)
@@ -217,15 +218,23 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
 
 
 def eval_every_arg(text: str) -> Any:
-    """``--early-stop-eval-every``: ``auto`` or an integer >= 1."""
+    """``--early-stop-eval-every``: ``auto``, an integer >= 1 or a target overhead such as ``5%``."""
     if text == "auto":
+        return text
+    if text.endswith("%"):
+        try:
+            overhead_target(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
         return text
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 1 (1 = every step, the paper's), got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto', an integer >= 1 (1 = every step, the paper's) or a target overhead such as '5%', got {text!r}"
+        )
     return value
 
 

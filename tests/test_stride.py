@@ -7,18 +7,22 @@ import io
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+import dvar.callback
 from dvar import DVARConfig, DVAREarlyStopping
+from dvar.callback import STRIDE_PROBE_STEPS
 from dvar.criterion import (
     AUTO_EVALS_PER_WINDOW,
     PRESETS,
     evaluations_in_window,
     first_stop_step,
     resolve_eval_every,
+    stride_for_overhead,
     strided_stop_step,
 )
 
@@ -167,6 +171,104 @@ def test_history_csv_records_the_stride(toy_dataset, tmp_path):
     assert [line[column] for line in lines[1:]] == ["3"] * 10
 
 
+# -- a target overhead instead: eval_every="5%" (an option, timed, not the default) ------------
+
+
+@pytest.mark.parametrize("eval_seconds, step_seconds, target, k", [
+    (0.040, 0.100, 0.05, 8),  # mini-SD: an evaluation costs ~40% of a training step
+    (0.040, 0.100, 0.10, 4),
+    (0.041, 0.100, 0.05, 9),  # rounds up: the target is a ceiling
+    (0.004, 0.100, 0.05, 1),  # cheaper than the target even at every step
+    (0.300, 0.150, 0.05, 40),
+    (0.000, 0.100, 0.05, 1),
+])
+def test_stride_for_overhead(eval_seconds, step_seconds, target, k):
+    assert stride_for_overhead(eval_seconds, step_seconds, target) == k
+
+
+@pytest.mark.parametrize("bad", ["0%", "-5%", "150%", "fast%", "%"])
+def test_a_bad_target_overhead_is_refused(toy_dataset, bad):
+    with pytest.raises(ValueError, match=r"percentage in \(0, 100\]"):
+        DVAREarlyStopping(objective=lambda m, b: torch.tensor(0.0), train_dataset=toy_dataset, preset="custom_diffusion",
+                          eval_every=bad)
+
+
+class FakeClock:
+    """time.perf_counter for dvar.callback: the test decides what a training step and an evaluation cost."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def timed_drive(stopper, trace, clock, step_seconds, eval_seconds, start=1, until=None):
+    current = {}
+
+    def objective(models, batch):
+        clock.now += eval_seconds
+        return torch.tensor(trace[current["step"] - 1], dtype=torch.float64)
+
+    stopper.objective = objective
+    for step in range(start, (until or len(trace)) + 1):
+        clock.now += step_seconds  # the training step before this call
+        current["step"] = step
+        if stopper.step(step):
+            return step
+    return None
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    fake = FakeClock()
+    monkeypatch.setattr(dvar.callback, "time", SimpleNamespace(perf_counter=fake))
+    return fake
+
+
+def test_a_target_overhead_times_the_first_steps_then_fixes_the_stride(toy_dataset, clock):
+    trace = planted(600, 100, 0.0, 0)
+    stopper = DVAREarlyStopping(objective=lambda m, b: torch.tensor(0.0), train_dataset=toy_dataset,
+                                preset="custom_diffusion", eval_every="5%")
+    assert stopper.eval_every is None, "not chosen before training"
+    stop = timed_drive(stopper, trace, clock, step_seconds=0.1, eval_seconds=0.04)
+    k, probe_end = 8, STRIDE_PROBE_STEPS + 1
+    assert stopper.eval_every == k and stopper.criterion.window == evaluations_in_window(180, k)
+    first = (probe_end // k + 1) * k  # the first multiple of k after the timed steps
+    assert stopper.history[0].step == first and all(row.step % k == 0 for row in stopper.history)
+    count = first_stop_step(trace[first - 1::k], evaluations_in_window(180, k), 0.15)
+    assert stop == first + (count - 1) * k, "after the probe it is the strided rule, from its first evaluation on"
+    summary = stopper.summary()
+    assert (summary["eval_every"], summary["eval_every_setting"]) == (k, "5%")
+    assert summary["eval_every_timing"] == {"target": 0.05, "eval_seconds": 0.04, "step_seconds": 0.1,
+                                            "probe_steps": STRIDE_PROBE_STEPS}
+
+
+@pytest.mark.parametrize("interrupt_at", [5, 100])
+def test_a_timed_stride_is_kept_on_resume_even_on_a_faster_machine(toy_dataset, clock, interrupt_at):
+    trace = planted(600, 100, 0.0, 0)
+    make = lambda: DVAREarlyStopping(objective=lambda m, b: torch.tensor(0.0), train_dataset=toy_dataset,
+                                     preset="custom_diffusion", eval_every="5%")
+    uninterrupted = make()
+    stop = timed_drive(uninterrupted, trace, clock, step_seconds=0.1, eval_seconds=0.04)
+
+    interrupted = make()
+    assert timed_drive(interrupted, trace, clock, 0.1, 0.04, until=interrupt_at) is None
+    buffer = io.BytesIO()
+    torch.save(interrupted.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = make()
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    resumed_stop = timed_drive(resumed, trace, clock, step_seconds=0.1, eval_seconds=0.01, start=interrupt_at + 1)
+    if interrupt_at > STRIDE_PROBE_STEPS:  # chosen before the checkpoint: kept, whatever this machine's timings
+        assert resumed.eval_every == 8 and resumed_stop == stop
+        assert [(r.step, r.eval_loss) for r in resumed.history] == [(r.step, r.eval_loss) for r in uninterrupted.history]
+        assert resumed.summary()["eval_every_timing"] == uninterrupted.summary()["eval_every_timing"]
+    else:  # the checkpoint came before the choice: the resumed run times its own steps
+        probe_end = interrupt_at + STRIDE_PROBE_STEPS + 1
+        assert resumed.eval_every == 2 and resumed.history[0].step == (probe_end // 2 + 1) * 2
+
+
 # -- the trainers and the guide use it by default ----------------------------------------
 
 
@@ -184,14 +286,18 @@ def test_trainers_default_to_auto(module):
     assert parser.parse_args([]).early_stop_eval_every == "auto"
     assert parser.parse_args(["--early-stop-eval-every", "1"]).early_stop_eval_every == 1
     assert parser.parse_args(["--early_stop_eval_every", "auto"]).early_stop_eval_every == "auto"
+    assert parser.parse_args(["--early-stop-eval-every", "5%"]).early_stop_eval_every == "5%"
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "often", "2.5"])
-def test_trainer_refuses_a_bad_stride_with_exit_code_2(value, capsys):
+@pytest.mark.parametrize("value, message", [
+    ("0", "'auto', an integer >= 1"), ("-3", "'auto', an integer >= 1"), ("often", "'auto', an integer >= 1"),
+    ("2.5", "'auto', an integer >= 1"), ("0%", "a target overhead must be a percentage in (0, 100]"),
+])
+def test_trainer_refuses_a_bad_stride_with_exit_code_2(value, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         trainer_parser("textual_inversion").parse_args(["--early-stop-eval-every", value])
     assert exit_info.value.code == 2
-    assert "'auto' or an integer >= 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_the_guide_passes_no_stride_so_it_gets_the_default():

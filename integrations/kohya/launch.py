@@ -134,15 +134,16 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                        help="stop when var(last N) / var(all) < this (overrides the preset)")
     group.add_argument("--early_stop_eval_every", type=_eval_every, default="auto",
                        help="evaluate the frozen batch every this many optimizer steps (default auto: the window // 30, "
-                            "at least 1; 1 is the paper's every-step setting)")
+                            "at least 1; 1 is the paper's every-step setting; a percentage such as 5%%: the stride at which "
+                            "evaluating costs about that share of the training time)")
     group.add_argument("--early_stop_batch_size", type=int, default=4,
                        help="training examples in the frozen DVAR batch (default 4, as the paper)")
     return parser
 
 
 def _eval_every(text: str) -> Union[int, str]:
-    """``--early_stop_eval_every``: ``auto`` or an integer (validated with the other DVAR settings)."""
-    return text if text == "auto" else int(text)
+    """``--early_stop_eval_every``: ``auto``, a percentage or an integer (validated with the other DVAR settings)."""
+    return text if text == "auto" or text.endswith("%") else int(text)
 
 
 def validate_args(args: argparse.Namespace) -> None:
