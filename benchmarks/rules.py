@@ -153,8 +153,38 @@ def fraction_window(fraction: float, threshold: float, floor: int = 10) -> Rule:
     return rule
 
 
+def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_evaluations: int = 20) -> Rule:
+    """A window from the loss's own settling time: stop once the run is ``multiple`` times as long as its smoothed
+    loss took to cover ``level`` of its drop so far.
+
+    At evaluation n the smoothed loss S (mean of the last ``smooth`` evaluations) has fallen D = S[0] - min S;
+    T is the first evaluation with S <= S[0] - level * D. While the loss keeps falling T keeps up with n (a
+    straight fall has T = level * n, and ``multiple * level > 1`` never stops it); once the loss settles T stays
+    put and n grows past ``multiple * T``. On exp(-t / tau), T tends to tau * ln(1 / (1 - level)). The level
+    only falls, so T only moves forward: O(1) amortised per evaluation.
+    """
+
+    def rule(t: Trajectory) -> tuple:
+        k = max(1, t.budget // AUTO_EVALS_PER_BUDGET)
+        y = np.asarray(t.losses[k - 1::k], dtype=np.float64)
+        smoothed = np.convolve(y, np.ones(smooth) / smooth, mode="valid")  # smoothed[i]: evaluations i..i+smooth-1
+        lowest, crossing = math.inf, 0
+        for i, value in enumerate(smoothed):
+            lowest = min(lowest, value)
+            target = smoothed[0] - level * (smoothed[0] - lowest)
+            while smoothed[crossing] > target:
+                crossing += 1
+            n = i + smooth  # evaluations so far
+            if n >= min_evaluations and lowest < smoothed[0] and n >= multiple * (crossing + smooth):
+                return n * k, n
+        return None, y.size
+
+    return rule
+
+
 def candidates() -> Dict[str, Rule]:
-    """The paper's presets, the shipped ``auto`` and its neighbours, and fraction-of-the-run windows."""
+    """The paper's presets, the shipped ``auto`` and its neighbours, fraction-of-the-run windows and windows from
+    the loss's settling time."""
     rules: Dict[str, Rule] = {"paper": paper_preset}
     for tolerance in (0.05, 0.1, 0.2, 0.3):
         for fraction in (1 / 3, 0.5):
@@ -163,6 +193,9 @@ def candidates() -> Dict[str, Rule]:
     for fraction in (0.25, 0.5):
         for threshold in (0.1, 0.2, 0.4):
             rules[f"fraction-window f={fraction:g} alpha={threshold:g}"] = fraction_window(fraction, threshold)
+    for level in (0.8, 0.9):
+        for multiple in (1.5, 2.0, 3.0):
+            rules[f"settling-time level={level:g} x{multiple:g}"] = settling_time(multiple, level)
     return rules
 
 

@@ -50,3 +50,34 @@ def test_choose_prefers_the_closest_rule_without_an_identity_drop():
     assert by_rule["late"]["too_late"] > 0.5
     assert rules.choose(cells) == rules.AUTO
     assert rules.meets_target(by_rule[rules.AUTO]) and not rules.meets_target(by_rule["late"])
+
+
+def settling_stop(tau, multiple, level, lag=40, floor=200):
+    """Where the settling-time rule should stop on exp(-t / tau): the first step n with n >= multiple * (T(n) + lag),
+    T(n) the step at which the loss covered ``level`` of its drop so far; lag: the 5-evaluation smoothing's delay
+    (2 strides to the window's centre, 2 more to its end)."""
+    return next(n for n in range(floor, 10_000)
+                if n >= multiple * (-tau * math.log(1 - level * (1 - math.exp(-n / tau))) + lag))
+
+
+@pytest.mark.parametrize("level", [0.8, 0.9])
+@pytest.mark.parametrize("multiple", [1.5, 2.0, 3.0])
+@pytest.mark.parametrize("tau", [60, 120, 200])
+def test_the_settling_time_rule_stops_at_a_multiple_of_the_time_the_loss_took_to_settle(tau, multiple, level):
+    stop, evaluations = rules.settling_time(multiple, level)(planted("a", tau, 5 * tau))
+    expected = settling_stop(tau, multiple, level)
+    if expected > 1000:
+        assert stop is None, "it would stop after the budget"
+    else:  # a stride of 10 steps rounds the crossing and the stop
+        assert stop == 10 * evaluations and abs(stop - expected) <= 20 * multiple
+
+
+@pytest.mark.parametrize("trace", [
+    [1.0 - t / 1000 for t in range(1, 1001)],  # still falling at the budget
+    [0.02 + 0.01 * t / 1000 for t in range(1, 1001)],  # rising: nothing to settle
+    [0.02] * 1000,  # constant
+])
+def test_the_settling_time_rule_never_stops_a_loss_that_has_not_settled(trace):
+    t = planted("a", 50, 250)
+    t.losses = trace
+    assert rules.settling_time(1.5, 0.8)(t)[0] is None
