@@ -41,7 +41,7 @@ from benchmarks.personalization.report import load_meta, load_records, load_trac
 from benchmarks.personalization.saturation import Saturation, check_noise_sd, oracle_saturation  # noqa: E402
 from benchmarks.personalization.stats import SIGNIFICANCE, median, median_iqr, ordered, wilcoxon_p  # noqa: E402
 from dvar.criterion import (  # noqa: E402
-    AUTO_EVALS_PER_BUDGET,
+    budget_stride,
     resolve_eval_every,
     resolve_preset,
     settled_stop_step,
@@ -126,7 +126,7 @@ def settled(tolerance: float, fraction: float = 0.5, min_evaluations: int = 20, 
     """The ``auto`` rule (:class:`dvar.criterion.SettledCriterion`) at the budget's stride (budget // 100)."""
 
     def rule(t: Trajectory) -> tuple:
-        k = max(1, t.budget // AUTO_EVALS_PER_BUDGET)
+        k = budget_stride(t.budget)
         stop = settled_stop_step(t.losses, k, tolerance=tolerance, fraction=fraction,
                                  min_evaluations=min_evaluations, z=z)
         return stop, (stop or t.budget) // k
@@ -138,7 +138,7 @@ def fraction_window(fraction: float, threshold: float, floor: int = 10) -> Rule:
     """DVAR with a window that is a fixed share of the evaluations so far: var(last f*n) / var(all) < alpha."""
 
     def rule(t: Trajectory) -> tuple:
-        k = max(1, t.budget // AUTO_EVALS_PER_BUDGET)
+        k = budget_stride(t.budget)
         y = np.asarray(t.losses[k - 1::k], dtype=np.float64)
         y = y - y[0]
         s1, s2 = np.concatenate([[0.0], np.cumsum(y)]), np.concatenate([[0.0], np.cumsum(y * y)])
@@ -165,7 +165,7 @@ def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_eval
     """
 
     def rule(t: Trajectory) -> tuple:
-        k = max(1, t.budget // AUTO_EVALS_PER_BUDGET)
+        k = budget_stride(t.budget)
         y = np.asarray(t.losses[k - 1::k], dtype=np.float64)
         smoothed = np.convolve(y, np.ones(smooth) / smooth, mode="valid")  # smoothed[i]: evaluations i..i+smooth-1
         lowest, crossing = math.inf, 0

@@ -17,13 +17,13 @@ import torch
 
 from .batch import PARTS, FixedEvalBatch
 from .criterion import (
-    AUTO_EVALS_PER_BUDGET,
     AUTO_EVALS_PER_WINDOW,
     AUTO_TOLERANCE,
     DVARCriterion,
     EvalEvery,
     NonFinitePolicy,
     SettledCriterion,
+    budget_stride,
     evaluations_in_window,
     overhead_target,
     resolve_eval_every,
@@ -164,7 +164,7 @@ class DVARConfig:
             if self.max_train_steps is None:
                 raise ValueError("preset='auto' derives its evaluation stride from the step budget: pass "
                                  "max_train_steps (or an explicit eval_every).")
-            return max(1, int(self.max_train_steps) // AUTO_EVALS_PER_BUDGET)
+            return budget_stride(self.max_train_steps)
         return resolve_eval_every(self.eval_every, 1)
 
 

@@ -348,6 +348,15 @@ AUTO_EVALS_PER_BUDGET = 100
 AUTO_TOLERANCE = 0.05
 
 
+def budget_stride(max_train_steps: int) -> int:
+    """``preset="auto"``'s default stride: about ``AUTO_EVALS_PER_BUDGET`` evaluations over the budget.
+
+    >>> budget_stride(1000), budget_stride(50)
+    (10, 1)
+    """
+    return max(1, int(max_train_steps) // AUTO_EVALS_PER_BUDGET)
+
+
 @dataclass(frozen=True)
 class SettledStatistic:
     """What the ``auto`` rule reads off a trace (:func:`settled_statistic`)."""
