@@ -348,6 +348,7 @@ class DVAREarlyStopping:
     def _choose_stride_from_timings(self) -> None:
         """``eval_every="5%"``: time STRIDE_PROBE_STEPS training steps (between calls of :meth:`step`) and an
         evaluation, then fix the stride. Ranks average their timings, so all of them choose the same k."""
+        self._synchronize()  # CUDA runs ahead of Python: a step's clock is its kernels' end, not their launch
         self._step_clock.append(time.perf_counter())
         if len(self._step_clock) <= STRIDE_PROBE_STEPS:
             return
@@ -360,9 +361,15 @@ class DVAREarlyStopping:
                               "step_seconds": round(step_seconds, 6), "probe_steps": STRIDE_PROBE_STEPS}
 
     def _timed_evaluation(self) -> float:
+        self._synchronize()  # the training step's queued kernels are not the evaluation's cost
         started = time.perf_counter()
-        self.evaluate()
+        self.evaluate()  # ends in float(loss): synchronized
         return time.perf_counter() - started
+
+    def _synchronize(self) -> None:
+        device = self._device()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def _cache_prompt_embeddings(self) -> None:
         """Encode the frozen prompts now when the text side is frozen, and let go of the text
