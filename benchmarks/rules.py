@@ -45,6 +45,7 @@ from dvar.criterion import (  # noqa: E402
     resolve_eval_every,
     resolve_preset,
     settled_stop_step,
+    settling_stop_step,
     strided_stop_step,
 )
 
@@ -154,30 +155,14 @@ def fraction_window(fraction: float, threshold: float, floor: int = 10) -> Rule:
 
 
 def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_evaluations: int = 20) -> Rule:
-    """A window from the loss's own settling time: stop once the run is ``multiple`` times as long as its smoothed
-    loss took to cover ``level`` of its drop so far.
-
-    At evaluation n the smoothed loss S (mean of the last ``smooth`` evaluations) has fallen D = S[0] - min S;
-    T is the first evaluation with S <= S[0] - level * D. While the loss keeps falling T keeps up with n (a
-    straight fall has T = level * n, and ``multiple * level > 1`` never stops it); once the loss settles T stays
-    put and n grows past ``multiple * T``. On exp(-t / tau), T tends to tau * ln(1 / (1 - level)). The level
-    only falls, so T only moves forward: O(1) amortised per evaluation.
-    """
+    """:class:`dvar.criterion.SettlingTimeCriterion` (a window from the loss's own settling time) at the budget's
+    stride: stop once the run is ``multiple`` times as long as its smoothed loss took to cover ``level`` of its drop."""
 
     def rule(t: Trajectory) -> tuple:
         k = budget_stride(t.budget)
-        y = np.asarray(t.losses[k - 1::k], dtype=np.float64)
-        smoothed = np.convolve(y, np.ones(smooth) / smooth, mode="valid")  # smoothed[i]: evaluations i..i+smooth-1
-        lowest, crossing = math.inf, 0
-        for i, value in enumerate(smoothed):
-            lowest = min(lowest, value)
-            target = smoothed[0] - level * (smoothed[0] - lowest)
-            while smoothed[crossing] > target:
-                crossing += 1
-            n = i + smooth  # evaluations so far
-            if n >= min_evaluations and lowest < smoothed[0] and n >= multiple * (crossing + smooth):
-                return n * k, n
-        return None, y.size
+        stop = settling_stop_step(t.losses, k, multiple=multiple, level=level, smooth=smooth,
+                                  min_evaluations=min_evaluations)
+        return stop, (stop // k if stop is not None else len(t.losses) // k)
 
     return rule
 

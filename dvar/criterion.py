@@ -2,8 +2,8 @@
 
 Each decision is a pure function that tests and notebooks can call on a whole trace
 (:func:`normalized_variance` / :func:`dvar_should_stop`; :func:`settled_statistic` /
-:func:`settled_should_stop`); :class:`DVARCriterion` and :class:`SettledCriterion` are the
-streaming versions used during training: O(1) work per value (amortised), exact to
+:func:`settled_should_stop`); :class:`DVARCriterion`, :class:`SettledCriterion` and
+:class:`SettlingTimeCriterion` are the streaming versions used during training: O(1) work per value (amortised), exact to
 numerical precision, and checkpointable through ``state_dict()``.
 """
 
@@ -555,6 +555,144 @@ def settled_stop_step(trace: Sequence[float], eval_every: int, **settings: Any) 
     """The stop step (optimizer steps) of the ``auto`` rule evaluating every ``eval_every`` steps, replayed
     on an every-step trace (``trace[i]``: the loss after step ``i + 1``); None if it never fires."""
     rule = SettledCriterion(**settings)
+    for count, value in enumerate(list(trace)[eval_every - 1 :: eval_every], 1):
+        if rule.update(value):
+            return count * eval_every
+    return None
+
+
+class SettlingTimeCriterion:
+    """A window from the loss's own settling time: stop once the run is ``multiple`` times as long as its
+    smoothed loss took to cover ``level`` of its drop so far.
+
+    At evaluation n the smoothed loss S (mean of the last ``smooth`` evaluations) has fallen D = S[0] - min S;
+    T is the first evaluation whose S is at or below S[0] - level * D (counted at its smoothing window's end).
+    While the loss keeps falling T keeps up with n (a straight fall has T ~ level * n, and ``multiple * level
+    > 1`` never stops it); once the loss settles T stays put and n grows past ``multiple * T``. On
+    exp(-t / tau), T tends to tau * ln(1 / (1 - level)), so the stop is a fixed multiple of tau. D must
+    exceed ``min_drop_snr`` times the evaluation noise (the SD of successive differences over sqrt 2), so
+    that a dip of noise early in a slow fall is not taken for its drop. D only grows, so T only moves
+    forward: O(1) amortised per evaluation (memory O(n), for T's search).
+
+    Example:
+        >>> rule = SettlingTimeCriterion(multiple=2.0, level=0.8, min_evaluations=10)
+        >>> stops = [rule.update(math.exp(-t / 10)) for t in range(100)]
+        >>> rule.stop_step, rule.reason.split(":")[0]
+        (40, 'settled')
+    """
+
+    def __init__(self, multiple: float = 2.0, level: float = 0.8, smooth: int = 5, min_evaluations: int = 20,
+                 min_drop_snr: float = 5.0, nonfinite: NonFinitePolicy = "stop") -> None:
+        if not math.isfinite(level) or not 0 < level < 1:
+            raise ValueError(f"settling-time level must be between 0 and 1 (got {level!r}); e.g. 0.8: the time the "
+                             "smoothed loss takes to cover 80% of its drop.")
+        if not math.isfinite(multiple) or multiple * level <= 1:
+            raise ValueError(f"settling-time multiple must be finite with multiple * level > 1 (got {multiple!r} at level "
+                             f"{level}); otherwise a loss still falling in a straight line would stop.")
+        for name, value, low in (("smooth", smooth, 1), ("min_evaluations", min_evaluations, 3)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+                raise ValueError(f"settling-time {name} must be an integer >= {low} (got {value!r}).")
+        if not math.isfinite(min_drop_snr) or min_drop_snr < 0:
+            raise ValueError(f"settling-time min_drop_snr must be a finite number >= 0 (got {min_drop_snr!r}).")
+        if nonfinite not in ("stop", "skip", "raise"):
+            raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+        self.multiple, self.level = float(multiple), float(level)
+        self.smooth, self.min_evaluations, self.nonfinite = int(smooth), int(min_evaluations), nonfinite
+        self.min_drop_snr = float(min_drop_snr)
+        self.threshold = self.multiple  # what reports compare the statistic with
+        self._values: List[float] = []
+        self._sum_sq_diff = 0.0
+        self._smoothed: List[float] = []
+        self._lowest, self._crossing = math.inf, 0
+        self.stopped, self.stop_step, self.reason = False, None, None
+        self.last_value = math.nan
+
+    @property
+    def num_values(self) -> int:
+        return len(self._values)
+
+    @property
+    def settling_evaluations(self) -> Optional[int]:
+        """T: the evaluation by which the smoothed loss had covered ``level`` of its drop (None before it fell)."""
+        if not self._smoothed or not self._lowest < self._smoothed[0]:
+            return None
+        return self._crossing + self.smooth
+
+    @property
+    def normalized_variance(self) -> float:
+        """The rule's statistic, evaluations so far / T (it stops at ``multiple``)."""
+        t = self.settling_evaluations
+        return self.num_values / t if t else math.nan
+
+    @property
+    def noise(self) -> float:
+        """The evaluation noise: RMS of successive differences / sqrt(2) (0 before two values)."""
+        n = self.num_values
+        return math.sqrt(self._sum_sq_diff / (2 * (n - 1))) if n > 1 else 0.0
+
+    def _add(self, x: float) -> None:
+        if self._values:
+            self._sum_sq_diff += (x - self._values[-1]) ** 2
+        self._values.append(x)
+        if len(self._values) < self.smooth:
+            return
+        smoothed = float(np.mean(self._values[-self.smooth:]))
+        self._smoothed.append(smoothed)
+        self._lowest = min(self._lowest, smoothed)
+        target = self._smoothed[0] - self.level * (self._smoothed[0] - self._lowest)
+        while self._smoothed[self._crossing] > target:  # the target only falls: the pointer only moves on
+            self._crossing += 1
+
+    def update(self, value: float) -> bool:
+        """Feed one value; True on the value at which the rule fires and on every value after."""
+        value = float(value)
+        self.last_value = value
+        if not math.isfinite(value):
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {self.num_values} values.")
+            if self.nonfinite == "stop" and not self.stopped:
+                self.stopped, self.stop_step = True, self.num_values + 1
+                self.reason = f"non-finite: loss became {value} after {self.num_values} values"
+            return self.stopped
+        self._add(value)
+        n, t = self.num_values, self.settling_evaluations
+        if (not self.stopped and t is not None and n >= self.min_evaluations and n >= self.multiple * t
+                and self._smoothed[0] - self._lowest > self.min_drop_snr * self.noise):
+            self.stopped, self.stop_step = True, n
+            drop = self._smoothed[0] - self._lowest
+            self.reason = (f"settled: the smoothed loss covered {self.level:.0%} of its drop {drop:.3g} by evaluation "
+                           f"{t}, and {n} evaluations are {self.multiple:g}x that")
+        return self.stopped
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The values seen and the outcome; the smoothed curve and T are rebuilt on load, bit for bit."""
+        return {
+            "rule": "settling_time", "multiple": self.multiple, "level": self.level, "smooth": self.smooth,
+            "min_evaluations": self.min_evaluations, "min_drop_snr": self.min_drop_snr,
+            "values": list(self._values), "stopped": self.stopped,
+            "stop_step": self.stop_step, "reason": self.reason, "last_value": self.last_value,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        settings = ("multiple", "level", "smooth", "min_evaluations", "min_drop_snr")
+        if state.get("rule") != "settling_time" or any(state[key] != getattr(self, key) for key in settings):
+            raise ValueError("Checkpoint was written with other settling-time settings (or another rule); resume with "
+                             "the same early-stopping settings.")
+        self._values, self._smoothed, self._lowest, self._crossing, self._sum_sq_diff = [], [], math.inf, 0, 0.0
+        for x in state["values"]:
+            self._add(x)
+        self.stopped, self.stop_step, self.reason = state["stopped"], state["stop_step"], state["reason"]
+        self.last_value = state["last_value"]
+
+    def __repr__(self) -> str:
+        return (f"SettlingTimeCriterion(multiple={self.multiple}, level={self.level}, num_values={self.num_values}, "
+                f"stopped={self.stopped})")
+
+
+def settling_stop_step(trace: Sequence[float], eval_every: int, **settings: Any) -> Optional[int]:
+    """The stop step (optimizer steps) of :class:`SettlingTimeCriterion` evaluating every ``eval_every`` steps,
+    replayed on an every-step trace (``trace[i]``: the loss after step ``i + 1``); None if it never fires."""
+    rule = SettlingTimeCriterion(**settings)
     for count, value in enumerate(list(trace)[eval_every - 1 :: eval_every], 1):
         if rule.update(value):
             return count * eval_every
