@@ -184,7 +184,7 @@ def candidates() -> Dict[str, Rule]:
     return rules
 
 
-AUTO = "settled tol=0.05 f=0.5 z=2"  # what preset="auto" ships (dvar.criterion defaults)
+AUTO = "settling-time level=0.8 x2"  # what preset="auto" ships (dvar.criterion.AUTO_LEVEL / AUTO_MULTIPLE)
 
 
 # ------------------------------------------------------------------------------------------ judging

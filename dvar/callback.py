@@ -18,11 +18,12 @@ import torch
 from .batch import PARTS, FixedEvalBatch
 from .criterion import (
     AUTO_EVALS_PER_WINDOW,
-    AUTO_TOLERANCE,
+    AUTO_LEVEL,
+    AUTO_MULTIPLE,
     DVARCriterion,
     EvalEvery,
     NonFinitePolicy,
-    SettledCriterion,
+    SettlingTimeCriterion,
     budget_stride,
     evaluations_in_window,
     overhead_target,
@@ -68,8 +69,9 @@ class DVARConfig:
     preset: Optional[str] = field(
         default=None,
         metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; or "
-                          "'auto': no window, stop once the recent half of the run fell by less than threshold "
-                          f"(default {AUTO_TOLERANCE}) of the loss's total drop (needs max_train_steps for its stride)."},
+                          "'auto': no window, stop once the run is threshold (default "
+                          f"{AUTO_MULTIPLE:g}) times as long as the smoothed loss took to cover {AUTO_LEVEL:.0%} of its "
+                          "drop (needs max_train_steps for its stride)."},
     )
     window: Optional[int] = field(
         default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
@@ -117,7 +119,7 @@ class DVARConfig:
 
     @property
     def is_auto(self) -> bool:
-        """``preset="auto"``: the run-relative rule (:class:`~dvar.criterion.SettledCriterion`), no window."""
+        """``preset="auto"``: the run-relative rule (:class:`~dvar.criterion.SettlingTimeCriterion`), no window."""
         return (self.preset or "").lower() == "auto"
 
     def resolved_window_threshold(self) -> Tuple[Optional[int], float]:
@@ -126,8 +128,8 @@ class DVARConfig:
             if self.window is not None:
                 raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
                                  "fixed-window preset).")
-            threshold = AUTO_TOLERANCE if self.threshold is None else self.threshold
-            SettledCriterion(threshold)  # validates it
+            threshold = AUTO_MULTIPLE if self.threshold is None else self.threshold
+            SettlingTimeCriterion(threshold, AUTO_LEVEL)  # validates it
             self.resolved_eval_every()
             return None, threshold
         preset = resolve_preset(self.preset) if self.preset else None
@@ -328,7 +330,7 @@ class DVAREarlyStopping:
 
     def _make_criterion(self) -> Any:
         if self.window is None:  # preset="auto"
-            return SettledCriterion(self.threshold, nonfinite=self.config.nonfinite)
+            return SettlingTimeCriterion(self.threshold, AUTO_LEVEL, nonfinite=self.config.nonfinite)
         # The criterion counts evaluations; the window is meant in optimizer steps. (Before a timed stride
         # is chosen nothing is evaluated: the criterion is remade by _set_stride.)
         evals_in_window = evaluations_in_window(self.window, self.eval_every or 1)
@@ -494,10 +496,13 @@ class DVAREarlyStopping:
             return stop_message(self.stop_step, self.config.max_train_steps, self.reason)
         last = self.history[-1] if self.history else None
         nvar = "n/a" if last is None or math.isnan(last.normalized_variance) else f"{last.normalized_variance:.4g}"
-        statistic = "recent drop / total drop" if self.window is None else f"var(last {self.window}) / var(all)"
+        if self.window is None:  # preset="auto" stops when its statistic rises to the threshold
+            statistic, stops_at = "evaluations / settling time", f"stops at {self.threshold:g}"
+        else:
+            statistic, stops_at = f"var(last {self.window}) / var(all)", f"stops below {self.threshold:g}"
         return (
             f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
-            f"{statistic} = {nvar} (stops below {self.threshold:g})"
+            f"{statistic} = {nvar} ({stops_at})"
         )
 
     def report(self) -> str:

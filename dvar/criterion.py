@@ -1,4 +1,4 @@
-"""Stop rules: the DVAR plateau test, the window-free ``auto`` rule and the paper's patience baseline.
+"""Stop rules: the DVAR plateau test, window-free rules (``auto``) and the paper's patience baseline.
 
 Each decision is a pure function that tests and notebooks can call on a whole trace
 (:func:`normalized_variance` / :func:`dvar_should_stop`; :func:`settled_statistic` /
@@ -344,8 +344,12 @@ class DVARCriterion:
 #: ``preset="auto"``: the stride is ``max(1, max_train_steps // AUTO_EVALS_PER_BUDGET)`` (its window is not
 #: known in advance, so the stride comes from the budget: about 100 evaluations over a full run).
 AUTO_EVALS_PER_BUDGET = 100
-#: ``preset="auto"``: the default tolerance (the threshold of the ``auto`` rule).
+#: :class:`SettledCriterion`'s default tolerance.
 AUTO_TOLERANCE = 0.05
+#: ``preset="auto"`` (:class:`SettlingTimeCriterion`): the default multiple of the settling time (its threshold)
+#: and the share of the drop that defines the settling time; chosen by ``benchmarks/rules.py`` on half the concepts.
+AUTO_MULTIPLE = 2.0
+AUTO_LEVEL = 0.8
 
 
 def budget_stride(max_train_steps: int) -> int:
@@ -587,7 +591,8 @@ class SettlingTimeCriterion:
             raise ValueError(f"settling-time level must be between 0 and 1 (got {level!r}); e.g. 0.8: the time the "
                              "smoothed loss takes to cover 80% of its drop.")
         if not math.isfinite(multiple) or multiple * level <= 1:
-            raise ValueError(f"settling-time multiple must be finite with multiple * level > 1 (got {multiple!r} at level "
+            raise ValueError(f"settling-time multiple (the threshold of preset 'auto') must be finite with multiple * "
+                             f"level > 1 (got {multiple!r} at level "
                              f"{level}); otherwise a loss still falling in a straight line would stop.")
         for name, value, low in (("smooth", smooth, 1), ("min_evaluations", min_evaluations, 3)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

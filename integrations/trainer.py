@@ -201,12 +201,13 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     add("--early-stop-preset", "--early_stop_preset", dest="early_stop_preset", default=method.preset,
         choices=sorted(PRESETS) + ["auto"],
         help=f"DVAR setting (default: {method.preset}, the paper's for this method); 'auto': no window, stop once "
-        "the recent half of the run fell by less than the threshold (default 0.05) of the loss's total drop.")
+        "the run is threshold (default 2) times as long as the smoothed frozen-batch loss took to cover 80%% of its "
+        "drop.")
     add("--early-stop-window", "--early_stop_window", dest="early_stop_window", type=int, default=None,
         help="DVAR window N in steps (default: the preset's; not with --early-stop-preset auto).")
     add("--early-stop-threshold", "--early_stop_threshold", dest="early_stop_threshold", type=float, default=None,
-        help="DVAR threshold (default: the preset's; for auto, the share of the total drop the recent half may "
-        "still fall).")
+        help="DVAR threshold (default: the preset's; for auto, the multiple of the loss's settling time at which "
+        "it stops).")
     add("--early-stop-eval-every", "--early_stop_eval_every", dest="early_stop_eval_every", type=eval_every_arg,
         default="auto", help="Evaluate the frozen batch every K steps (default auto: window // 30, at least 1; "
         "1 is the paper's every-step setting; a percentage such as 5%%: the K at which evaluating costs about that "

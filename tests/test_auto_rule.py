@@ -1,6 +1,7 @@
-"""The preset-free ``auto`` rule (:class:`dvar.criterion.SettledCriterion`): stops at the same multiple of a
-decay's time constant whatever that constant, never on a loss that is still falling or never fell, resumes
-bit for bit, and is what ``DVARConfig(preset="auto")`` / ``--early-stop-preset auto`` run."""
+"""The slope rule (:class:`dvar.criterion.SettledCriterion`, a candidate for ``auto`` that ``benchmarks/rules.py``
+replays): stops at the same multiple of a decay's time constant whatever that constant, never on a loss that is
+still falling or never fell, and resumes bit for bit. And ``DVARConfig(preset="auto")``: its stride comes from the
+budget and it runs :class:`dvar.criterion.SettlingTimeCriterion` (``tests/test_settling_time.py``)."""
 
 import math
 
@@ -138,7 +139,7 @@ def test_replay_on_an_every_step_trace_with_a_stride(eval_every):
 def test_config_auto_stride_comes_from_the_budget(budget, eval_every, expected):
     config = DVARConfig(preset="auto", max_train_steps=budget, eval_every=eval_every)
     assert config.resolved_eval_every() == expected
-    assert config.resolved_window_threshold() == (None, 0.05)
+    assert config.resolved_window_threshold() == (None, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +147,7 @@ def test_config_auto_stride_comes_from_the_budget(budget, eval_every, expected):
     [
         ({"preset": "auto"}, "pass max_train_steps"),
         ({"preset": "auto", "max_train_steps": 100, "window": 50}, "leave window out"),
-        ({"preset": "auto", "max_train_steps": 100, "threshold": 0.0}, "tolerance must be between 0 and 1"),
+        ({"preset": "auto", "max_train_steps": 100, "threshold": 1.0}, "multiple \\* level > 1"),
     ],
 )
 def test_config_auto_refuses_impossible_settings(kwargs, message):

@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from dvar import DVAREarlyStopping
 from dvar.criterion import SettlingTimeCriterion, settling_stop_step
 
 
@@ -96,7 +98,7 @@ def test_state_from_other_settings_is_refused():
         ({"level": 0}, "level must be between 0 and 1"),
         ({"level": 1.0}, "level must be between 0 and 1"),
         ({"multiple": 1.2, "level": 0.8}, "multiple \\* level > 1"),
-        ({"multiple": math.inf}, "multiple must be finite"),
+        ({"multiple": math.inf}, "must be finite with multiple"),
         ({"smooth": 0}, "smooth must be an integer >= 1"),
         ({"min_evaluations": 2}, "min_evaluations must be an integer >= 3"),
         ({"min_drop_snr": -1}, "min_drop_snr must be a finite number >= 0"),
@@ -130,3 +132,19 @@ def test_replay_on_an_every_step_trace_with_a_stride(eval_every):
     trace = list(decay(100, 2000)[1:])
     stop = settling_stop_step(trace, eval_every)
     assert stop % eval_every == 0 and 260 <= stop <= 360
+
+
+@pytest.mark.parametrize("eval_every, budget", [(1, 300), (2, 600), ("auto", 300)])
+def test_preset_auto_runs_this_rule_in_the_callback(toy_dataset, eval_every, budget):
+    trace = list(decay(20, budget + 1)[1:])  # the loss after step s is trace[s - 1]
+    step = {"now": 0}
+    stopper = DVAREarlyStopping(objective=lambda models, batch: torch.tensor(trace[step["now"] - 1]),
+                                train_dataset=toy_dataset, preset="auto", eval_every=eval_every,
+                                max_train_steps=budget)
+    assert isinstance(stopper.criterion, SettlingTimeCriterion) and stopper.threshold == 2.0
+    for step["now"] in range(1, budget + 1):
+        if stopper.step(step["now"]):
+            break
+    k = stopper.eval_every
+    assert stopper.stop_step == settling_stop_step(trace, k) is not None
+    assert stopper.reason.startswith("settled: the smoothed loss covered 80% of its drop")

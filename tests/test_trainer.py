@@ -32,7 +32,7 @@ def ti_args(tiny_pipeline_dir, concept_dir, tmp_path):
 
 
 EARLY = ["--early-stop", "--early-stop-window", "6", "--early-stop-threshold", "0.5"]
-AUTO = ["--early-stop", "--early-stop-preset", "auto", "--early-stop-eval-every", "1", "--early-stop-threshold", "0.5"]
+AUTO = ["--early-stop", "--early-stop-preset", "auto", "--early-stop-eval-every", "1", "--early-stop-threshold", "1.5"]
 
 
 def summary(path):
@@ -176,7 +176,7 @@ def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
         (["--early-stop", "--early-stop-threshold", "-1"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-window", "1"], "window must be an integer >= 2"),
         (["--early-stop", "--early-stop-preset", "auto", "--early-stop-window", "10"], "leave window out"),
-        (["--early-stop", "--early-stop-preset", "auto", "--early-stop-threshold", "1.5"], "tolerance must be between 0 and 1"),
+        (["--early-stop", "--early-stop-preset", "auto", "--early-stop-threshold", "1.1"], "threshold of preset 'auto') must be finite with multiple * level > 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--resume_from_checkpoint", "latest"], "no such checkpoint"),
         (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "is not a local diffusers model folder"),

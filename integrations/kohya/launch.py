@@ -131,7 +131,8 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     group.add_argument("--early_stop_window", type=int, default=None,
                        help="DVAR window N in optimizer steps (overrides the preset)")
     group.add_argument("--early_stop_threshold", type=float, default=None,
-                       help="stop when var(last N) / var(all) < this (overrides the preset)")
+                       help="stop when var(last N) / var(all) < this (overrides the preset); for 'auto', the "
+                            "multiple of the loss's settling time at which it stops (default 2)")
     group.add_argument("--early_stop_eval_every", type=_eval_every, default="auto",
                        help="evaluate the frozen batch every this many optimizer steps (default auto: the window // 30, "
                             "at least 1; 1 is the paper's every-step setting; a percentage such as 5%%: the stride at which "
