@@ -162,7 +162,7 @@ def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_eval
         k = budget_stride(t.budget)
         stop = settling_stop_step(t.losses, k, multiple=multiple, level=level, smooth=smooth,
                                   min_evaluations=min_evaluations)
-        return stop, (stop // k if stop is not None else len(t.losses) // k)
+        return stop, (stop or t.budget) // k
 
     return rule
 

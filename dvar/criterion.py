@@ -173,6 +173,30 @@ def strided_stop_step(trace: Sequence[float], window: int, threshold: float, eva
     return None if count is None else count * eval_every
 
 
+def _check_nonfinite_policy(nonfinite: str) -> None:
+    if nonfinite not in ("stop", "skip", "raise"):
+        raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+
+
+def _on_nonfinite_loss(rule: Any, value: float) -> bool:
+    """A loss rule's ``nonfinite`` policy for a NaN/inf ``value``: raise, stop (with a reason) or skip it.
+    Returns ``rule.stopped``."""
+    if rule.nonfinite == "raise":
+        raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {rule.num_values} values.")
+    if rule.nonfinite == "stop" and not rule.stopped:
+        rule.stopped, rule.stop_step = True, rule.num_values + 1
+        rule.reason = f"non-finite: loss became {value} after {rule.num_values} values"
+    return rule.stopped
+
+
+def _replay_stop_step(rule: Any, trace: Sequence[float], eval_every: int) -> Optional[int]:
+    """Feed ``rule`` the values of an every-step trace at steps k, 2k, ...; its stop in optimizer steps, or None."""
+    for count, value in enumerate(list(trace)[eval_every - 1 :: eval_every], 1):
+        if rule.update(value):
+            return count * eval_every
+    return None
+
+
 class _RunningMoments:
     """Count, mean and sum of squared deviations (Welford), on values shifted by ``shift``.
 
@@ -230,8 +254,7 @@ class DVARCriterion:
             raise ValueError(f"DVAR window must be an integer >= 2 (got {window!r}); the paper uses 180-440.")
         if not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(f"DVAR threshold must be a finite number > 0 (got {threshold!r}); the paper uses 0.15-0.4.")
-        if nonfinite not in ("stop", "skip", "raise"):
-            raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+        _check_nonfinite_policy(nonfinite)
         self.window = int(window)
         self.threshold = float(threshold)
         self.nonfinite = nonfinite
@@ -265,11 +288,7 @@ class DVARCriterion:
         value = float(value)
         self.last_value = value
         if not math.isfinite(value):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {self.num_values} values.")
-            if self.nonfinite == "stop" and not self.stopped:
-                self._fire(f"non-finite: loss became {value} after {self.num_values} values", self.num_values + 1)
-            return self.stopped
+            return _on_nonfinite_loss(self, value)
 
         if self._shift is None:
             self._shift = value
@@ -466,8 +485,7 @@ class SettledCriterion:
         for name, value in (("z", z), ("min_drop_snr", min_drop_snr)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"auto rule {name} must be a finite number >= 0 (got {value!r}).")
-        if nonfinite not in ("stop", "skip", "raise"):
-            raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+        _check_nonfinite_policy(nonfinite)
         self.tolerance, self.fraction, self.min_evaluations = float(tolerance), float(fraction), int(min_evaluations)
         self.z, self.min_drop_snr, self.nonfinite = float(z), float(min_drop_snr), nonfinite
         self.threshold = self.tolerance  # what reports compare the statistic with
@@ -508,12 +526,7 @@ class SettledCriterion:
         value = float(value)
         self.last_value = value
         if not math.isfinite(value):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {self.num_values} values.")
-            if self.nonfinite == "stop" and not self.stopped:
-                self.stopped, self.stop_step = True, self.num_values + 1
-                self.reason = f"non-finite: loss became {value} after {self.num_values} values"
-            return self.stopped
+            return _on_nonfinite_loss(self, value)
         if self._shift is None:
             self._shift = value
         self._add(value - self._shift)  # shifted by the first value: sums stay small, precision stays
@@ -558,11 +571,7 @@ class SettledCriterion:
 def settled_stop_step(trace: Sequence[float], eval_every: int, **settings: Any) -> Optional[int]:
     """The stop step (optimizer steps) of the ``auto`` rule evaluating every ``eval_every`` steps, replayed
     on an every-step trace (``trace[i]``: the loss after step ``i + 1``); None if it never fires."""
-    rule = SettledCriterion(**settings)
-    for count, value in enumerate(list(trace)[eval_every - 1 :: eval_every], 1):
-        if rule.update(value):
-            return count * eval_every
-    return None
+    return _replay_stop_step(SettledCriterion(**settings), trace, eval_every)
 
 
 class SettlingTimeCriterion:
@@ -599,8 +608,7 @@ class SettlingTimeCriterion:
                 raise ValueError(f"settling-time {name} must be an integer >= {low} (got {value!r}).")
         if not math.isfinite(min_drop_snr) or min_drop_snr < 0:
             raise ValueError(f"settling-time min_drop_snr must be a finite number >= 0 (got {min_drop_snr!r}).")
-        if nonfinite not in ("stop", "skip", "raise"):
-            raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+        _check_nonfinite_policy(nonfinite)
         self.multiple, self.level = float(multiple), float(level)
         self.smooth, self.min_evaluations, self.nonfinite = int(smooth), int(min_evaluations), nonfinite
         self.min_drop_snr = float(min_drop_snr)
@@ -653,12 +661,7 @@ class SettlingTimeCriterion:
         value = float(value)
         self.last_value = value
         if not math.isfinite(value):
-            if self.nonfinite == "raise":
-                raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {self.num_values} values.")
-            if self.nonfinite == "stop" and not self.stopped:
-                self.stopped, self.stop_step = True, self.num_values + 1
-                self.reason = f"non-finite: loss became {value} after {self.num_values} values"
-            return self.stopped
+            return _on_nonfinite_loss(self, value)
         self._add(value)
         n, t = self.num_values, self.settling_evaluations
         if (not self.stopped and t is not None and n >= self.min_evaluations and n >= self.multiple * t
@@ -697,11 +700,7 @@ class SettlingTimeCriterion:
 def settling_stop_step(trace: Sequence[float], eval_every: int, **settings: Any) -> Optional[int]:
     """The stop step (optimizer steps) of :class:`SettlingTimeCriterion` evaluating every ``eval_every`` steps,
     replayed on an every-step trace (``trace[i]``: the loss after step ``i + 1``); None if it never fires."""
-    rule = SettlingTimeCriterion(**settings)
-    for count, value in enumerate(list(trace)[eval_every - 1 :: eval_every], 1):
-        if rule.update(value):
-            return count * eval_every
-    return None
+    return _replay_stop_step(SettlingTimeCriterion(**settings), trace, eval_every)
 
 
 class PatienceCriterion:
@@ -722,8 +721,7 @@ class PatienceCriterion:
             raise ValueError(f"eps must be a finite number >= 0 (got {eps!r}).")
         if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 1:
             raise ValueError(f"patience must be an integer >= 1 (got {patience!r}).")
-        if nonfinite not in ("stop", "skip", "raise"):
-            raise ValueError(f"nonfinite must be 'stop', 'skip' or 'raise' (got {nonfinite!r}).")
+        _check_nonfinite_policy(nonfinite)
         self.eps = float(eps)
         self.patience = int(patience)
         self.nonfinite = nonfinite
