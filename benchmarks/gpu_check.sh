@@ -37,7 +37,7 @@ else
   model_flags=(--pretrained_model_name_or_path /tmp/random-sd15); resolution_flags=(--resolution 512); rounds=10
 fi
 window=$(( steps < 20 ? steps : 20 ))  # any window: the threshold never fires
-concept=$(ls -d dvar/assets/concepts/*/ | head -1)  # the first concept folder
+concept=$(ls -d lab/dvar_lab/assets/concepts/*/ | head -1)  # the first concept folder
 if [[ $parts == *1* ]]; then
 for mp in bf16 fp16 no; do
   for es in off on; do

@@ -24,8 +24,8 @@ PROMPT = "a photo of a large sks heart on the left, on a blue background"
 
 def data(out: str) -> dict:
     from dvar.models import mini_sd
-    from dvar.world import concept_dir
-    from dvar.world.concepts import metadata_path
+    from dvar_lab.world import concept_dir
+    from dvar_lab.world.concepts import metadata_path
 
     root = Path(out)
     folder = root / "img" / f"{REPEATS}_sks heart"
@@ -127,7 +127,7 @@ def load_diffusers(lora: str) -> dict:
     import diffusers
     import torch
 
-    from dvar.models import load_mini_sd_pipeline
+    from dvar_lab.models import load_mini_sd_pipeline
 
     pipe = load_mini_sd_pipeline(scheduler="ddim")
     generate = lambda: pipe(PROMPT, num_inference_steps=10, generator=torch.Generator().manual_seed(0),

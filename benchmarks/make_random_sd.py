@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dvar.tiny import sd_tokenizer
+from dvar_lab.tiny import sd_tokenizer
 
 
 def random_sd15() -> StableDiffusionPipeline:

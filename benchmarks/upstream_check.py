@@ -6,7 +6,7 @@ patched by ``integrations/README.md`` (``check_guide.py --write``), run for real
 * textual_inversion.py on the bundled mini-SD, with a bundled concept folder as
   ``--train_data_dir`` (600 steps, the ``textual_inversion`` preset);
 * train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py on tiny randomly initialised
-  SDXL and Flux pipelines saved to disk (``dvar.tiny``; 40 steps, window 5, threshold 0.2),
+  SDXL and Flux pipelines saved to disk (``dvar_lab.tiny``; 40 steps, window 5, threshold 0.2),
   plus, for each: the unmodified script against the patched one with a threshold that cannot
   fire (LoRA weights must be bit-identical), and a run resumed from ``checkpoint-8`` (its first
   8 history rows must be the uninterrupted run's).
@@ -58,7 +58,7 @@ def make_torchvision_importable() -> None:
 def save_tiny_pipelines(work: Path) -> Dict[str, Path]:
     from diffusers import FluxPipeline, StableDiffusionXLPipeline
 
-    from dvar.tiny import tiny_flux, tiny_sdxl
+    from dvar_lab.tiny import tiny_flux, tiny_sdxl
 
     paths = {"sdxl": work / "tiny-sdxl", "flux": work / "tiny-flux"}
     if not paths["sdxl"].exists():
@@ -126,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.copy(args.diffusers / "examples" / "dreambooth" / script, target)
     make_torchvision_importable()
     from dvar.models import mini_sd
-    from dvar.world import list_concepts
+    from dvar_lab.world import list_concepts
 
     patched = work / "patched" / "examples"
     failures: List[str] = []

@@ -14,14 +14,14 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def sd_parts():
-    from dvar.tiny import tiny_sd
+    from dvar_lab.tiny import tiny_sd
 
     return tiny_sd(seed=0)
 
 
 @pytest.fixture
 def toy_dataset():
-    from dvar.tiny import ToyConceptDataset
+    from dvar_lab.tiny import ToyConceptDataset
 
     return ToyConceptDataset(num_images=6, resolution=16)
 
@@ -31,7 +31,7 @@ def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised SD-format pipeline folder (16x16 images), saved with save_pretrained."""
     from diffusers import StableDiffusionPipeline
 
-    from dvar.tiny import tiny_sd
+    from dvar_lab.tiny import tiny_sd
 
     parts = tiny_sd(seed=0, resolution=16)
     pipe = StableDiffusionPipeline(
@@ -46,7 +46,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def concept_dir():
     """A bundled synthetic concept folder (5 PNGs only; its metadata is <name>.json beside it)."""
-    from dvar.world import list_concepts
+    from dvar_lab.world import list_concepts
 
     return list_concepts("textual_inversion")[0].path
 
@@ -56,7 +56,7 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     """A randomly initialised SDXL pipeline folder (16x16 images; two CLIP encoders, text_time UNet)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from dvar.tiny import tiny_sdxl
+    from dvar_lab.tiny import tiny_sdxl
 
     parts = tiny_sdxl(seed=0, resolution=16)
     pipe = StableDiffusionXLPipeline(
@@ -74,7 +74,7 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
     """A randomly initialised Flux pipeline folder (16x16 images; CLIP + T5, guidance-embedding transformer)."""
     from diffusers import FluxPipeline
 
-    from dvar.tiny import tiny_flux
+    from dvar_lab.tiny import tiny_flux
 
     parts = tiny_flux(seed=0, resolution=16)
     pipe = FluxPipeline(

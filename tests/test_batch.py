@@ -35,7 +35,7 @@ def test_first_k_examples_in_dataset_order(sd_parts, toy_dataset):
 
 
 def test_batch_smaller_than_k_uses_every_example(sd_parts):
-    from dvar.tiny import ToyConceptDataset
+    from dvar_lab.tiny import ToyConceptDataset
 
     fixed = build(sd_parts, ToyConceptDataset(num_images=3), batch_size=4)
     assert len(fixed.next()) == 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dvar import DVARConfig, DVAREarlyStopping
-from dvar import demo
+from dvar_lab import demo
 
 
 def run(tmp_path, name, *flags):

@@ -13,8 +13,8 @@ from PIL import Image
 from skimage import data as skdata
 from sklearn.datasets import load_sample_image
 
-from dvar.metrics import identity
-from dvar.metrics.identity import (
+from dvar_lab.metrics import identity
+from dvar_lab.metrics.identity import (
     ClipImageEncoder,
     EfficientNetLite0,
     IdentityEncoder,

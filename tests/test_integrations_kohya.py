@@ -63,7 +63,7 @@ def photos(tmp_path_factory, concept_dir):
     root = tmp_path_factory.mktemp("kohya-data")
     folder = root / "img" / "1_sks circle"
     folder.mkdir(parents=True)
-    from dvar.world.concepts import metadata_path
+    from dvar_lab.world.concepts import metadata_path
 
     concept = json.loads(metadata_path(concept_dir).read_text())
     for image in concept["images"]:
@@ -329,7 +329,7 @@ def test_the_text_encoder_loads_with_every_weight_of_its_file(tmp_path, prefix):
     from transformers import CLIPTextModel
 
     from dvar.integrations.kohya.diffusers_model import load_text_encoder
-    from dvar.tiny import _text_config
+    from dvar_lab.tiny import _text_config
 
     torch.manual_seed(0)
     model = CLIPTextModel(_text_config())

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dvar.models import load_mini_sd_pipeline, mini_sd
+from dvar_lab.models import load_mini_sd_pipeline, mini_sd
 
 MAX_BYTES = 25_000_000
 

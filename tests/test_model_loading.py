@@ -9,7 +9,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from dvar.models import IncompleteWeightsError, load_exactly, load_mini_sd_pipeline, mini_sd
+from dvar.models import IncompleteWeightsError, load_exactly, mini_sd
+from dvar_lab.models import load_mini_sd_pipeline
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 PROMPTS = ["a photo of a red dotted star", "a large blue solid ring on the left, on a gray background"]

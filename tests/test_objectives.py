@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from dvar import DiffusionObjective, DVAREarlyStopping, FixedEvalBatch, deterministic_loss
-from dvar.tiny import ToyConceptDataset, tiny_sd, tiny_sd3, tiny_sdxl
+from dvar_lab.tiny import ToyConceptDataset, tiny_sd, tiny_sd3, tiny_sdxl
 
 
 def tokenize(tokenizer, captions):
@@ -258,7 +258,7 @@ def test_vae_latents_mean_and_std_are_applied_as_the_sdxl_scripts_do(toy_dataset
 def test_a_repeated_caption_is_encoded_once_with_the_same_bits():
     """Custom Diffusion's and DreamBooth's frozen batch repeats the instance prompt: the text encoder runs once
     per distinct caption, and the embeddings (hence the loss) are bitwise those of encoding every row."""
-    from dvar.models import load_mini_sd_pipeline
+    from dvar_lab.models import load_mini_sd_pipeline
     from dvar.objectives import encode_distinct_rows
 
     pipe = load_mini_sd_pipeline()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import CLIPTokenizer, CLIPTokenizerFast  # type: ignore[attr-defined]  # absent from 5.x stubs
 
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "dvar" / "assets" / "mini-sd" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "lab" / "dvar_lab" / "assets" / "mini-sd" / "tokenizer"
 BOS, EOS = 49406, 49407
 
 # (text, ids without BOS/EOS) as the SD 1.x tokenizer gives them.

@@ -260,7 +260,7 @@ def test_flux_frozen_batch_loss_is_the_scripts_loss(weighting_scheme, guidance_e
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from dvar import DVAREarlyStopping
-    from dvar.tiny import tiny_flux
+    from dvar_lab.tiny import tiny_flux
 
     module = importlib.import_module("upstream.train_dreambooth_lora_flux")
     extra = ["--weighting_scheme", weighting_scheme, "--guidance_scale", "2.5"]
@@ -295,7 +295,7 @@ def test_flux_frozen_batch_loss_is_the_scripts_loss(weighting_scheme, guidance_e
 
 def test_flux_guidance_scale_is_required_by_a_guidance_transformer(toy_dataset):
     from dvar import DVAREarlyStopping
-    from dvar.tiny import tiny_flux
+    from dvar_lab.tiny import tiny_flux
 
     parts = tiny_flux()
     with pytest.raises(ValueError, match="pass guidance_scale=args.guidance_scale"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dvar.world import (
+from dvar_lab.world import (
     HELD_OUT,
     AttributeClassifier,
     Scene,
@@ -22,9 +22,9 @@ from dvar.world import (
     render,
     sample_scenes,
 )
-from dvar.world.classifier import CLASSIFIER_ATTRIBUTES, augment
-from dvar.world.concepts import GROUP_SIZES, design_concepts, metadata_path, render_concept, write_concepts
-from dvar.world.scenes import (
+from dvar_lab.world.classifier import CLASSIFIER_ATTRIBUTES, augment
+from dvar_lab.world.concepts import GROUP_SIZES, design_concepts, metadata_path, render_concept, write_concepts
+from dvar_lab.world.scenes import (
     ATTRIBUTES,
     BACKGROUND_CONFLICTS,
     COLORS,
@@ -233,7 +233,7 @@ def test_an_unknown_object_pool_is_refused() -> None:
 
 
 def test_bundled_classifier_is_small() -> None:
-    from dvar.world.classifier import default_weights_path
+    from dvar_lab.world.classifier import default_weights_path
 
     assert default_weights_path().stat().st_size < 2_000_000
 

@@ -1,4 +1,4 @@
-"""Build the Stable Diffusion 1.x CLIP tokenizer files for ``dvar/assets/mini-sd/tokenizer``.
+"""Build the Stable Diffusion 1.x CLIP tokenizer files for ``lab/dvar_lab/assets/mini-sd/tokenizer``.
 
 SD 1.x uses the tokenizer of ``openai/clip-vit-large-patch14``: OpenAI CLIP's byte-level
 BPE with 49,408 tokens. Its only source of truth is the BPE merges file that OpenAI
@@ -43,7 +43,7 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = REPO_ROOT / "dvar" / "assets" / "mini-sd" / "tokenizer"
+DEFAULT_OUT = REPO_ROOT / "lab" / "dvar_lab" / "assets" / "mini-sd" / "tokenizer"
 
 
 def bytes_to_unicode() -> dict[int, str]:

@@ -3,13 +3,13 @@
 * Prompt following: ``--n`` scenes from a seed never used in pretraining
   (``sample_scenes(n, seed=12345)``), one caption each (full templates, cycled), one sample
   each with ``--steps`` DPM-Solver++ steps and classifier-free guidance; the
-  :class:`dvar.world.AttributeClassifier` reads every attribute back and the per-attribute
+  :class:`dvar_lab.world.AttributeClassifier` reads every attribute back and the per-attribute
   accuracy is reported, next to two ceilings measured the same way: the renders of the same
   scenes ("real") and their VAE reconstructions ("VAE").
 * ``--sweep``: guidance scales tried on the first ``--sweep-n`` scenes before the main run;
   the best mean accuracy (shape, colour, background) picks the guidance scale.
 * The seconds per 64x64 sample on this CPU (batch 1, and per image in a batch of 16).
-* A sample grid with captions, ``dvar/assets/mini-sd/samples.png``.
+* A sample grid with captions, ``lab/dvar_lab/assets/mini-sd/samples.png``.
 
 Writes ``benchmarks/embedded/mini_sd_eval.json`` and prints a markdown table.
 
@@ -33,10 +33,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from dvar.models import load_mini_sd_pipeline, mini_sd
-from dvar.world import AttributeClassifier, Scene, render, sample_scenes
-from dvar.world.classifier import CLASSIFIER_ATTRIBUTES
-from dvar.world.scenes import FULL_TEMPLATES, to_tensor
+from dvar_lab.models import load_mini_sd_pipeline, mini_sd
+from dvar_lab.world import AttributeClassifier, Scene, render, sample_scenes
+from dvar_lab.world.classifier import CLASSIFIER_ATTRIBUTES
+from dvar_lab.world.scenes import FULL_TEMPLATES, to_tensor
 
 EVAL_SEED = 12345  # never used by pretrain_mini_sd.py (it renders sample_scene((0, i)))
 GRID_PROMPTS = (

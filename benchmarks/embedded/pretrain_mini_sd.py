@@ -1,6 +1,6 @@
 """Pretrain mini-SD, the small Stable-Diffusion-format model bundled with dvar.
 
-Everything is trained from scratch on the synthetic world of :mod:`dvar.world` (64x64
+Everything is trained from scratch on the synthetic world of :mod:`dvar_lab.world` (64x64
 captioned scenes; the ``HELD_OUT`` objects are never shown). The defaults are the recipe of
 the bundled weights, about an hour on 2 CPU cores (or minutes with ``--device cuda``):
 
@@ -35,7 +35,7 @@ stage (model, EMA and optimizer state) written every ``--ckpt-minutes``; rerunni
 command continues from it. Example::
 
     nohup python benchmarks/embedded/pretrain_mini_sd.py --work /tmp/mini-sd-work \
-        --out dvar/assets/mini-sd > /tmp/mini-sd-work.log 2>&1 &
+        --out lab/dvar_lab/assets/mini-sd > /tmp/mini-sd-work.log 2>&1 &
 
 Timings and the evaluation of the bundled weights: ``benchmarks/embedded/MINI_SD.md``.
 """
@@ -60,10 +60,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from dvar.models import load_exactly, portable_clip_text_state_dict
-from dvar.world import HELD_OUT, render, sample_scene
-from dvar.world.scenes import TEMPLATES
+from dvar_lab.world import HELD_OUT, render, sample_scene
+from dvar_lab.world.scenes import TEMPLATES
 
-TOKENIZER_DIR = REPO / "dvar" / "assets" / "mini-sd" / "tokenizer"
+TOKENIZER_DIR = REPO / "lab" / "dvar_lab" / "assets" / "mini-sd" / "tokenizer"
 SHORT_TEMPLATES = tuple(i for i, t in enumerate(TEMPLATES) if "{background}" not in t)
 
 
@@ -258,7 +258,7 @@ def make_caption(
     scene: dict, gen: np.random.Generator, dropout: float, class_only: float
 ) -> str:
     """A random caption for ``scene``: dropped (""), class word only, or a full template."""
-    from dvar.world import Scene
+    from dvar_lab.world import Scene
 
     u = gen.random()
     if u < dropout:
@@ -596,7 +596,7 @@ def main(argv=None) -> None:
         default=Path("/tmp/mini-sd-work"),
         help="checkpoints and caches",
     )
-    p.add_argument("--out", type=Path, default=REPO / "dvar" / "assets" / "mini-sd")
+    p.add_argument("--out", type=Path, default=REPO / "lab" / "dvar_lab" / "assets" / "mini-sd")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-images", type=int, default=16000)
     p.add_argument("--composite-prob", type=float, default=0.2)

@@ -1,12 +1,12 @@
 """Train the bundled attribute classifier of the synthetic world (a few minutes on 2 CPU cores).
 
 Renders ``--train-size`` scenes of every object (held-out ones included), trains
-:class:`dvar.world.AttributeClassifier` with blur/noise/colour augmentation, reports the
+:class:`dvar_lab.world.AttributeClassifier` with blur/noise/colour augmentation, reports the
 per-attribute accuracy on ``--eval-size`` scenes from an unseen seed and saves the weights.
 
 Example:
     python benchmarks/embedded/train_attribute_classifier.py \
-        --out dvar/assets/world/attribute_classifier.safetensors
+        --out lab/dvar_lab/assets/world/attribute_classifier.safetensors
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dvar.world.classifier import CLASSIFIER_ATTRIBUTES, AttributeClassifier, augment
-from dvar.world.scenes import HELD_OUT, render, sample_scene
+from dvar_lab.world.classifier import CLASSIFIER_ATTRIBUTES, AttributeClassifier, augment
+from dvar_lab.world.scenes import HELD_OUT, render, sample_scene
 
 COMPOSITE_PROB = 0.2
 
@@ -74,7 +74,7 @@ def accuracy(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("dvar/assets/world/attribute_classifier.safetensors"))
+    parser.add_argument("--out", type=Path, default=Path("lab/dvar_lab/assets/world/attribute_classifier.safetensors"))
     parser.add_argument("--train-size", type=int, default=16000)
     parser.add_argument("--train-seed", type=int, default=100)
     parser.add_argument("--eval-size", type=int, default=2000)

@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-scale", type=float, default=1.0,
                         help="Multiply every method's learning rate (the learning-rate axis, e.g. 0.5 or 2; use its own --out).")
     parser.add_argument("--world-concepts", type=Path, default=None,
-                        help="Another synthetic concept set (python -m dvar.world.concepts --out DIR --seed S).")
+                        help="Another synthetic concept set (python -m dvar_lab.world.concepts --out DIR --seed S).")
     parser.add_argument("--model", default=None, help="Local diffusers model folder (default: the embedded mini-SD).")
     parser.add_argument("--concepts", type=Path, default=None, help="Folder of concept photo folders (with --config).")
     parser.add_argument("--clip", default=None, help="Local CLIP folder (transformers format) to score with.")
@@ -401,7 +401,7 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
 
 def ensure_world_concepts(folder: Path, seed: int, objects: str) -> Path:
     """The synthetic concept set ``(seed, objects)`` in ``folder``, written once (atomically: shards may race)."""
-    from dvar.world.concepts import write_concepts
+    from dvar_lab.world.concepts import write_concepts
 
     if not (folder / "index.json").is_file():
         staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")

@@ -3,9 +3,9 @@
 Two scorers share one interface:
 
 * :class:`WorldScorer` (mini-SD's synthetic world): identity = the world's ground truth, the
-  :class:`~dvar.world.AttributeClassifier`'s mean probability for the concept's own shape, colour
+  :class:`~dvar_lab.world.AttributeClassifier`'s mean probability for the concept's own shape, colour
   and pattern; embedding identity (the paper's CLIP-I role, and what CLIP-s watches) = cosine
-  similarity of EfficientNet-Lite0 ImageNet features (:mod:`dvar.metrics.identity`) to the
+  similarity of EfficientNet-Lite0 ImageNet features (:mod:`dvar_lab.metrics.identity`) to the
   training images; alignment = the classifier reading back the background and size an
   evaluation prompt asks for.
 * :class:`ClipScorer` (real photos, a local CLIP): identity = embedding identity = CLIP
@@ -67,8 +67,8 @@ class ConceptSpec:
 
 
 def bundled_concepts(group: Optional[str] = None, root: Optional[Path] = None) -> List[ConceptSpec]:
-    """The synthetic world's concepts (``dvar/assets/concepts``, or ``root`` made with another seed)."""
-    from dvar.world import list_concepts
+    """The synthetic world's concepts (``lab/dvar_lab/assets/concepts``, or ``root`` made with another seed)."""
+    from dvar_lab.world import list_concepts
 
     specs = []
     for info in list_concepts(group, root):
@@ -108,7 +108,7 @@ def folder_concepts(entries: Sequence[Dict[str, Any]], root: Path, identity_prom
 class _EmbeddingIdentity:
     """Embedding identity = mean cosine similarity of image embeddings to the concept's training images."""
 
-    def __init__(self, encoder: Any) -> None:  # a dvar.metrics image encoder
+    def __init__(self, encoder: Any) -> None:  # a dvar_lab.metrics image encoder
         self.encoder = encoder
         self._references: Dict[str, torch.Tensor] = {}
 
@@ -118,7 +118,7 @@ class _EmbeddingIdentity:
         return self._references[concept.name]
 
     def embedding_identity(self, images: Sequence[Image.Image], concept: ConceptSpec) -> float:
-        from dvar.metrics import mean_pairwise_cosine
+        from dvar_lab.metrics import mean_pairwise_cosine
 
         return float(mean_pairwise_cosine(self.encoder.encode(list(images)), self.references(concept)))
 
@@ -128,8 +128,8 @@ class WorldScorer(_EmbeddingIdentity):
     EfficientNet-Lite0 features, alignment by the classifier."""
 
     def __init__(self, device: str = "cpu") -> None:
-        from dvar.metrics import IdentityEncoder
-        from dvar.world import AttributeClassifier
+        from dvar_lab.metrics import IdentityEncoder
+        from dvar_lab.world import AttributeClassifier
 
         super().__init__(IdentityEncoder(device=device))
         self.classifier = AttributeClassifier.load(device=device)
@@ -157,7 +157,7 @@ class ClipScorer(_EmbeddingIdentity):
 
         from dvar.models import load_exactly
 
-        from dvar.metrics import ClipImageEncoder
+        from dvar_lab.metrics import ClipImageEncoder
 
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--clip {path}: not a local CLIP folder (transformers format, e.g. clip-vit-base-patch32)")

@@ -70,7 +70,7 @@ class NetworkTrainer:
     def get_tokenize_strategy(self, args):
         from transformers import CLIPTokenizer
 
-        from dvar.tiny import TOKENIZER_DIR
+        from dvar_lab.tiny import TOKENIZER_DIR
 
         tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
         return lambda text: tokenizer(text, padding="max_length", max_length=77, truncation=True,

@@ -1,11 +1,11 @@
 """Contact sheets of scenes with their captions, to look at the world.
 
-The bundled ``dvar/assets/world/samples.png`` is made with::
+The bundled ``lab/dvar_lab/assets/world/samples.png`` is made with::
 
-    python -m dvar.world.preview --out dvar/assets/world/samples.png
+    python -m dvar_lab.world.preview --out lab/dvar_lab/assets/world/samples.png
 
 Example:
-    >>> from dvar.world import render, sample_scenes
+    >>> from dvar_lab.world import render, sample_scenes
     >>> scenes = sample_scenes(4, seed=0)
     >>> images = [render(s, rng=i) for i, s in enumerate(scenes)]
     >>> sheet = contact_sheet(images, [s.caption() for s in scenes], columns=2)
@@ -23,7 +23,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dvar.world.scenes import render, sample_scenes
+from dvar_lab.world.scenes import render, sample_scenes
 
 __all__ = ["contact_sheet"]
 

@@ -16,7 +16,7 @@ GROUP_OF_METHOD = {
 
 def bundled_concept(method: str) -> Any:
     """The first bundled concept of the method's group (the paper's split: 9 TI / 9 CD / 30 DB)."""
-    from dvar.world import list_concepts
+    from dvar_lab.world import list_concepts
 
     return list_concepts(GROUP_OF_METHOD[method])[0]
 
@@ -25,7 +25,7 @@ def concept_metadata(folder: Optional[str]) -> Optional[Dict[str, Any]]:
     """``<name>.json`` beside a bundled-format concept folder ``<name>/``, or None for a plain folder of photos."""
     if folder is None:
         return None
-    from dvar.world.concepts import metadata_path
+    from dvar_lab.world.concepts import metadata_path
 
     path = metadata_path(Path(folder).resolve())
     if not path.is_file():

@@ -1,19 +1,19 @@
 """The synthetic image world that the bundled mini Stable Diffusion model is trained on.
 
-It provides scenes and their captions (:mod:`dvar.world.scenes`), an attribute classifier
-that scores generated images against their prompts (:mod:`dvar.world.classifier`) and the
-48 bundled personalization concepts (:mod:`dvar.world.concepts`).
+It provides scenes and their captions (:mod:`dvar_lab.world.scenes`), an attribute classifier
+that scores generated images against their prompts (:mod:`dvar_lab.world.classifier`) and the
+48 bundled personalization concepts (:mod:`dvar_lab.world.concepts`).
 
 Example:
-    >>> from dvar.world import Scene, render
+    >>> from dvar_lab.world import Scene, render
     >>> render(Scene("star", "yellow", "solid", "large", "center", "blue"), rng=0).size
     (64, 64)
 """
 
 from typing import Any
 
-from dvar.world.classifier import AttributeClassifier
-from dvar.world.scenes import (
+from dvar_lab.world.classifier import AttributeClassifier
+from dvar_lab.world.scenes import (
     ATTRIBUTES,
     HELD_OUT,
     Scene,
@@ -44,9 +44,9 @@ _CONCEPT_NAMES = ("ConceptInfo", "EvalPrompt", "concept_dir", "list_concepts")
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily so that ``python -m dvar.world.concepts`` runs without a double import.
+    # Imported lazily so that ``python -m dvar_lab.world.concepts`` runs without a double import.
     if name in _CONCEPT_NAMES:
-        from dvar.world import concepts
+        from dvar_lab.world import concepts
 
         return getattr(concepts, name)
-    raise AttributeError(f"module 'dvar.world' has no attribute {name!r}")
+    raise AttributeError(f"module 'dvar_lab.world' has no attribute {name!r}")

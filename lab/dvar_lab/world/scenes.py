@@ -2,10 +2,10 @@
 
 Every image is described exactly by a :class:`Scene` (shape, colour, pattern, size,
 position, background and an optional inner object), so generated images can be checked
-attribute by attribute with :class:`dvar.world.AttributeClassifier`.
+attribute by attribute with :class:`dvar_lab.world.AttributeClassifier`.
 
 Example:
-    >>> from dvar.world import Scene, render
+    >>> from dvar_lab.world import Scene, render
     >>> scene = Scene("circle", "red", "striped", "small", "left", "green")
     >>> scene.caption()
     'a small red striped circle on the left, on a green background'

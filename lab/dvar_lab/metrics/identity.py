@@ -14,7 +14,7 @@ of bundled photos: -1.27 with them, -1.61 with ImageNet mean/std, -1.66 with sym
 padding): TF "SAME" padding (asymmetric for stride-2 convolutions) and inputs scaled as
 ``(255 * x - 127) / 128``. BatchNorm eps is TF's 1e-3.
 
-``dvar/assets/imagenet_classes.txt`` lists the 1000 ImageNet class names in index order
+``lab/dvar_lab/assets/imagenet_classes.txt`` lists the 1000 ImageNet class names in index order
 (the short names torchvision uses, e.g. 281 "tabby", 967 "espresso").
 
 Example:
@@ -288,7 +288,7 @@ def imagenet_classes() -> tuple[str, ...]:
         >>> imagenet_classes()[281], imagenet_classes()[967]
         ('tabby', 'espresso')
     """
-    text = importlib.resources.files("dvar").joinpath("assets/imagenet_classes.txt").read_text("utf-8")
+    text = importlib.resources.files("dvar_lab").joinpath("assets/imagenet_classes.txt").read_text("utf-8")
     return tuple(text.splitlines())
 
 

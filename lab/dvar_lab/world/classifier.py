@@ -2,14 +2,14 @@
 
 It scores prompt alignment of generated images: :meth:`AttributeClassifier.caption_agreement`
 is the fraction of images whose predicted attribute matches the one asked for. The bundled
-weights (``dvar/assets/world/attribute_classifier.safetensors``) are trained by
+weights (``lab/dvar_lab/assets/world/attribute_classifier.safetensors``) are trained by
 ``benchmarks/embedded/train_attribute_classifier.py`` on rendered scenes of *all* objects,
 held-out ones included (it is a measuring instrument, not the generative model), with
 blur/noise/colour augmentation so that slightly soft diffusion samples are read correctly.
 For a composite scene, shape, colour and pattern refer to the outer object.
 
 Example:
-    >>> from dvar.world import AttributeClassifier, Scene, render
+    >>> from dvar_lab.world import AttributeClassifier, Scene, render
     >>> clf = AttributeClassifier.load()
     >>> scene = Scene("star", "red", "dotted", "large", "left", "gray")
     >>> clf.predict([render(scene, rng=1)])["shape"]
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from dvar.world.scenes import ATTRIBUTES, Scene, to_tensor
+from dvar_lab.world.scenes import ATTRIBUTES, Scene, to_tensor
 
 __all__ = ["CLASSIFIER_ATTRIBUTES", "AttributeClassifier", "augment", "default_weights_path"]
 
@@ -126,7 +126,7 @@ class AttributeClassifier(nn.Module):
         Images of another size are resized to 64x64 first.
 
         Example:
-            >>> from dvar.world import Scene, render
+            >>> from dvar_lab.world import Scene, render
             >>> img = render(Scene("ring", "blue", "solid", "small", "right", "beige"), rng=2)
             >>> AttributeClassifier.load().predict([img])["position"]
             ['right']
@@ -149,7 +149,7 @@ class AttributeClassifier(nn.Module):
         :meth:`caption_agreement`: continuous, so averages over few images are less noisy).
 
         Example:
-            >>> from dvar.world import Scene, render
+            >>> from dvar_lab.world import Scene, render
             >>> s = Scene("cross", "orange", "striped", "large", "center", "grass")
             >>> AttributeClassifier.load().expected_probability([render(s, rng=0)], [{"color": "orange"}])["color"] > 0.9
             True
@@ -187,7 +187,7 @@ class AttributeClassifier(nn.Module):
         fixes background, position and size, but not the concept's own look).
 
         Example:
-            >>> from dvar.world import Scene, render
+            >>> from dvar_lab.world import Scene, render
             >>> s = Scene("cross", "orange", "striped", "large", "center", "grass")
             >>> clf = AttributeClassifier.load()
             >>> clf.caption_agreement([render(s, rng=0)], [{"background": "grass"}])

@@ -3,8 +3,8 @@
 The lines marked ``# DVAR`` are all that a diffusers script needs. It fine-tunes a tiny,
 randomly initialised UNet on a few toy images and prints one JSON line per process.
 
-    python -m dvar.demo --output_dir outputs/demo --early_stop
-    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m dvar.demo --output_dir outputs/demo --early_stop
+    python -m dvar_lab.demo --output_dir outputs/demo --early_stop
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m dvar_lab.demo --output_dir outputs/demo --early_stop
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
 from dvar import DVAREarlyStopping  # DVAR
-from dvar.tiny import ToyConceptDataset, collate, tiny_sd
+from dvar_lab.tiny import ToyConceptDataset, collate, tiny_sd
 
 
 def parse_args(argv=None) -> argparse.Namespace:

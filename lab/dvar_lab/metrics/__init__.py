@@ -1,12 +1,12 @@
 """Metrics for judging personalization runs.
 
 Example:
-    >>> from dvar.metrics import identity_similarity
+    >>> from dvar_lab.metrics import identity_similarity
     >>> identity_similarity(generated_images, reference_images)  # doctest: +SKIP
     0.78
 """
 
-from dvar.metrics.identity import (
+from dvar_lab.metrics.identity import (
     ClipImageEncoder,
     IdentityEncoder,
     ImageEncoder,

@@ -1,20 +1,20 @@
 """The 48 bundled personalization concepts: novel objects of the synthetic world.
 
 Each concept is an object the pretrained mini-SD never saw: a held-out
-(color, pattern, shape) combination from :data:`dvar.world.HELD_OUT`, alone or with a
+(color, pattern, shape) combination from :data:`dvar_lab.world.HELD_OUT`, alone or with a
 smaller solid shape inside it. It comes as a folder ``<name>/`` holding only its 5 training
 images (the same object at different positions, sizes and backgrounds), so that the folder
 works as the ``--train_data_dir``/``--instance_data_dir`` of any trainer, and beside it a
 ``<name>.json`` with its class word, training prompts and evaluation prompts (new contexts,
-each with the attributes the :class:`~dvar.world.AttributeClassifier` checks). The 48 concepts are split 9 / 9 / 30 into
+each with the attributes the :class:`~dvar_lab.world.AttributeClassifier` checks). The 48 concepts are split 9 / 9 / 30 into
 ``textual_inversion``, ``custom_diffusion`` and ``dreambooth``, as in the DVAR paper.
 
 The bundled set is regenerated with::
 
-    python -m dvar.world.concepts --out dvar/assets/concepts --seed 0
+    python -m dvar_lab.world.concepts --out lab/dvar_lab/assets/concepts --seed 0
 
 Example:
-    >>> from dvar.world import list_concepts, concept_dir
+    >>> from dvar_lab.world import list_concepts, concept_dir
     >>> ti = list_concepts("textual_inversion")
     >>> len(ti), len(ti[0].image_paths())
     (9, 5)
@@ -36,7 +36,7 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image
 
-from dvar.world.scenes import (
+from dvar_lab.world.scenes import (
     BACKGROUND_CONFLICTS,
     BACKGROUNDS,
     COLORS,
@@ -87,15 +87,15 @@ def metadata_path(folder: Union[str, Path]) -> Path:
     file of their data folder as an image, can train on it.
 
     Example:
-        >>> metadata_path("dvar/assets/concepts/red_dotted_ring")
-        PosixPath('dvar/assets/concepts/red_dotted_ring.json')
+        >>> metadata_path("lab/dvar_lab/assets/concepts/red_dotted_ring")
+        PosixPath('lab/dvar_lab/assets/concepts/red_dotted_ring.json')
     """
     folder = Path(folder)
     return folder.parent / f"{folder.name}.json"
 
 
 def default_root() -> Path:
-    """The bundled concepts folder (``dvar/assets/concepts``)."""
+    """The bundled concepts folder (``lab/dvar_lab/assets/concepts``)."""
     return Path(__file__).resolve().parent.parent / "assets" / "concepts"
 
 
@@ -114,7 +114,7 @@ class EvalPrompt:
     size: str
 
     def attributes(self) -> dict[str, str]:
-        """The attributes an :class:`~dvar.world.AttributeClassifier` can check."""
+        """The attributes an :class:`~dvar_lab.world.AttributeClassifier` can check."""
         return {"background": self.background, "position": self.position, "size": self.size}
 
 
