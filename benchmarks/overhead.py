@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from dvar.criterion import resolve_eval_every, resolve_preset
+from dvar.rules import resolve_preset
+from dvar.stride import resolve_eval_every
 from dvar.integrations.trainer import Trainer, TrainerCallback, main as train_main
 
 METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")

@@ -3,7 +3,7 @@
 Replays the every-step frozen-batch losses a benchmark recorded (``traces/<method>/<concept>.json``,
 key ``"dvar"``) as :class:`~dvar.DVAREarlyStopping` with ``eval_every=k`` would see them: the
 values at steps k, 2k, ..., a window of ``round(N / k)`` evaluations
-(:func:`dvar.criterion.strided_stop_step`). Attaching DVAR does not change training, so this is
+(:func:`dvar.stride.strided_stop_step`). Attaching DVAR does not change training, so this is
 the stop that run would have made. Per method and k it prints the median and maximum
 |stop(k) - stop(1)|, the share of concepts whose stop moves by more than 1% of the window,
 and how many stops appear or vanish inside the budget.
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from dvar.criterion import AUTO_EVALS_PER_WINDOW, evaluations_in_window, resolve_eval_every, strided_stop_step
+from dvar.stride import AUTO_EVALS_PER_WINDOW, evaluations_in_window, resolve_eval_every, strided_stop_step
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SOURCE = REPO / "benchmarks" / "results" / "full" / "raw.tar.xz"
@@ -205,7 +205,7 @@ def record(out: Path, methods: Sequence[str], per_method: int, threads: Optional
     from benchmarks.personalization.config import preset
     from benchmarks.personalization.run import concept_arguments, method_instance, quiet_libraries
     from benchmarks.personalization.scoring import bundled_concepts
-    from dvar.criterion import first_stop_step, resolve_preset
+    from dvar.rules import first_stop_step, resolve_preset
     from dvar.integrations.trainer import main as train_main
 
     if threads:

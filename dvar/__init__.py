@@ -1,52 +1,30 @@
-"""dvar: stop text-to-image personalization when it is done (DVAR, Voronov et al., NeurIPS 2023)."""
+"""dvar: stop text-to-image personalization when it is done (DVAR, Voronov et al., NeurIPS 2023).
 
-from .batch import PARTS, EvalBatch, FixedEvalBatch, isolated_global_rng
-from .callback import DVARConfig, DVAREarlyStopping, stop_message
-from .criterion import (
-    PRESETS,
-    DVARCriterion,
-    DVARPreset,
-    PatienceCriterion,
-    SettledCriterion,
-    SettlingTimeCriterion,
-    dvar_should_stop,
-    first_stop_step,
-    normalized_variance,
-    settled_should_stop,
-)
-from .objectives import (
-    CLIPPromptEncoder,
-    DiffusionObjective,
-    FluxPromptEncoder,
-    PromptEmbeddings,
-    SDXLPromptEncoder,
-    deterministic_loss,
-)
+Example:
+    >>> from dvar import DVARCriterion
+    >>> rule = DVARCriterion(window=3, threshold=0.1)
+    >>> [rule.update(v) for v in [5.0, 4.0, 3.0, 3.1, 3.0]]
+    [False, False, False, False, True]
+"""
 
-__version__ = "0.1.0"
+from .batch import FixedEvalBatch
+from .callback import DVAREarlyStopping
+from .config import DVARConfig
+from .objectives import LossConfig
+from .rules import PRESETS, DVARCriterion, SettlingTimeCriterion, StopKind, StopRule, dvar_should_stop, normalized_variance
+
+__version__ = "0.2.0"
 
 __all__ = [
-    "PARTS",
     "PRESETS",
-    "CLIPPromptEncoder",
     "DVARConfig",
     "DVARCriterion",
     "DVAREarlyStopping",
-    "DVARPreset",
-    "DiffusionObjective",
-    "EvalBatch",
     "FixedEvalBatch",
-    "FluxPromptEncoder",
-    "PatienceCriterion",
-    "PromptEmbeddings",
-    "SDXLPromptEncoder",
-    "SettledCriterion",
+    "LossConfig",
     "SettlingTimeCriterion",
-    "deterministic_loss",
+    "StopKind",
+    "StopRule",
     "dvar_should_stop",
-    "first_stop_step",
-    "isolated_global_rng",
     "normalized_variance",
-    "settled_should_stop",
-    "stop_message",
 ]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -198,7 +199,7 @@ class FixedEvalBatch:
 
     Example:
         >>> batch = FixedEvalBatch(train_dataset, vae=vae, noise_scheduler=scheduler)  # doctest: +SKIP
-        >>> inputs = batch.next()  # the same inputs every call
+        >>> inputs = batch.next()  # the same inputs every call  # doctest: +SKIP
     """
 
     def __init__(
@@ -227,6 +228,10 @@ class FixedEvalBatch:
             raise ValueError("timestep_density is for flow-matching (FlowMatch*) schedulers, as in the SD3/Flux scripts.")
         self.timestep_density = timestep_density
         self.has_latents = vae is not None or noise_scheduler is not None
+        if batch_size > len(self.dataset):
+            warnings.warn(f"The frozen DVAR batch asks for {batch_size} examples but the training set holds "
+                          f"{len(self.dataset)}: it freezes all {len(self.dataset)} (the summary records the size used).",
+                          stacklevel=3)
         self.batch_size = min(batch_size, len(self.dataset))
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -357,6 +362,10 @@ class FixedEvalBatch:
             text_cache_key=("text",) if text_frozen else None,
             input_cache_key=("inputs",) if inputs_frozen else None,
         )
+
+    def __len__(self) -> int:
+        """The number of frozen examples (at most the training set's size)."""
+        return self.batch_size
 
     def next(self) -> EvalBatch:
         """The inputs of the next evaluation: the frozen batch, with resampled parts redrawn."""

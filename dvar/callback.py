@@ -3,179 +3,35 @@
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
-from .batch import PARTS, FixedEvalBatch
-from .criterion import (
-    AUTO_EVALS_PER_WINDOW,
-    AUTO_LEVEL,
-    AUTO_MULTIPLE,
-    DVARCriterion,
-    EvalEvery,
-    NonFinitePolicy,
-    SettlingTimeCriterion,
-    budget_stride,
-    evaluations_in_window,
-    overhead_target,
-    resolve_eval_every,
-    resolve_preset,
-    stride_for_overhead,
+from .batch import FixedEvalBatch
+from .config import DVARConfig
+from .objectives import DiffusionObjective, LossConfig, Objective
+from .reporting import (
+    SUMMARY_FILE,
+    HistoryRow,
+    format_statistic,
+    history_csv,
+    plot_or_explain,
+    stop_message,
+    summary_json,
+    write_atomically,
 )
-from .objectives import DiffusionObjective, Objective
+from .rules import StopKind, StopRule
+from .stride import EvalEvery, StrideProbe, overhead_target, resolve_eval_every
 
-HISTORY_COLUMNS = ("step", "eval_loss", "normalized_variance", "train_loss")
-#: eval_every="5%": training steps timed (after the first) before the stride is chosen
-STRIDE_PROBE_STEPS = 10
-SUMMARY_FILE = "dvar_summary.json"
+#: the layout of :meth:`DVAREarlyStopping.state_dict` (1: dvar 0.1, without this key)
+STATE_VERSION = 2
 
 logger = logging.getLogger(__name__)
-
-
-def stop_message(stop_step: int, max_train_steps: Optional[int], reason: Optional[str]) -> str:
-    """The one line that announces a DVAR stop (the callback's and the trainers').
-
-    Example:
-        >>> stop_message(346, 600, "plateau: var(last 310) / var(all 346) = 0.1497 < 0.15")
-        'DVAR stopped training at step 346 of 600 (254 steps, 42% of the budget, saved): plateau: var(last 310) / var(all 346) = 0.1497 < 0.15'
-    """
-    if not max_train_steps:
-        return f"DVAR stopped training at step {stop_step}: {reason}"
-    saved = max_train_steps - stop_step
-    return (
-        f"DVAR stopped training at step {stop_step} of {max_train_steps} "
-        f"({saved} steps, {saved / max_train_steps:.0%} of the budget, saved): {reason}"
-    )
-
-
-@dataclass
-class DVARConfig:
-    """Settings of :class:`DVAREarlyStopping`.
-
-    Example:
-        >>> DVARConfig(preset="textual_inversion").resolved_window_threshold()
-        (310, 0.15)
-    """
-
-    preset: Optional[str] = field(
-        default=None,
-        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; or "
-                          "'auto': no window, stop once the run is threshold (default "
-                          f"{AUTO_MULTIPLE:g}) times as long as the smoothed loss took to cover {AUTO_LEVEL:.0%} of its "
-                          "drop (needs max_train_steps for its stride)."},
-    )
-    window: Optional[int] = field(
-        default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
-    )
-    threshold: Optional[float] = field(
-        default=None, metadata={"help": "alpha: stop when var(last N) / var(all) falls below it (overrides the preset)."}
-    )
-    eval_every: EvalEvery = field(
-        default="auto",
-        metadata={
-            "help": f"Evaluate the frozen batch every this many optimizer steps (window stays in steps); 'auto': "
-            f"window // {AUTO_EVALS_PER_WINDOW} (at least 1), deterministic; 1 is the paper's setting; a percentage "
-            f"such as '5%': the stride at which evaluating costs about that share of the training time, timed on the "
-            f"first {STRIDE_PROBE_STEPS + 1} steps and then fixed (recorded, kept on resume; not machine-independent)."
-        },
-    )
-    eval_batch_size: int = field(default=4, metadata={"help": "K: frozen examples (first K of the dataset)."})
-    seed: int = field(default=0, metadata={"help": "Seed of the private generators that freeze the batch."})
-    resample: Tuple[str, ...] = field(
-        default=(), metadata={"help": f"Parts redrawn at every evaluation (ablation), from {PARTS}."}
-    )
-    nonfinite: NonFinitePolicy = field(
-        default="stop", metadata={"help": "On a NaN/inf eval loss: stop (default), skip it, or raise."}
-    )
-    max_train_steps: Optional[int] = field(
-        default=None, metadata={"help": "The step budget, to reject a window the run can never fill."}
-    )
-    verbose: bool = field(
-        default=True, metadata={"help": "Log the stop (one line, INFO, logger 'dvar.callback', main process)."}
-    )
-    # The training script's loss options, so that the frozen batch's loss is the one it trains on.
-    weighting_scheme: str = field(
-        default="none", metadata={"help": "SD3/Flux scripts' --weighting_scheme (loss weights or timestep density)."}
-    )
-    logit_mean: float = field(default=0.0, metadata={"help": "--logit_mean (weighting_scheme='logit_normal')."})
-    logit_std: float = field(default=1.0, metadata={"help": "--logit_std (weighting_scheme='logit_normal')."})
-    mode_scale: float = field(default=1.29, metadata={"help": "--mode_scale (weighting_scheme='mode')."})
-    snr_gamma: Optional[float] = field(default=None, metadata={"help": "DDPM scripts' --snr_gamma (min-SNR weighting)."})
-    guidance_scale: Optional[float] = field(
-        default=None, metadata={"help": "Flux scripts' --guidance_scale (the guidance embedding of the transformer)."}
-    )
-    max_sequence_length: Optional[int] = field(
-        default=None, metadata={"help": "Flux scripts' --max_sequence_length (T5 tokens; default 512)."}
-    )
-
-    @property
-    def is_auto(self) -> bool:
-        """``preset="auto"``: the run-relative rule (:class:`~dvar.criterion.SettlingTimeCriterion`), no window."""
-        return (self.preset or "").lower() == "auto"
-
-    def resolved_window_threshold(self) -> Tuple[Optional[int], float]:
-        """(window in steps, threshold); the window is None for ``preset="auto"``."""
-        if self.is_auto:
-            if self.window is not None:
-                raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
-                                 "fixed-window preset).")
-            threshold = AUTO_MULTIPLE if self.threshold is None else self.threshold
-            SettlingTimeCriterion(threshold, AUTO_LEVEL)  # validates it
-            self.resolved_eval_every()
-            return None, threshold
-        preset = resolve_preset(self.preset) if self.preset else None
-        window = self.window if self.window is not None else (preset.window if preset else None)
-        threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
-        if window is None or threshold is None:
-            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion' or 'auto') or both window and threshold.")
-        DVARCriterion(window, threshold)  # validates both, with the criterion's own messages
-        if overhead_target(self.eval_every) is None:  # validates a percentage
-            resolve_eval_every(self.eval_every, window)  # validates it
-        if self.max_train_steps is not None and window > self.max_train_steps:
-            raise ValueError(
-                f"DVAR window ({window} steps) is larger than the step budget ({self.max_train_steps}): "
-                "it could never fire. Lower the window or raise max_train_steps."
-            )
-        return window, threshold
-
-    def resolved_eval_every(self) -> Optional[int]:
-        """The stride k in optimizer steps (``"auto"``: ``max(1, window // M)``, M = ``AUTO_EVALS_PER_WINDOW``;
-        with ``preset="auto"``, which has no window: ``max(1, max_train_steps // 100)``); None for a target
-        overhead (``"5%"``), whose k the callback chooses from the first steps' timings.
-
-        Example:
-            >>> DVARConfig(preset="textual_inversion").resolved_eval_every()
-            10
-            >>> DVARConfig(preset="auto", max_train_steps=1000).resolved_eval_every()
-            10
-        """
-        if overhead_target(self.eval_every) is not None:
-            return None
-        if not self.is_auto:
-            return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
-        if self.eval_every == "auto":
-            if self.max_train_steps is None:
-                raise ValueError("preset='auto' derives its evaluation stride from the step budget: pass "
-                                 "max_train_steps (or an explicit eval_every).")
-            return budget_stride(self.max_train_steps)
-        return resolve_eval_every(self.eval_every, 1)
-
-
-@dataclass
-class HistoryRow:
-    step: int
-    eval_loss: float
-    normalized_variance: float
-    train_loss: float
 
 
 @contextlib.contextmanager
@@ -216,42 +72,32 @@ def eval_mode(modules: Iterable[torch.nn.Module]) -> Iterator[None]:
 
 
 class DVAREarlyStopping:
-    """Stop training when the loss on a frozen batch plateaus (DVAR, Voronov et al. 2023).
+    """Stop training when the loss on a frozen batch stops improving (DVAR, Voronov et al. 2023).
 
-    Call :meth:`step` once per optimizer step; it evaluates the training objective on
-    the frozen batch (every ``eval_every`` steps) and returns True, on every process at
-    the same step, once ``var(last window) / var(all) < threshold``.
+    Call :meth:`step` once per optimizer step; every ``eval_every`` steps it evaluates the training
+    objective on a batch whose images, latents, noise, captions and timesteps were frozen at the start,
+    feeds the loss to the rule (:mod:`dvar.rules`), and returns True, on every process at the same step,
+    once the rule fires. After a True, :attr:`diverged` tells a divergence (a NaN/inf frozen-batch or
+    training loss: the weights are broken, the run failed) from a plateau (the concept is learned).
 
-    ``eval_every="auto"`` (the default) evaluates every ``max(1, window // 30)`` steps
-    (10 / 14 / 6 for the TI / LoRA / CD presets): a deterministic stride (the same stop on any
-    machine) that moves the stop by a few steps at a fraction of the every-step cost
-    (``benchmarks/stride.py``); ``eval_every=1`` is the paper's setting. After construction
-    ``config.eval_every`` holds the resolved stride k (``eval_every_setting`` what was asked).
-    ``eval_every="5%"`` instead times the first steps and one evaluation, then fixes the smallest k
-    at which evaluating costs at most 5% of the training time (:func:`~dvar.criterion.stride_for_overhead`;
-    ``summary()["eval_every_timing"]`` records what was measured). The evaluations start after that
-    probe and the stop then depends on the machine's timings: use it when wall time matters more than
-    a stop that every machine reproduces.
+    ``eval_every="auto"`` (the default) evaluates every ``max(1, window // 30)`` steps (10 / 14 / 6 for
+    the TI / LoRA / CD presets): deterministic, so every machine stops at the same step; ``eval_every=1``
+    is the paper's setting; ``eval_every="5%"`` times the first steps and then fixes the smallest stride
+    at which evaluating costs at most 5% of the training time (:class:`~dvar.stride.StrideProbe`).
 
     Args:
         unet, transformer: the denoiser (diffusers class).
         vae: encodes the frozen images once.
-        text_encoder, tokenizer, text_encoder_2, tokenizer_2: text side (SD: one; SDXL: two).
+        text_encoder, tokenizer, text_encoder_2, tokenizer_2: text side (SD: one; SDXL/Flux: two).
         noise_scheduler: the training noise scheduler.
-        train_dataset: the training dataset or DataLoader (first K examples in order).
-        eval_batch: instead of ``train_dataset``, a frozen batch built by the caller (anything with
-            ``next()`` returning a batch with ``shard(rank, world)`` and ``len()``, plus
-            ``state_dict()``/``load_state_dict()``), e.g. kohya's own batches in
-            ``dvar.integrations.kohya``; pair it with a custom ``objective``.
+        train_dataset: the training dataset or DataLoader (first K examples in order); each item a dict
+            with ``pixel_values`` (C,H,W in [-1, 1]) and ``input_ids`` or a caption (see :mod:`dvar.batch`).
         accelerator: an ``accelerate.Accelerator``: device, autocast, trackers, multi-process.
-        objective: a custom ``(models, batch) -> loss``; default: the diffusion loss.
-        models: extra named modules for a custom objective (put in eval mode while evaluating).
-        config: a :class:`DVARConfig`; or give its fields as keyword arguments (the preset or
-            window/threshold, the budget, and the training script's loss options:
-            ``snr_gamma``, ``weighting_scheme``, ``guidance_scale``, ``max_sequence_length``...).
-
-    At the stop it logs one line (INFO, main process; :meth:`report` prints it) and
-    :meth:`save_history` writes the history, its plot and ``dvar_summary.json``.
+        loss: the script's loss options (:class:`~dvar.LossConfig`, e.g. ``LossConfig.from_args(args)``).
+        config: a :class:`~dvar.DVARConfig`; or give its fields as keywords (``preset=...``, ...).
+        objective, models, prompt_encoder, eval_batch: for custom losses and batches (e.g. kohya's, in
+            ``dvar.integrations.kohya``): ``objective(models, batch) -> loss``; ``eval_batch`` has
+            ``next()``, ``shard(rank, world)``, ``len()``, ``state_dict()``/``load_state_dict()``.
 
     Example (inside a diffusers training script)::
 
@@ -260,7 +106,7 @@ class DVAREarlyStopping:
                                     preset="textual_inversion", accelerator=accelerator)
         accelerator.register_for_checkpointing(stopper)
         ...
-        if stopper.step(global_step, loss): break   # after each optimizer step
+        if stopper.step(global_step, loss): break   # after each optimizer step, on every process
     """
 
     def __init__(
@@ -276,6 +122,7 @@ class DVAREarlyStopping:
         noise_scheduler: Any = None,
         train_dataset: Any = None,
         accelerator: Any = None,
+        loss: Optional[LossConfig] = None,
         objective: Optional[Objective] = None,
         models: Optional[Mapping[str, torch.nn.Module]] = None,
         prompt_encoder: Any = None,
@@ -289,12 +136,13 @@ class DVAREarlyStopping:
         self.window, self.threshold = config.resolved_window_threshold()
         self.eval_every_setting: EvalEvery = config.eval_every
         self.config = replace(config, eval_every=config.resolved_eval_every())  # None: chosen from timings
-        self.overhead_target = overhead_target(config.eval_every)
+        target = overhead_target(config.eval_every)
+        self._probe = StrideProbe(target) if target is not None else None
         self.stride_timing: Optional[Dict[str, float]] = None
-        self._step_clock: List[float] = []
         if train_dataset is None and eval_batch is None:
             raise ValueError("DVAREarlyStopping needs the training dataset (train_dataset=...) to freeze its batch.")
         self.accelerator = accelerator
+        self.loss = loss or LossConfig()
 
         named = {"unet": unet, "transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
         self.models: Dict[str, torch.nn.Module] = {k: v for k, v in named.items() if v is not None}
@@ -304,14 +152,14 @@ class DVAREarlyStopping:
                 raise ValueError("Pass the denoiser (unet= or transformer=), or a custom objective=.")
             if noise_scheduler is None:
                 raise ValueError("The diffusion objective needs noise_scheduler=.")
-            cfg = self.config
             objective = DiffusionObjective(
-                noise_scheduler, prompt_encoder, tokenizer, tokenizer_2, weighting_scheme=cfg.weighting_scheme,
-                snr_gamma=cfg.snr_gamma, guidance_scale=cfg.guidance_scale, max_sequence_length=cfg.max_sequence_length,
+                noise_scheduler, prompt_encoder, tokenizer, tokenizer_2, weighting_scheme=self.loss.weighting_scheme,
+                snr_gamma=self.loss.snr_gamma, guidance_scale=self.loss.guidance_scale,
+                max_sequence_length=self.loss.max_sequence_length,
             )
         self.objective = objective
-
-        self.criterion = self._make_criterion()
+        # Before a timed stride is chosen nothing is evaluated: the rule is remade by _set_stride.
+        self.rule: StopRule = self.config.make_rule(self.eval_every or 1)
         self.eval_batch = eval_batch if eval_batch is not None else FixedEvalBatch(
             train_dataset,
             vae=_unwrap(vae, accelerator) if vae is not None else None,
@@ -319,54 +167,125 @@ class DVAREarlyStopping:
             batch_size=self.config.eval_batch_size,
             seed=self.config.seed,
             resample=self.config.resample,
-            timestep_density=_timestep_density(self.config),
+            timestep_density=self.loss.timestep_density(),
         )
         self.history: List[HistoryRow] = []
         self.stop_step: Optional[int] = None
+        self.stop_kind: Optional[StopKind] = None
         self.reason: Optional[str] = None
+        self.last_finite_step: Optional[int] = None
         self.eval_seconds = 0.0
         self._plain_models: Optional[Dict[str, torch.nn.Module]] = None
         self._cache_prompt_embeddings()
 
-    def _make_criterion(self) -> Any:
-        if self.window is None:  # preset="auto"
-            return SettlingTimeCriterion(self.threshold, AUTO_LEVEL, nonfinite=self.config.nonfinite)
-        # The criterion counts evaluations; the window is meant in optimizer steps. (Before a timed stride
-        # is chosen nothing is evaluated: the criterion is remade by _set_stride.)
-        evals_in_window = evaluations_in_window(self.window, self.eval_every or 1)
-        return DVARCriterion(evals_in_window, self.threshold, nonfinite=self.config.nonfinite)
+    # -- the decision ----------------------------------------------------------------------
+
+    def step(self, global_step: int, train_loss: Any = None) -> bool:
+        """Call once per optimizer step (after ``optimizer.step()``), on every process; True means stop now.
+
+        The evaluation is split across processes and the decision agreed, so all return the same value at
+        the same step. A NaN/inf frozen-batch loss, or training loss given here, stops the run as diverged.
+        """
+        if self.should_stop:
+            return True
+        if self.eval_every is None:  # eval_every="5%": these first steps are timed, then the stride is fixed
+            self._probe_stride()
+            return False
+        if global_step % self.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
+            return False  # not an evaluation step, or already evaluated (e.g. called twice)
+        eval_loss, train_value = self.evaluate(), _to_float(train_loss)
+        rule_fired = self.rule.update(eval_loss)
+        train_diverged = self._train_loss_diverged(train_loss, train_value)
+        votes = self._all_reduce_sum([float(rule_fired), float(train_diverged)], self._device())
+        finite = math.isfinite(eval_loss) and votes[1] == 0
+        self._record(HistoryRow(global_step, eval_loss, self.rule.statistic, train_value), finite)
+        if votes[1] > 0:
+            where = "" if train_diverged else " on another process"
+            self._stop(global_step, StopKind.NON_FINITE,
+                       f"non-finite: the training loss became {train_value if train_diverged else 'nan'}{where}")
+        elif votes[0] > 0:
+            reason = self.rule.reason or "stopped by another process"
+            if self.eval_every > 1 and not self.rule.diverged:
+                reason += f" (evaluated every {self.eval_every} steps)"
+            self._stop(global_step, self.rule.stop_kind or self.rule.fires_with, reason)
+        return self.should_stop
+
+    @property
+    def should_stop(self) -> bool:
+        return self.stop_step is not None
+
+    @property
+    def diverged(self) -> bool:
+        """True when the run stopped because a loss stopped being finite: a failure, not a learned concept."""
+        return self.stop_kind is StopKind.NON_FINITE
 
     @property
     def eval_every(self) -> Optional[int]:
-        """The stride k in optimizer steps this stopper evaluates at (resolved from ``"auto"``; None while a
-        target overhead's stride is not chosen yet)."""
+        """The stride k in optimizer steps (resolved from ``"auto"``; None while a timed stride is not chosen)."""
         return self.config.eval_every
 
-    def _set_stride(self, eval_every: Optional[int]) -> None:
-        self.config = replace(self.config, eval_every=eval_every)
-        self.criterion = self._make_criterion()
-        self._step_clock = []
+    def _train_loss_diverged(self, train_loss: Any, value: float) -> bool:
+        """A given training loss that is NaN/inf, under the ``nonfinite`` policy (the rule's, for its own loss)."""
+        if train_loss is None or math.isfinite(value) or self.config.nonfinite == "skip":
+            return False
+        if self.config.nonfinite == "raise":
+            raise FloatingPointError(f"DVAR got a non-finite training loss ({value}).")
+        return True
 
-    def _choose_stride_from_timings(self) -> None:
-        """``eval_every="5%"``: time STRIDE_PROBE_STEPS training steps (between calls of :meth:`step`) and an
-        evaluation, then fix the stride. Ranks average their timings, so all of them choose the same k."""
+    def _record(self, row: HistoryRow, finite: bool) -> None:
+        self.history.append(row)
+        if finite:
+            self.last_finite_step = row.step
+        if self.accelerator is not None:
+            self.accelerator.log({"dvar/eval_loss": row.eval_loss, "dvar/statistic": row.statistic}, step=row.step)
+
+    def _stop(self, global_step: int, kind: StopKind, reason: str) -> None:
+        self.stop_step, self.stop_kind, self.reason = global_step, kind, reason
+        if self.config.verbose and self.rank_and_world[0] == 0:
+            (logger.error if self.diverged else logger.info)(self.status_line())
+
+    # -- evaluating --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """The objective on the frozen batch, split across processes and averaged over all examples."""
+        started = time.perf_counter()
+        rank, world = self.rank_and_world
+        shard = self.eval_batch.next().shard(rank, world)
+        if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
+            self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
+        local_sum = 0.0
+        if len(shard):
+            with eval_mode(self._plain_models.values()), self._autocast():
+                local_sum = float(self.objective(self._plain_models, shard)) * len(shard)
+        total, count = self._all_reduce_sum([local_sum, float(len(shard))], self._device())
+        self.eval_seconds += time.perf_counter() - started
+        return total / count
+
+    def _probe_stride(self) -> None:
+        """``eval_every="5%"``: tick the step clock; once enough steps are timed, time an evaluation and fix
+        the stride (timings averaged over ranks, so all choose the same k)."""
         self._synchronize()  # CUDA runs ahead of Python: a step's clock is its kernels' end, not their launch
-        self._step_clock.append(time.perf_counter())
-        if len(self._step_clock) <= STRIDE_PROBE_STEPS:
+        self._probe.tick(time.perf_counter())
+        if not self._probe.ready:
             return
-        step_seconds = float(np.median(np.diff(self._step_clock)))
         eval_seconds = min(self._timed_evaluation() for _ in range(2))  # the first also pays one-time setup
         _, world = self.rank_and_world
-        eval_seconds, step_seconds = (v / world for v in self._all_reduce_sum([eval_seconds, step_seconds], self._device()))
-        self._set_stride(stride_for_overhead(eval_seconds, step_seconds, self.overhead_target))
-        self.stride_timing = {"target": self.overhead_target, "eval_seconds": round(eval_seconds, 6),
-                              "step_seconds": round(step_seconds, 6), "probe_steps": STRIDE_PROBE_STEPS}
+        totals = self._all_reduce_sum([eval_seconds, self._probe.step_seconds], self._device())
+        stride, self.stride_timing = self._probe.choose(*(total / world for total in totals))
+        self._set_stride(stride)
 
     def _timed_evaluation(self) -> float:
         self._synchronize()  # the training step's queued kernels are not the evaluation's cost
         started = time.perf_counter()
         self.evaluate()  # ends in float(loss): synchronized
         return time.perf_counter() - started
+
+    def _set_stride(self, eval_every: Optional[int]) -> None:
+        self.config = replace(self.config, eval_every=eval_every)
+        self.rule = self.config.make_rule(eval_every or 1)
+        if eval_every is None and self._probe is not None:
+            self._probe = StrideProbe(self._probe.target)
 
     def _synchronize(self) -> None:
         device = self._device()
@@ -392,12 +311,6 @@ class DVAREarlyStopping:
 
     def _autocast(self) -> Any:
         return self.accelerator.autocast() if self.accelerator is not None else contextlib.nullcontext()
-
-    # -- the decision --------------------------------------------------------------------
-
-    @property
-    def should_stop(self) -> bool:
-        return self.stop_step is not None
 
     @property
     def rank_and_world(self) -> Tuple[int, int]:
@@ -427,83 +340,23 @@ class DVAREarlyStopping:
         module = next(iter(self.models.values()), None)
         return next(module.parameters()).device if module is not None else torch.device("cpu")
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """The objective on the frozen batch, split across processes and averaged over all examples."""
-        started = time.perf_counter()
-        rank, world = self.rank_and_world
-        batch = self.eval_batch.next()
-        shard = batch.shard(rank, world)
-        if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
-            self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
-        models = self._plain_models
-        local_sum = 0.0
-        if len(shard):
-            with eval_mode(models.values()), self._autocast():
-                local_sum = float(self.objective(models, shard)) * len(shard)
-        total, count = self._all_reduce_sum([local_sum, float(len(shard))], self._device())
-        self.eval_seconds += time.perf_counter() - started
-        return total / count
-
-    def step(self, global_step: int, train_loss: Any = None) -> bool:
-        """Call once per optimizer step (after ``optimizer.step()``); True means stop now.
-
-        Every process must call it at every step: the evaluation is split across them and
-        the decision is agreed, so all return the same value at the same step.
-        """
-        if self.should_stop:
-            return True
-        if self.eval_every is None:  # eval_every="5%": these first steps are timed, then the stride is fixed
-            self._choose_stride_from_timings()
-            return False
-        if global_step % self.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
-            return False  # not an evaluation step, or already evaluated (e.g. called twice)
-        eval_loss = self.evaluate()
-        local_stop = self.criterion.update(eval_loss)
-        stop = self._all_reduce_sum([float(local_stop)], self._device())[0] > 0
-        row = HistoryRow(global_step, eval_loss, self.criterion.normalized_variance, _to_float(train_loss))
-        self.history.append(row)
-        if self.accelerator is not None:
-            self.accelerator.log(
-                {"dvar/eval_loss": eval_loss, "dvar/normalized_variance": row.normalized_variance}, step=global_step
-            )
-        if stop:
-            self.stop_step = global_step
-            self.reason = self.criterion.reason or "stopped by another process"
-            if self.eval_every > 1 and self.reason.startswith(("plateau", "settled")):
-                self.reason += f" (evaluated every {self.eval_every} steps)"
-            if self.config.verbose and self.rank_and_world[0] == 0:
-                logger.info(self.status_line())
-        return stop
-
-    # -- reporting -----------------------------------------------------------------------
-
-    @property
-    def normalized_variance(self) -> float:
-        return self.criterion.normalized_variance
+    # -- reporting ---------------------------------------------------------------------------
 
     def progress_postfix(self) -> Dict[str, str]:
-        """Short fields for a tqdm progress bar: frozen-batch loss and nvar vs threshold."""
+        """Short fields for a tqdm progress bar: the frozen-batch loss and the statistic vs its threshold."""
         if not self.history:
             return {}
         row = self.history[-1]
-        nvar = "n/a" if math.isnan(row.normalized_variance) else f"{row.normalized_variance:.3f}"
-        return {"dvar_loss": f"{row.eval_loss:.4f}", "nvar": f"{nvar}/{self.threshold:g}"}
+        return {"dvar_loss": f"{row.eval_loss:.4f}", "dvar": f"{format_statistic(row.statistic)}/{self.threshold:g}"}
 
     def status_line(self) -> str:
-        """One line: where and why DVAR stopped (with the budget when it is known), or that it did not."""
+        """One line: where and why it stopped (with the budget when it is known), or that it did not."""
         if self.should_stop:
-            return stop_message(self.stop_step, self.config.max_train_steps, self.reason)
+            return stop_message(self.stop_step, self.config.max_train_steps, self.reason, self.diverged)
         last = self.history[-1] if self.history else None
-        nvar = "n/a" if last is None or math.isnan(last.normalized_variance) else f"{last.normalized_variance:.4g}"
-        if self.window is None:  # preset="auto" stops when its statistic rises to the threshold
-            statistic, stops_at = "evaluations / settling time", f"stops at {self.threshold:g}"
-        else:
-            statistic, stops_at = f"var(last {self.window}) / var(all)", f"stops below {self.threshold:g}"
-        return (
-            f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
-            f"{statistic} = {nvar} ({stops_at})"
-        )
+        value = format_statistic(last.statistic if last else math.nan)
+        return (f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
+                f"{self.rule.statistic_name} = {value} ({self.rule.threshold_text})")
 
     def report(self) -> str:
         """Print :meth:`status_line` on the main process (every process returns it).
@@ -521,51 +374,48 @@ class DVAREarlyStopping:
         """The outcome as a dict (what ``dvar_summary.json`` holds); the budget defaults to the config's."""
         max_train_steps = max_train_steps if max_train_steps is not None else self.config.max_train_steps
         out: Dict[str, Any] = {
-            "stopped_early": self.should_stop,
+            "stopped_early": self.should_stop and not self.diverged,
+            "diverged": self.diverged,
             "stop_step": self.stop_step,
+            "stop_kind": None if self.stop_kind is None else self.stop_kind.value,
             "reason": self.reason,
-            "rule": "auto" if self.window is None else "window",
+            "last_finite_step": self.last_finite_step,
+            "rule": self.rule.name,
+            "rule_settings": self.rule.settings(),
+            "statistic": self.rule.statistic_name,
             "window": self.window,
             "threshold": self.threshold,
             "eval_every": self.eval_every,
             "eval_every_setting": self.eval_every_setting,
             **({"eval_every_timing": self.stride_timing} if self.stride_timing is not None else {}),
+            "eval_batch_size": len(self.eval_batch) if hasattr(self.eval_batch, "__len__") else None,
             "num_evaluations": len(self.history),
             "eval_seconds": round(self.eval_seconds, 3),
             "message": self.status_line(),
         }
         if max_train_steps is not None:
             out["max_train_steps"] = max_train_steps
-            out["steps_saved"] = max_train_steps - self.stop_step if self.stop_step is not None else 0
+            out["steps_saved"] = max_train_steps - self.stop_step if self.should_stop and not self.diverged else 0
         return out
 
     def save_history(
         self, output_dir: str, plot: bool = True, prefix: str = "dvar_history", summary: bool = True
     ) -> List[Path]:
         """Write the history to ``<prefix>.csv`` (the stop row carries its ``stop_reason``), the plot
-        ``<prefix>.png`` and, with ``summary``, :meth:`summary` to ``dvar_summary.json``; returns the paths."""
-        from .plotting import plot_history
-
+        ``<prefix>.png`` (with matplotlib) and, with ``summary``, :meth:`summary` to ``dvar_summary.json``;
+        each file is written whole or not at all. Returns the paths written."""
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        csv_path = out / f"{prefix}.csv"
-        with open(csv_path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow((*HISTORY_COLUMNS, "eval_every", "stop_reason"))
-            for row in self.history:
-                reason = self.reason if row.step == self.stop_step else ""
-                writer.writerow([
-                    row.step, repr(row.eval_loss), repr(row.normalized_variance), repr(row.train_loss), self.eval_every, reason
-                ])
-        paths = [csv_path]
+        paths = [write_atomically(out / f"{prefix}.csv",
+                                  history_csv(self.history, self.eval_every, self.stop_step, self.reason))]
         if plot:
-            paths.append(plot_history(self.history, self.threshold, self.stop_step, out / f"{prefix}.png"))
+            figure = plot_or_explain(self.history, self.rule, self.stop_step, out / f"{prefix}.png")
+            paths += [figure] if figure is not None else []
         if summary:
-            paths.append(out / SUMMARY_FILE)
-            paths[-1].write_text(json.dumps(self.summary(), indent=2) + "\n")
+            paths.append(write_atomically(out / SUMMARY_FILE, summary_json(self.summary())))
         return paths
 
-    # -- checkpointing -------------------------------------------------------------------
+    # -- checkpointing -----------------------------------------------------------------------
 
     def _settings(self) -> Dict[str, Any]:
         """What a checkpoint must agree on to be resumed by this callback."""
@@ -580,24 +430,31 @@ class DVAREarlyStopping:
         }
 
     def state_dict(self) -> Dict[str, Any]:
-        """State for ``accelerator.register_for_checkpointing`` (plain Python + one tensor)."""
+        """State for ``accelerator.register_for_checkpointing`` (plain Python types and tensors)."""
         return {
+            "version": STATE_VERSION,
             "settings": self._settings(),
-            "criterion": self.criterion.state_dict(),
+            "rule": self.rule.state_dict(),
             "eval_batch": self.eval_batch.state_dict(),
             "history": [asdict(row) for row in self.history],
             "stop_step": self.stop_step,
+            "stop_kind": None if self.stop_kind is None else self.stop_kind.value,
             "reason": self.reason,
+            "last_finite_step": self.last_finite_step,
             "eval_seconds": self.eval_seconds,
             "stride_timing": self.stride_timing,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`. With ``eval_every="auto"`` or a target overhead the checkpoint's
-        stride is kept (a run resumes with the k it started with, even if the library's ``auto`` changed or
-        this machine is faster; a checkpoint from before a timed stride was chosen times the steps again)."""
+        """Restore a :meth:`state_dict` (also one written by dvar 0.1). With ``eval_every="auto"`` or a target
+        overhead the checkpoint's stride is kept (a run resumes with the k it started with, even if the
+        library's ``auto`` changed or this machine is faster)."""
+        state = _upgrade_state(state)
+        if state["version"] > STATE_VERSION:
+            raise ValueError(f"The checkpoint's DVAR state has version {state['version']}, newer than this dvar's "
+                             f"({STATE_VERSION}); upgrade dvar to resume it.")
         saved_every = state["settings"]["eval_every"]
-        chosen_by_library = self.eval_every_setting == "auto" or self.overhead_target is not None
+        chosen_by_library = self.eval_every_setting == "auto" or self._probe is not None
         if chosen_by_library and saved_every != self.eval_every:
             self._set_stride(None if saved_every is None else resolve_eval_every(saved_every, self.window or 1))
         for key, value in self._settings().items():
@@ -606,34 +463,36 @@ class DVAREarlyStopping:
                     f"The checkpoint's DVAR {key} is {state['settings'][key]!r} but this run uses {value!r}; "
                     "resume with the same early-stopping settings."
                 )
-        self.criterion.load_state_dict(state["criterion"])
+        self.rule.load_state_dict(state["rule"])
         self.eval_batch.load_state_dict(state["eval_batch"])
         self.history = [HistoryRow(**row) for row in state["history"]]
-        self.stop_step = state["stop_step"]
-        self.reason = state["reason"]
+        self.stop_step, self.reason = state["stop_step"], state["reason"]
+        self.stop_kind = None if state["stop_kind"] is None else StopKind(state["stop_kind"])
+        self.last_finite_step = state["last_finite_step"]
         self.eval_seconds = state["eval_seconds"]
         self.stride_timing = state.get("stride_timing")
 
     def __repr__(self) -> str:
         return (
-            f"DVAREarlyStopping(window={self.window}, threshold={self.threshold}, eval_every={self.eval_every}, "
+            f"DVAREarlyStopping(rule={self.rule!r}, eval_every={self.eval_every}, "
             f"evaluations={len(self.history)}, stop_step={self.stop_step})"
         )
 
 
-def _timestep_density(config: DVARConfig) -> Any:
-    """The scripts' non-uniform timestep density for ``logit_normal``/``mode``, else None (uniform)."""
-    if config.weighting_scheme not in ("logit_normal", "mode"):
-        return None
-    from diffusers.training_utils import compute_density_for_timestep_sampling
+def _upgrade_state(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A dvar 0.1 checkpoint (no version; ``criterion``; history rows with ``normalized_variance``) in the
+    current layout."""
+    if "version" in state:
+        return state
+    from .rules.base import stop_kind_of_reason
 
-    def density(k: int) -> torch.Tensor:
-        return compute_density_for_timestep_sampling(
-            weighting_scheme=config.weighting_scheme, batch_size=k, logit_mean=config.logit_mean,
-            logit_std=config.logit_std, mode_scale=config.mode_scale,
-        )
-
-    return density
+    history = [{"step": row["step"], "eval_loss": row["eval_loss"], "statistic": row["normalized_variance"],
+                "train_loss": row["train_loss"]} for row in state["history"]]
+    kind = stop_kind_of_reason(state["reason"]) if state["stop_step"] is not None else None
+    finite = [row["step"] for row in history if math.isfinite(row["eval_loss"])]
+    return {**{key: value for key, value in state.items() if key != "criterion"}, "version": 1,
+            "rule": state["criterion"], "history": history, "stop_kind": None if kind is None else kind.value,
+            "last_finite_step": finite[-1] if finite else None}
 
 
 def _unwrap(module: torch.nn.Module, accelerator: Any) -> torch.nn.Module:

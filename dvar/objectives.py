@@ -19,8 +19,9 @@ compute for the same inputs (``tests/test_objectives.py``, ``tests/test_upstream
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+import argparse
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ class CLIPPromptEncoder:
 
     Example:
         >>> encode = CLIPPromptEncoder(tokenizer)  # doctest: +SKIP
-        >>> embeddings = encode({"text_encoder": text_encoder}, batch)
+        >>> embeddings = encode({"text_encoder": text_encoder}, batch)  # doctest: +SKIP
     """
 
     text_encoder_keys: Tuple[str, ...] = ("text_encoder",)
@@ -278,6 +279,51 @@ def text_side_trainable(models: Models, keys: Sequence[str]) -> bool:
     return any(p.requires_grad for key in keys if key in models for p in models[key].parameters())
 
 
+@dataclass
+class LossConfig:
+    """The training script's loss options, so that the frozen batch's loss is the one it trains on.
+
+    Field names are the diffusers scripts' flags; :meth:`from_args` reads those a script has.
+
+    Example:
+        >>> LossConfig.from_args(argparse.Namespace(snr_gamma=5.0, learning_rate=1e-4))
+        LossConfig(weighting_scheme='none', logit_mean=0.0, logit_std=1.0, mode_scale=1.29, snr_gamma=5.0, guidance_scale=None, max_sequence_length=None)
+    """
+
+    weighting_scheme: str = field(
+        default="none", metadata={"help": "SD3/Flux scripts' --weighting_scheme (loss weights or timestep density)."}
+    )
+    logit_mean: float = field(default=0.0, metadata={"help": "--logit_mean (weighting_scheme='logit_normal')."})
+    logit_std: float = field(default=1.0, metadata={"help": "--logit_std (weighting_scheme='logit_normal')."})
+    mode_scale: float = field(default=1.29, metadata={"help": "--mode_scale (weighting_scheme='mode')."})
+    snr_gamma: Optional[float] = field(default=None, metadata={"help": "DDPM scripts' --snr_gamma (min-SNR weighting)."})
+    guidance_scale: Optional[float] = field(
+        default=None, metadata={"help": "Flux scripts' --guidance_scale (the guidance embedding of the transformer)."}
+    )
+    max_sequence_length: Optional[int] = field(
+        default=None, metadata={"help": "Flux scripts' --max_sequence_length (T5 tokens; default 512)."}
+    )
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "LossConfig":
+        """The options a training script's parsed ``args`` holds (the others keep their defaults)."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    def timestep_density(self) -> Optional[Callable[[int], torch.Tensor]]:
+        """The scripts' non-uniform timestep density for ``logit_normal``/``mode``, else None (uniform)."""
+        if self.weighting_scheme not in ("logit_normal", "mode"):
+            return None
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        def density(k: int) -> torch.Tensor:
+            return compute_density_for_timestep_sampling(
+                weighting_scheme=self.weighting_scheme, batch_size=k, logit_mean=self.logit_mean,
+                logit_std=self.logit_std, mode_scale=self.mode_scale,
+            )
+
+        return density
+
+
 class DiffusionObjective:
     """The diffusion training loss on the frozen batch, with caches.
 
@@ -291,7 +337,7 @@ class DiffusionObjective:
 
     Example:
         >>> objective = DiffusionObjective(noise_scheduler, tokenizer=tokenizer)  # doctest: +SKIP
-        >>> loss = objective({"unet": unet, "text_encoder": text_encoder}, fixed_batch.next())
+        >>> loss = objective({"unet": unet, "text_encoder": text_encoder}, fixed_batch.next())  # doctest: +SKIP
     """
 
     def __init__(
@@ -388,6 +434,49 @@ class DiffusionObjective:
             loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
             return (loss.mean(dim=list(range(1, len(loss.shape)))) * mse_loss_weights).mean()
         return F.mse_loss(prediction.float(), target.float())
+
+    def per_example_losses(self, models: Models, batch: EvalBatch) -> "PerExampleLosses":
+        """Each example's loss (shape ``[len(batch)]``) with its timestep, and the batch loss that calling the
+        objective returns, bit for bit, from the same forward pass (the benchmark records them to replay rules).
+
+        Example:
+            >>> out = objective.per_example_losses(models, frozen_batch)  # doctest: +SKIP
+            >>> out.losses.shape, out.timesteps.shape, out.loss == objective(models, frozen_batch)  # doctest: +SKIP
+            (torch.Size([4]), torch.Size([4]), tensor(True))
+        """
+        denoiser = denoiser_of(models)
+        noisy, timesteps, target = self._noisy_inputs(batch, _device_of(denoiser))
+        cond = self._prompt_embeddings(models, batch)
+        prediction = predict(denoiser, noisy, timesteps, cond, batch, self.guidance_scale)
+        dims = list(range(1, prediction.ndim))
+        if self.weighting_scheme in ("sigma_sqrt", "cosmap"):  # as __call__: mean over each example, then the batch
+            from diffusers.training_utils import compute_loss_weighting_for_sd3
+
+            sigmas = batch.sigmas.to(prediction.device).view(-1, *([1] * (prediction.ndim - 1)))
+            weighting = compute_loss_weighting_for_sd3(weighting_scheme=self.weighting_scheme, sigmas=sigmas)
+            per_example = torch.mean((weighting.float() * (prediction.float() - target.float()) ** 2).reshape(
+                target.shape[0], -1), 1)
+            return PerExampleLosses(per_example, timesteps, per_example.mean())
+        if self.snr_gamma is not None:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            base_weight = torch.stack([snr, self.snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+            v_prediction = self.noise_scheduler.config.prediction_type == "v_prediction"
+            mse_loss_weights = base_weight + 1 if v_prediction else base_weight
+            loss = F.mse_loss(prediction.float(), target.float(), reduction="none")
+            per_example = loss.mean(dim=dims) * mse_loss_weights
+            return PerExampleLosses(per_example, timesteps, per_example.mean())
+        per_example = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=dims)
+        return PerExampleLosses(per_example, timesteps, F.mse_loss(prediction.float(), target.float()))
+
+
+class PerExampleLosses(NamedTuple):
+    """:meth:`DiffusionObjective.per_example_losses`: each example's loss and timestep, and the batch loss."""
+
+    losses: torch.Tensor
+    timesteps: torch.Tensor
+    loss: torch.Tensor
 
 
 def check_loss_settings(noise_scheduler: Any, weighting_scheme: str = "none", snr_gamma: Optional[float] = None) -> None:

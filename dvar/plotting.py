@@ -8,10 +8,18 @@ from typing import Any, Optional, Sequence, Union
 
 
 def plot_history(
-    history: Sequence[Any], threshold: float, stop_step: Optional[int], path: Union[str, Path]
+    history: Sequence[Any], threshold: float, stop_step: Optional[int], path: Union[str, Path],
+    statistic_name: str = "var(last N) / var(all)", stops_when: str = "below",
 ) -> Path:
-    """Eval loss (and training loss) over steps above the normalized variance, with the
-    threshold and the stop marked; ``history`` rows have step/eval_loss/normalized_variance/train_loss."""
+    """Eval loss (and training loss) over steps above the rule's statistic, with its threshold and the
+    stop marked; ``history`` rows have step/eval_loss/statistic/train_loss.
+
+    Example:
+        >>> from dvar.reporting import HistoryRow
+        >>> rows = [HistoryRow(s, 1 / s, 0.5 / s, float("nan")) for s in range(1, 20)]
+        >>> import tempfile; plot_history(rows, 0.1, 10, Path(tempfile.mkdtemp()) / "h.png").suffix
+        '.png'
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -30,9 +38,10 @@ def plot_history(
         ax_loss.patch.set_visible(False)
     handles += ax_loss.plot(steps, [row.eval_loss for row in history], color="C0", label="frozen-batch loss (DVAR)")
     ax_loss.set_ylabel("frozen-batch loss")
-    ax_var.plot(steps, [row.normalized_variance for row in history], color="C1", label="var(last N) / var(all)")
-    ax_var.axhline(threshold, color="C3", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax_var.set_ylabel("normalized variance")
+    ax_var.plot(steps, [row.statistic for row in history], color="C1", label=statistic_name)
+    ax_var.axhline(threshold, color="C3", linestyle="--", linewidth=1,
+                   label=f"threshold {threshold:g} (stops {'below' if stops_when == 'below' else 'at or above'} it)")
+    ax_var.set_ylabel(statistic_name)
     ax_var.set_xlabel("optimizer step")
     ax_var.set_ylim(bottom=0)
     for ax in (ax_loss, ax_var):

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from dvar import PARTS, FixedEvalBatch, deterministic_loss, isolated_global_rng
+from dvar import FixedEvalBatch
+from dvar.batch import PARTS, isolated_global_rng
+from dvar.objectives import deterministic_loss
 
 
 def build(sd_parts, dataset, **kwargs):

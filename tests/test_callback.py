@@ -26,8 +26,8 @@ def test_short_training_loop_stops_early_and_writes_its_history(tmp_path):
     with open(tmp_path / "run" / "dvar_history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == list(range(1, result["stop_step"] + 1))
-    assert float(rows[-1]["normalized_variance"]) < 0.3 <= float(rows[-2]["normalized_variance"])
-    assert math.isnan(float(rows[0]["normalized_variance"])) and not math.isnan(float(rows[0]["train_loss"]))
+    assert float(rows[-1]["statistic"]) < 0.3 <= float(rows[-2]["statistic"])
+    assert math.isnan(float(rows[0]["statistic"])) and not math.isnan(float(rows[0]["train_loss"]))
     assert (tmp_path / "run" / "dvar_history.png").stat().st_size > 10_000
 
 
@@ -116,17 +116,74 @@ def test_logs_to_accelerate_trackers(toy_dataset):
     for step in (1, 2, 3):
         stopper.step(step, train_loss=torch.tensor(0.5))
     assert [s for s, _ in recorder.logged] == [1, 2, 3]
-    assert set(recorder.logged[-1][1]) == {"dvar/eval_loss", "dvar/normalized_variance"}
+    assert set(recorder.logged[-1][1]) == {"dvar/eval_loss", "dvar/statistic"}
     assert recorder.logged[-1][1]["dvar/eval_loss"] == stopper.history[-1].eval_loss
 
 
-def test_nan_loss_stops_with_a_reason(toy_dataset):
-    stopper = DVAREarlyStopping(
-        objective=lambda models, batch: torch.tensor(float("nan")), train_dataset=toy_dataset, preset="dreambooth_lora",
-        eval_every=1,
-    )
-    assert stopper.step(1) is True
-    assert stopper.stop_step == 1 and stopper.reason.startswith("non-finite")
+@pytest.mark.parametrize(
+    "eval_losses, train_losses, stop_step, kind, reason_start, last_finite_step",
+    [
+        # a plateau: the concept is learned, the run succeeded
+        ([1.0, 0.5, 0.4, 0.4, 0.4, 0.4], [0.9] * 6, 4, "plateau", "plateau: var(last 3)", 4),
+        # the frozen-batch loss diverges: a failure, whatever the rule would have said
+        ([1.0, 0.5, float("nan"), 0.4], [0.9] * 4, 3, "non_finite", "non-finite: loss became nan after 2 values", 2),
+        ([1.0, float("inf")], [0.9] * 2, 2, "non_finite", "non-finite: loss became inf", 1),
+        # the training loss diverges first (checked on evaluation steps)
+        ([1.0, 0.5, 0.45], [0.9, float("nan"), 0.9], 2, "non_finite", "non-finite: the training loss became nan", 1),
+        # no training loss given: nothing to check there
+        ([1.0, 0.9, 0.8], [None] * 3, None, None, None, 3),
+    ],
+)
+def test_a_divergence_is_not_an_early_stop(toy_dataset, eval_losses, train_losses, stop_step, kind, reason_start,
+                                           last_finite_step):
+    values = iter(eval_losses)
+    stopper = DVAREarlyStopping(objective=lambda m, b: torch.tensor(next(values)), train_dataset=toy_dataset,
+                                window=3, threshold=0.1, eval_every=1, max_train_steps=10)
+    stop = next((step for step, loss in enumerate(train_losses, 1) if stopper.step(step, loss)), None)
+    assert stop == stopper.stop_step == stop_step
+    assert (stopper.stop_kind.value if stopper.stop_kind else None) == kind
+    assert stopper.diverged is (kind == "non_finite")
+    assert (stopper.reason or "").startswith(reason_start or "")
+    assert stopper.last_finite_step == last_finite_step
+    summary = stopper.summary()
+    assert summary["diverged"] is stopper.diverged and summary["stop_kind"] == kind
+    assert summary["stopped_early"] is (kind == "plateau")
+    assert summary["steps_saved"] == (10 - stop_step if kind == "plateau" else 0)
+    if kind == "non_finite":
+        assert stopper.status_line().startswith(f"DVAR ended training at step {stop_step} of 10 because it diverged")
+
+
+def test_a_dvar_0_1_checkpoint_resumes(toy_dataset):
+    """The callback's state as dvar 0.1 wrote it (``criterion``, rows with ``normalized_variance``) loads, and the
+    run continues to the stop the uninterrupted run makes."""
+    trace = [1.0, 0.7, 0.5, 0.45, 0.44, 0.43, 0.43, 0.43, 0.43, 0.43]
+    make = lambda: DVAREarlyStopping(objective=lambda m, b: torch.tensor(trace[step - 1]), train_dataset=toy_dataset,
+                                     window=4, threshold=0.05, eval_every=1)
+    straight = make()
+    step = 0
+    for step in range(1, len(trace) + 1):
+        if straight.step(step):
+            break
+    first = make()
+    for step in range(1, 4):
+        first.step(step)
+    state = first.state_dict()
+    inner = state["rule"]["state"]
+    legacy = {
+        "settings": state["settings"], "eval_batch": state["eval_batch"], "stop_step": None, "reason": None,
+        "eval_seconds": 0.0, "stride_timing": None,
+        "history": [{"step": r["step"], "eval_loss": r["eval_loss"], "normalized_variance": r["statistic"],
+                     "train_loss": r["train_loss"]} for r in state["history"]],
+        "criterion": {"window": 4, "threshold": 0.05, **{k: inner[k] for k in ("shift", "all", "recent", "window_values",
+                      "slides_since_exact")}, "normalized_variance": inner["statistic"], "stopped": False,
+                      "stop_step": None, "reason": None, "last_value": trace[2]},
+    }
+    resumed = make()
+    resumed.load_state_dict(legacy)
+    for step in range(4, len(trace) + 1):
+        if resumed.step(step):
+            break
+    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason) and resumed.stop_step
 
 
 def test_state_dict_from_other_settings_is_refused(toy_dataset):

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dvar import PRESETS, DVARCriterion, PatienceCriterion, first_stop_step, normalized_variance
+from dvar.rules import PRESETS, DVARCriterion, SettlingTimeCriterion, StopKind, StopRule, first_stop_step, normalized_variance
 
 PLATEAU_AFTER_DROP = [10.0, 8.0, 6.0, 4.0, 2.0] + [1.0, 1.01] * 10
 
@@ -72,9 +72,9 @@ def test_agrees_with_direct_numpy_formula(trace, window, threshold):
         rule.update(value)
         direct = normalized_variance(trace[:n], window)
         if n < window:
-            assert math.isnan(rule.normalized_variance)
+            assert math.isnan(rule.statistic)
         else:
-            assert rule.normalized_variance == pytest.approx(direct, rel=1e-6, abs=1e-9)
+            assert rule.statistic == pytest.approx(direct, rel=1e-6, abs=1e-9)
     expected = next(
         (n for n in range(window, len(trace) + 1) if normalized_variance(trace[:n], window) < threshold), None
     )
@@ -95,7 +95,7 @@ def test_long_trace_matches_numpy_to_1e9_relative():
         rule.update(value)
         if i in checkpoints:
             direct = float(np.var(trace[i - 310 : i]) / np.var(trace[:i]))
-            assert abs(rule.normalized_variance - direct) / direct < 1e-9
+            assert abs(rule.statistic - direct) / direct < 1e-9
 
 
 def test_state_round_trip_mid_trace_gives_same_stop_step():
@@ -113,18 +113,18 @@ def test_state_round_trip_mid_trace_gives_same_stop_step():
         if resumed.update(value):
             break
     assert resumed.stop_step == uninterrupted
-    assert resumed.normalized_variance == first_stop_nvar(trace, 100, 0.05)
+    assert resumed.statistic == first_stop_nvar(trace, 100, 0.05)
 
 
 def first_stop_nvar(trace, window, threshold):
     rule = DVARCriterion(window, threshold)
     for value in trace:
         if rule.update(value):
-            return rule.normalized_variance
+            return rule.statistic
 
 
 def test_state_from_other_settings_is_refused():
-    with pytest.raises(ValueError, match="window=10"):
+    with pytest.raises(ValueError, match=r"window=10 \(this run: 20\)"):
         DVARCriterion(20, 0.2).load_state_dict(DVARCriterion(10, 0.2).state_dict())
 
 
@@ -193,34 +193,52 @@ def test_unknown_preset_lists_the_valid_ones():
 
 
 @pytest.mark.parametrize(
-    "scores, eps, patience, expected_stop",
+    "policy, trace, kind",
     [
-        ([0.50, 0.60, 0.61, 0.605], 0.02, 2, 4),
-        ([0.5, 0.6, 0.7, 0.8, 0.9], 0.02, 2, None),  # always improving
-        ([0.5, 0.51, 0.515, 0.518], 0.02, 3, 4),  # creeping gains below eps do not count...
-        ([0.5, 0.51, 0.515, 0.518], 0.02, 2, 3),
-        ([0.5, 0.51, 0.53, 0.53], 0.02, 2, None),  # ...until they add up to more than eps
-        ([0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], 0.02, 6, 7),  # paper's TI/CD setting
-        ([0.7, 0.6, 0.5, 0.4], 0.04, 3, 4),  # paper's LoRA setting
+        ("stop", [1.0, 2.0, 1.5, 1.4, 1.4, 1.4], StopKind.PLATEAU),
+        ("stop", [1.0, 2.0, math.nan], StopKind.NON_FINITE),
+        ("skip", [1.0, math.nan, 2.0], None),
     ],
 )
-def test_patience_table(scores, eps, patience, expected_stop):
-    rule = PatienceCriterion(eps=eps, patience=patience)
-    for score in scores:
-        if rule.update(score):
-            break
-    assert rule.stop_step == expected_stop
+def test_the_stop_kind_tells_a_plateau_from_a_divergence(policy, trace, kind):
+    rule = DVARCriterion(window=3, threshold=0.2, nonfinite=policy)
+    for value in trace:
+        rule.update(value)
+    assert rule.stop_kind is kind
+    assert rule.diverged is (kind is StopKind.NON_FINITE)
 
 
-def test_patience_shares_the_interface():
-    rule = PatienceCriterion(eps=0.02, patience=2)
-    for score in [0.5, 0.6]:
-        rule.update(score)
-    copy = PatienceCriterion(eps=0.02, patience=2)
-    copy.load_state_dict(rule.state_dict())
-    assert [copy.update(s) for s in [0.59, 0.61]] == [False, True]
-    assert copy.stop_step == 4 and "no improvement above 0.02 for 2 checks" in copy.reason
-    assert math.isnan(copy.normalized_variance)
-    with pytest.raises(ValueError, match="patience must be"):
-        PatienceCriterion(eps=0.02, patience=0)
-    assert PatienceCriterion(0.0, 1, nonfinite="stop").update(math.nan) is True
+@pytest.mark.parametrize("rule", [DVARCriterion(4, 0.2), SettlingTimeCriterion(min_evaluations=5)])
+def test_every_rule_shares_one_interface(rule):
+    assert isinstance(rule, StopRule)
+    for value in [3.0, 2.0, 1.5, 1.2, 1.1, 1.05]:
+        rule.update(value)
+    state = rule.state_dict()
+    assert set(state) == {"rule", "version", "settings", "state"} and state["rule"] == rule.name
+    assert state["settings"] == rule.settings() and state["version"] >= 1
+    assert rule.stops_when in ("below", "above") and rule.statistic_name
+    copy = type(rule)(**rule.settings())
+    copy.load_state_dict(state)
+    assert (copy.num_values, copy.stop_step, copy.reason) == (rule.num_values, rule.stop_step, rule.reason)
+
+
+def test_a_checkpoint_of_another_rule_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="'settling_time' rule's state, but this run uses 'dvar'"):
+        DVARCriterion(4, 0.2).load_state_dict(SettlingTimeCriterion().state_dict())
+
+
+def test_a_dvar_0_1_checkpoint_still_loads():
+    """The layout dvar 0.1 wrote (flat, no rule tag): the same values must give the same stop after loading."""
+    trace = [5.0, 4.0, 3.0, 3.1, 3.05, 3.0, 3.02]
+    reference = DVARCriterion(window=3, threshold=0.1)
+    for value in trace[:4]:
+        reference.update(value)
+    inner = reference.state_dict()["state"]
+    legacy = {"window": 3, "threshold": 0.1, "shift": inner["shift"], "all": inner["all"], "recent": inner["recent"],
+              "window_values": inner["window_values"], "slides_since_exact": inner["slides_since_exact"],
+              "normalized_variance": inner["statistic"], "stopped": False, "stop_step": None, "reason": None,
+              "last_value": trace[3]}
+    loaded = DVARCriterion(window=3, threshold=0.1)
+    loaded.load_state_dict(legacy)
+    assert [loaded.update(v) for v in trace[4:]] == [reference.update(v) for v in trace[4:]]
+    assert loaded.stop_step == reference.stop_step and loaded.stop_kind is StopKind.PLATEAU

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dvar import DiffusionObjective, DVAREarlyStopping, FixedEvalBatch, deterministic_loss
+from dvar import DVAREarlyStopping, FixedEvalBatch
+from dvar.objectives import DiffusionObjective, deterministic_loss
 from dvar_lab.tiny import ToyConceptDataset, tiny_sd, tiny_sd3, tiny_sdxl
 
 
@@ -62,7 +63,7 @@ def test_flow_matching_objective_with_frozen_sigmas():
     pooled = torch.randn(1, 32, generator=torch.Generator().manual_seed(1))
 
     def encode_prompt(models, batch):  # SD3 users wrap pipe.encode_prompt here
-        from dvar import PromptEmbeddings
+        from dvar.objectives import PromptEmbeddings
 
         return PromptEmbeddings(embeds.expand(len(batch), -1, -1), pooled.expand(len(batch), -1))
 

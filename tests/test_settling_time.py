@@ -1,4 +1,4 @@
-"""The settling-time rule (:class:`dvar.criterion.SettlingTimeCriterion`): its window is a multiple of the time
+"""The settling-time rule (:class:`dvar.rules.SettlingTimeCriterion`): its window is a multiple of the time
 the loss itself took to settle, so decays of any time constant stop at about the same multiple of it; a loss
 that is still falling (or never fell) does not stop, and a resumed rule stops where the straight run did."""
 
@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from dvar import DVAREarlyStopping
-from dvar.criterion import SettlingTimeCriterion, settling_stop_step
+from dvar.rules import SettlingTimeCriterion
+from dvar.stride import replay_stop_step
+
+
+def settling_stop_step(trace, eval_every, **settings):
+    return replay_stop_step(SettlingTimeCriterion(**settings), trace, eval_every)
 
 
 def decay(tau, n, noise=0.0, seed=0, floor=1.0):
@@ -88,7 +93,7 @@ def test_a_resumed_rule_stops_at_the_same_step_with_the_same_reason(cut):
 
 
 def test_state_from_other_settings_is_refused():
-    with pytest.raises(ValueError, match="other settling-time settings"):
+    with pytest.raises(ValueError, match=r"other settling_time settings: multiple=2.0 \(this run: 3.0\)"):
         SettlingTimeCriterion(multiple=3).load_state_dict(SettlingTimeCriterion(multiple=2).state_dict())
 
 
@@ -123,7 +128,7 @@ def test_reason_names_the_settling_time_and_the_multiple():
     t = rule.settling_evaluations
     assert rule.stop_step == 2 * t == 40
     assert rule.reason.startswith(f"settled: the smoothed loss covered 80% of its drop") and f"by evaluation {t}" in rule.reason
-    assert rule.normalized_variance == pytest.approx(2.0)
+    assert rule.statistic == pytest.approx(2.0) and rule.stop_kind.value == "settled"
 
 
 @pytest.mark.parametrize("eval_every", [1, 2, 5])
@@ -141,7 +146,7 @@ def test_preset_auto_runs_this_rule_in_the_callback(toy_dataset, eval_every, bud
     stopper = DVAREarlyStopping(objective=lambda models, batch: torch.tensor(trace[step["now"] - 1]),
                                 train_dataset=toy_dataset, preset="auto", eval_every=eval_every,
                                 max_train_steps=budget)
-    assert isinstance(stopper.criterion, SettlingTimeCriterion) and stopper.threshold == 2.0
+    assert isinstance(stopper.rule, SettlingTimeCriterion) and stopper.threshold == 2.0
     for step["now"] in range(1, budget + 1):
         if stopper.step(step["now"]):
             break

@@ -8,7 +8,8 @@ import logging
 import pytest
 import torch
 
-from dvar import DVAREarlyStopping, stop_message
+from dvar import DVAREarlyStopping
+from dvar.reporting import stop_message
 
 LOSSES = [4.0, 3.0, 2.0, 1.9, 1.9, 1.9, 1.9, 1.9]  # window 3, threshold 0.05: stops at step 5
 

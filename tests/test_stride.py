@@ -15,12 +15,11 @@ import torch
 
 import dvar.callback
 from dvar import DVARConfig, DVAREarlyStopping
-from dvar.callback import STRIDE_PROBE_STEPS
-from dvar.criterion import (
+from dvar.rules import PRESETS, first_stop_step
+from dvar.stride import (
     AUTO_EVALS_PER_WINDOW,
-    PRESETS,
+    STRIDE_PROBE_STEPS,
     evaluations_in_window,
-    first_stop_step,
     resolve_eval_every,
     stride_for_overhead,
     strided_stop_step,
@@ -65,7 +64,7 @@ def test_the_default_is_auto_and_summary_records_k(toy_dataset):
     stopper = DVAREarlyStopping(objective=lambda m, b: torch.tensor(1.0), train_dataset=toy_dataset, preset="textual_inversion")
     k = 310 // AUTO_EVALS_PER_WINDOW
     assert stopper.eval_every == stopper.config.eval_every == k
-    assert stopper.criterion.window == evaluations_in_window(310, k)
+    assert stopper.rule.window == evaluations_in_window(310, k)
     summary = stopper.summary()
     assert (summary["eval_every"], summary["eval_every_setting"]) == (k, "auto")
 
@@ -128,8 +127,8 @@ def test_auto_stride_is_deterministic_and_resumes_mid_run(toy_dataset, interrupt
     first, second = make(), make()
     stop = drive(first, trace)
     assert stop is not None and drive(second, trace) == stop
-    assert [(r.step, r.eval_loss, r.normalized_variance) for r in first.history] == [
-        (r.step, r.eval_loss, r.normalized_variance) for r in second.history
+    assert [(r.step, r.eval_loss, r.statistic) for r in first.history] == [
+        (r.step, r.eval_loss, r.statistic) for r in second.history
     ]
 
     interrupted = make()
@@ -154,7 +153,7 @@ def test_auto_resumes_with_the_checkpoints_stride_an_explicit_one_must_match(toy
     auto = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="custom_diffusion")
     assert auto.eval_every != 4
     auto.load_state_dict(state)  # e.g. a checkpoint written before the library's "auto" changed
-    assert auto.eval_every == 4 and auto.criterion.window == evaluations_in_window(180, 4)
+    assert auto.eval_every == 4 and auto.rule.window == evaluations_in_window(180, 4)
     assert drive(auto, trace, start=121) == strided_stop_step(trace, 180, 0.15, 4)
 
     explicit = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="custom_diffusion", eval_every=6)
@@ -233,7 +232,7 @@ def test_a_target_overhead_times_the_first_steps_then_fixes_the_stride(toy_datas
     assert stopper.eval_every is None, "not chosen before training"
     stop = timed_drive(stopper, trace, clock, step_seconds=0.1, eval_seconds=0.04)
     k, probe_end = 8, STRIDE_PROBE_STEPS + 1
-    assert stopper.eval_every == k and stopper.criterion.window == evaluations_in_window(180, k)
+    assert stopper.eval_every == k and stopper.rule.window == evaluations_in_window(180, k)
     first = (probe_end // k + 1) * k  # the first multiple of k after the timed steps
     assert stopper.history[0].step == first and all(row.step % k == 0 for row in stopper.history)
     count = first_stop_step(trace[first - 1::k], evaluations_in_window(180, k), 0.15)

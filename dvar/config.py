@@ -1,0 +1,133 @@
+"""``DVARConfig``: which rule stops the run, and how often it looks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from .batch import PARTS
+from .rules import AUTO_LEVEL, AUTO_MULTIPLE, DVARCriterion, NonFinitePolicy, SettlingTimeCriterion, StopRule, resolve_preset
+from .stride import (
+    AUTO_EVALS_PER_WINDOW,
+    STRIDE_PROBE_STEPS,
+    EvalEvery,
+    budget_stride,
+    evaluations_in_window,
+    overhead_target,
+    resolve_eval_every,
+)
+
+
+@dataclass
+class DVARConfig:
+    """Settings of :class:`~dvar.DVAREarlyStopping` (the training script's loss options are a
+    :class:`~dvar.LossConfig` beside it).
+
+    Example:
+        >>> DVARConfig(preset="textual_inversion").resolved_window_threshold()
+        (310, 0.15)
+        >>> DVARConfig(preset="auto", max_train_steps=1000).make_rule(eval_every=10)
+        SettlingTimeCriterion(multiple=2.0, level=0.8, smooth=5, min_evaluations=20, min_drop_snr=5.0, num_values=0, stopped=False)
+    """
+
+    preset: Optional[str] = field(
+        default=None,
+        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; or "
+                          "'auto': no window, stop once the run is threshold (default "
+                          f"{AUTO_MULTIPLE:g}) times as long as the smoothed loss took to cover {AUTO_LEVEL:.0%} of its "
+                          "drop (needs max_train_steps for its stride)."},
+    )
+    window: Optional[int] = field(
+        default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
+    )
+    threshold: Optional[float] = field(
+        default=None, metadata={"help": "alpha: stop when var(last N) / var(all) falls below it (overrides the preset); "
+                                        "for 'auto', the multiple of the settling time."}
+    )
+    eval_every: EvalEvery = field(
+        default="auto",
+        metadata={
+            "help": f"Evaluate the frozen batch every this many optimizer steps (window stays in steps); 'auto': "
+            f"window // {AUTO_EVALS_PER_WINDOW} (at least 1), deterministic; 1 is the paper's setting; a percentage "
+            f"such as '5%': the stride at which evaluating costs about that share of the training time, timed on the "
+            f"first {STRIDE_PROBE_STEPS + 1} steps and then fixed (recorded, kept on resume; not machine-independent)."
+        },
+    )
+    eval_batch_size: int = field(default=4, metadata={"help": "K: frozen examples (first K of the dataset)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the private generators that freeze the batch."})
+    resample: Tuple[str, ...] = field(
+        default=(), metadata={"help": f"Parts redrawn at every evaluation (ablation), from {PARTS}."}
+    )
+    nonfinite: NonFinitePolicy = field(
+        default="stop", metadata={"help": "On a NaN/inf loss: stop as diverged (default), skip it, or raise."}
+    )
+    max_train_steps: Optional[int] = field(
+        default=None, metadata={"help": "The step budget, to reject a window the run can never fill."}
+    )
+    verbose: bool = field(
+        default=True, metadata={"help": "Log the stop (one line, INFO, logger 'dvar.callback', main process)."}
+    )
+
+    @property
+    def is_auto(self) -> bool:
+        """``preset="auto"``: the run-relative rule (:class:`~dvar.rules.SettlingTimeCriterion`), no window."""
+        return (self.preset or "").lower() == "auto"
+
+    def resolved_window_threshold(self) -> Tuple[Optional[int], float]:
+        """(window in steps, threshold), validated with the stride; the window is None for ``preset="auto"``."""
+        window, threshold = self._rule_settings()
+        if self.is_auto:
+            self.resolved_eval_every()
+        elif overhead_target(self.eval_every) is None:  # validates a percentage
+            resolve_eval_every(self.eval_every, window)  # validates it
+        return window, threshold
+
+    def _rule_settings(self) -> Tuple[Optional[int], float]:
+        if self.is_auto:
+            if self.window is not None:
+                raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
+                                 "fixed-window preset).")
+            threshold = AUTO_MULTIPLE if self.threshold is None else self.threshold
+            SettlingTimeCriterion(threshold, AUTO_LEVEL)  # validates it
+            return None, threshold
+        preset = resolve_preset(self.preset) if self.preset else None
+        window = self.window if self.window is not None else (preset.window if preset else None)
+        threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
+        if window is None or threshold is None:
+            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion' or 'auto') or both window and threshold.")
+        DVARCriterion(window, threshold)  # validates both, with the rule's own messages
+        if self.max_train_steps is not None and window > self.max_train_steps:
+            raise ValueError(
+                f"DVAR window ({window} steps) is larger than the step budget ({self.max_train_steps}): "
+                "it could never fire. Lower the window or raise max_train_steps."
+            )
+        return window, threshold
+
+    def resolved_eval_every(self) -> Optional[int]:
+        """The stride k in optimizer steps (``"auto"``: ``max(1, window // M)``, M = ``AUTO_EVALS_PER_WINDOW``;
+        with ``preset="auto"``, which has no window: ``max(1, max_train_steps // 100)``); None for a target
+        overhead (``"5%"``), whose k the callback chooses from the first steps' timings.
+
+        Example:
+            >>> DVARConfig(preset="textual_inversion").resolved_eval_every()
+            10
+            >>> DVARConfig(preset="auto", max_train_steps=1000).resolved_eval_every()
+            10
+        """
+        if overhead_target(self.eval_every) is not None:
+            return None
+        if not self.is_auto:
+            return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
+        if self.eval_every == "auto":
+            if self.max_train_steps is None:
+                raise ValueError("preset='auto' derives its evaluation stride from the step budget: pass "
+                                 "max_train_steps (or an explicit eval_every).")
+            return budget_stride(self.max_train_steps)
+        return resolve_eval_every(self.eval_every, 1)
+
+    def make_rule(self, eval_every: int) -> StopRule:
+        """The rule these settings name, counting in evaluations made every ``eval_every`` steps."""
+        window, threshold = self._rule_settings()
+        if window is None:
+            return SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
+        return DVARCriterion(evaluations_in_window(window, eval_every), threshold, nonfinite=self.nonfinite)

@@ -1,0 +1,26 @@
+"""Stopping rules. Each is a :class:`StopRule`: ``update(value) -> bool``, a statistic with a threshold,
+a reason and its kind, and a versioned ``state_dict()``.
+
+- :class:`DVARCriterion`: the paper's rule, ``var(last N) / var(all) < threshold`` (the presets);
+- :class:`SettlingTimeCriterion`: ``preset="auto"``, a window from the loss's own settling time.
+"""
+
+from .base import NonFinitePolicy, StopKind, StopRule
+from .plateau import PRESETS, DVARCriterion, DVARPreset, dvar_should_stop, first_stop_step, normalized_variance, resolve_preset
+from .settling_time import AUTO_LEVEL, AUTO_MULTIPLE, SettlingTimeCriterion
+
+__all__ = [
+    "AUTO_LEVEL",
+    "AUTO_MULTIPLE",
+    "PRESETS",
+    "DVARCriterion",
+    "DVARPreset",
+    "NonFinitePolicy",
+    "SettlingTimeCriterion",
+    "StopKind",
+    "StopRule",
+    "dvar_should_stop",
+    "first_stop_step",
+    "normalized_variance",
+    "resolve_preset",
+]
