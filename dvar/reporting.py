@@ -55,19 +55,27 @@ def write_atomically(path: Union[str, Path], text: str) -> Path:
     interrupted run) sees the old file or the new one, never half of one.
 
     >>> import tempfile
-    >>> write_atomically(Path(tempfile.mkdtemp()) / "a.txt", "hello").read_text()
-    'hello'
+    >>> path = write_atomically(Path(tempfile.mkdtemp()) / "a.txt", "hello")
+    >>> path.read_text(), oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    ('hello', True)
     """
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", newline="") as out:
             out.write(text)
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes it owner-only; a plain open() would not
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def history_csv(history: Sequence[HistoryRow], eval_every: Optional[int], stop_step: Optional[int],
