@@ -65,7 +65,7 @@ def test_with_early_stop_it_stops_and_reports(trained):
     with open(trained / "dvar_history.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
-    assert float(rows[-1]["normalized_variance"]) < 0.45 <= float(rows[-2]["normalized_variance"])
+    assert float(rows[-1]["statistic"]) < 0.45 <= float(rows[-2]["statistic"])
     assert (trained / "dvar_history.png").stat().st_size > 1000
     assert (trained / "samples" / "00.png").is_file()
     assert {p.name for p in trained.iterdir()} >= {WEIGHT_NAME, "<new1>.safetensors"}
@@ -116,7 +116,7 @@ def test_processors_copy_each_cross_attention_layer(sd_parts, freeze_model, trai
 def test_the_validation_pipeline_uses_the_trained_processors_and_token(tiny_pipeline_dir):
     from accelerate import Accelerator
 
-    from dvar.integrations.trainer import load_components
+    from dvar.integrations.cli import load_components
 
     method, parts = CustomDiffusion(), load_components(str(tiny_pipeline_dir))
     args = method_args(method, tiny_pipeline_dir)
@@ -134,7 +134,7 @@ def test_the_validation_pipeline_uses_the_trained_processors_and_token(tiny_pipe
 
 def method_args(method, pipeline_dir):
     from dvar.integrations.data import load_image_folder
-    from dvar.integrations.trainer import build_parser
+    from dvar.integrations.cli import build_parser
 
     args = build_parser(method).parse_args(["--pretrained_model_name_or_path", str(pipeline_dir), "--resolution", "16"])
     method.data_dir(args)  # the bundled custom_diffusion concept

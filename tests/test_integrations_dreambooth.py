@@ -238,6 +238,21 @@ def test_checkpoints_hold_the_trained_weights_and_resume_to_the_same_result(
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
 
 
+# -- the frozen batch -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("asked, used", [(100, 5), (3, 3)])  # the bundled concept has 5 photos
+def test_the_summary_records_the_frozen_batch_size_used(cli, tmp_path, caplog, asked, used):
+    flags = ["--early-stop", "--early-stop-window", "2", "--early-stop-batch-size", str(asked), "--num_validation_images", "0"]
+    with caplog.at_level("WARNING", logger="dvar.integrations"):
+        assert dreambooth_lora.main(cli(*flags, steps=2)) == 0
+    result = summary(tmp_path / "out")
+    assert (result["early_stop_batch_size"], result["early_stop_batch_size_used"]) == (asked, used)
+    cut = [r.getMessage() for r in caplog.records if "--early-stop-batch-size" in r.getMessage()]
+    assert cut == ([f"warning: --early-stop-batch-size {asked} is more than the {used} instance examples: the frozen "
+                    f"batch holds all {used} (dvar_summary.json: early_stop_batch_size_used)."] if used < asked else [])
+
+
 # -- mixed precision -----------------------------------------------------------------------
 
 

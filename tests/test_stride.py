@@ -272,7 +272,8 @@ def test_a_timed_stride_is_kept_on_resume_even_on_a_faster_machine(toy_dataset, 
 
 
 def trainer_parser(module):
-    from dvar.integrations.trainer import Method, build_parser
+    from dvar.integrations.cli import build_parser
+    from dvar.integrations.method import Method
 
     classes = vars(importlib.import_module(f"dvar.integrations.{module}")).values()
     method = next(c for c in classes if isinstance(c, type) and issubclass(c, Method) and c.name == module)
@@ -300,8 +301,8 @@ def test_trainer_refuses_a_bad_stride_with_exit_code_2(value, message, capsys):
 
 
 def test_the_guide_passes_no_stride_so_it_gets_the_default():
-    """integrations/README.md's DVAREarlyStopping(...) lines leave eval_every to the library: "auto"."""
-    text = (REPO / "integrations" / "README.md").read_text()
+    """docs/diffusers-scripts.md's DVAREarlyStopping(...) lines leave eval_every to the library: "auto"."""
+    text = (REPO / "docs" / "diffusers-scripts.md").read_text()
     calls = re.findall(r"\+    stopper = DVAREarlyStopping\(.*?\n\+    \)", text, re.S)
     assert len(calls) == 6  # SD 1.x: TI, DreamBooth, LoRA, Custom Diffusion; SDXL and Flux LoRA
     assert not any("eval_every" in call for call in calls)

@@ -68,7 +68,7 @@ def test_early_stop_writes_weights_history_and_summary(ti_args, tiny_pipeline_di
 
 
 @pytest.mark.parametrize("rule", [EARLY, AUTO], ids=["window", "auto"])
-def test_resume_reaches_the_same_stop_step(ti_args, tmp_path, rule):
+def test_resume_reaches_the_same_stop_step(ti_args, tiny_pipeline_dir, tmp_path, rule):
     EARLY = rule
     assert textual_inversion.main(ti_args(*EARLY, out="full", steps=60)) == 0
     full = summary(tmp_path / "full")
@@ -90,25 +90,49 @@ def test_resume_reaches_the_same_stop_step(ti_args, tmp_path, rule):
     partial = summary(tmp_path / "resumed")
     assert partial["outcome"] == "interrupted" and (tmp_path / "resumed" / "learned_embeds.safetensors").exists()
 
+    checkpoints = sorted((tmp_path / "resumed").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    latest = checkpoints[-1]
+    # a checkpoint holds the embedding and its rows of the optimizer state, not the text encoder (~250x on SD)
+    assert "learned_embeds.safetensors" in {p.name for p in latest.iterdir()}
+    assert not any(p.name.startswith("model") for p in latest.iterdir())
+    assert (latest / "optimizer.bin").stat().st_size < token_table_bytes(tiny_pipeline_dir) / 100
+
     assert textual_inversion.main(ti_args(*EARLY, "--resume_from_checkpoint", "latest", out="resumed", steps=60)) == 0
     resumed = summary(tmp_path / "resumed")
     assert resumed["stop_step"] == full["stop_step"]
     history_full = (tmp_path / "full" / "dvar_history.csv").read_text()
     assert (tmp_path / "resumed" / "dvar_history.csv").read_text() == history_full
+    assert (tmp_path / "resumed" / "learned_embeds.safetensors").read_bytes() == (
+        tmp_path / "full" / "learned_embeds.safetensors").read_bytes()
+    # wall time adds up: the resumed part, plus the time the checkpoint took to reach
+    earlier = json.loads((latest / "dvar_trainer_state.json").read_text())["wall_time_s"]
+    assert resumed["resumed_from_step"] == int(latest.name.split("-")[1])
+    assert resumed["wall_time_s"] == pytest.approx(earlier + resumed["wall_time_s_this_run"], abs=0.02) and earlier > 0
+
+
+def token_table_bytes(model_dir):
+    """Bytes of the text encoder's fp32 token table: what a checkpoint must not copy."""
+    config = json.loads((Path(model_dir) / "text_encoder" / "config.json").read_text())
+    return config["vocab_size"] * config["hidden_size"] * 4
 
 
 def test_an_error_after_training_started_still_saves_the_weights(ti_args, tmp_path, monkeypatch):
+    original = textual_inversion.TextualInversion.loss
+
     def broken_loss(self, batch, parts, weight_dtype, args):
-        if getattr(self, "_calls", 0) >= 3:
-            return torch.tensor(float("nan"), requires_grad=True)
         self._calls = getattr(self, "_calls", 0) + 1
-        return textual_inversion.Method.loss(self, batch, parts, weight_dtype, args)
+        if self._calls == 4:
+            raise RuntimeError("the disk is on fire")
+        return original(self, batch, parts, weight_dtype, args)
 
     monkeypatch.setattr(textual_inversion.TextualInversion, "loss", broken_loss)
-    with pytest.raises(FloatingPointError, match="training loss became nan at step 4"):
+    with pytest.raises(RuntimeError, match="the disk is on fire"):  # an unexpected error keeps its traceback
         textual_inversion.main(ti_args(steps=20))
     assert (tmp_path / "out" / "learned_embeds.safetensors").exists()
-    assert summary(tmp_path / "out")["outcome"] == "error"
+    result = summary(tmp_path / "out")
+    assert (result["outcome"], result["final_step"], result["weights_step"]) == ("error", 3, 3)
+    assert result["error"] == "RuntimeError: the disk is on fire"
+    assert not (tmp_path / "out" / "samples").exists()
 
 
 def test_two_processes_stop_together(ti_args, tmp_path):
@@ -179,13 +203,39 @@ def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
         (["--early-stop", "--early-stop-preset", "auto", "--early-stop-threshold", "1.1"], "threshold of preset 'auto') must be finite with multiple * level > 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),
         (["--resume_from_checkpoint", "latest"], "no such checkpoint"),
-        (["--pretrained_model_name_or_path", "runwayml/stable-diffusion-v1-5"], "is not a local diffusers model folder"),
+        (["--pretrained_model_name_or_path", "./no-such-model"], "--pretrained_model_name_or_path ./no-such-model does not exist"),
+        (["--pretrained_model_name_or_path", "dvar-tests/no-such-model"], "is not in the local cache"),
+        pytest.param(["--mixed_precision", "fp16"], "fp16 needs a GPU", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="fp16 runs on a GPU")),
     ],
 )
 def test_bad_settings_exit_2_and_write_nothing(ti_args, tmp_path, capsys, flags, message):
     assert textual_inversion.main(ti_args() + flags) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "data, model, warns",
+    [
+        ("photos", "embedded", True),  # real photos cannot be learned by a 64x64 model of synthetic shapes
+        ("bundled", "embedded", False),
+        ("photos", "tiny", False),  # any other model: the user chose it
+    ],
+)
+def test_own_photos_on_the_embedded_model_warn_what_it_is(tmp_path, tiny_pipeline_dir, concept_dir, caplog, data, model, warns):
+    import argparse
+
+    from dvar.integrations.cli import warn_photos_on_embedded_model
+    from dvar.integrations.method import default_model_path
+
+    folder = write_images(tmp_path / "photos") if data == "photos" else concept_dir
+    path = default_model_path() if model == "embedded" else str(tiny_pipeline_dir)
+    args = argparse.Namespace(train_data_dir=str(folder), pretrained_model_name_or_path=path)
+    with caplog.at_level("WARNING", logger="dvar.integrations"):
+        warn_photos_on_embedded_model(textual_inversion.TextualInversion(), args)
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert ("64x64 model trained on synthetic shapes" in said and "--pretrained_model_name_or_path" in said) == warns
 
 
 def test_output_dir_holding_another_run_is_refused(ti_args, tmp_path, capsys):

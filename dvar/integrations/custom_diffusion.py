@@ -50,7 +50,8 @@ from .tokens import (
     check_new_tokens,
     save_token_embeddings,
 )
-from .trainer import Budget, Components, main as train_main
+from .method import Budget, Components
+from .trainer import main as train_main
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"  # diffusers' CUSTOM_DIFFUSION_WEIGHT_NAME_SAFE
 # A rare single token, as the paper initialises V*. diffusers' default is "ktn+pll+ucd", but "ktn"

@@ -20,6 +20,7 @@ the prior-preservation loss.
 from __future__ import annotations
 
 import argparse
+import logging
 import hashlib
 import os
 import sys
@@ -32,7 +33,10 @@ import torch
 
 from .concepts import bundled_concept, concept_class_word
 from .data import ConceptDataset, LoadedImage, PriorPreservationDataset, UsageError, load_image_folder
-from .trainer import Budget, Components, Method, diffusion_loss, logger, main as train_main
+from .method import Budget, Components, Method, diffusion_loss
+from .trainer import main as train_main
+
+logger = logging.getLogger("dvar.integrations")
 
 CLASS_IMAGES_SUBDIR = "class_images"  # default --class_data_dir, inside --output_dir
 CLASS_SAMPLING_STEPS = 25  # DPMSolver++ steps per generated class image
@@ -141,31 +145,6 @@ class DreamBoothBase(Method):
         weight = args.prior_loss_weight if args.with_prior_preservation else None
         return diffusion_loss(batch, parts, weight_dtype, prior_loss_weight=weight)
 
-    def save_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
-        """The trained weights in a checkpoint folder (main process only)."""
-        raise NotImplementedError
-
-    def load_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
-        """Inverse of ``save_checkpoint_weights``, into the models being trained (every process)."""
-        raise NotImplementedError
-
-    def register_checkpoint_hooks(self, parts: Components, accelerator: Any) -> None:
-        """``accelerator.save_state``/``load_state`` write and read the method's own files for the
-        models being trained, as diffusers' scripts do, instead of accelerate's model_N.safetensors."""
-
-        def save_hook(models: List[Any], weights: List[Any], folder: str) -> None:
-            weights.clear()  # every prepared model is ours: the UNet, and the text encoder when it trains
-            if accelerator.is_main_process:
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                self.save_checkpoint_weights(folder, parts, accelerator)
-
-        def load_hook(models: List[Any], folder: str) -> None:
-            models.clear()
-            self.load_checkpoint_weights(folder, parts, accelerator)
-
-        accelerator.register_save_state_pre_hook(save_hook)
-        accelerator.register_load_state_pre_hook(load_hook)
-
     def prepare_models(self, args: argparse.Namespace, parts: Components, accelerator: Any) -> None:
         """Common start of ``setup``: everything frozen, checkpointing hooks."""
         self.register_checkpoint_hooks(parts, accelerator)
@@ -223,7 +202,8 @@ def generate_class_images(args: argparse.Namespace, folder: Path, start: int, co
     )
     logger.info(f"Generating {count} class images of '{args.class_prompt}' in {folder}")
     pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, safety_checker=None, requires_safety_checker=False
+        getattr(args, "model_folder", args.pretrained_model_name_or_path), safety_checker=None,
+        requires_safety_checker=False,
     ).to(device, dtype)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -238,7 +218,9 @@ def generate_class_images(args: argparse.Namespace, folder: Path, start: int, co
             ).images
         for i, image in zip(batch, images):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]
-            image.save(folder / f"{i:05d}-{digest}.png")
+            partial = folder / f".{i:05d}.partial.png"  # renamed once whole: a killed run leaves no broken image
+            image.save(partial)
+            os.replace(partial, folder / f"{i:05d}-{digest}.png")
     del pipe
     if cuda:
         torch.cuda.empty_cache()
@@ -254,6 +236,9 @@ class DreamBooth(DreamBoothBase):
     # 400 steps (800 with prior preservation). 1000 matches DreamBooth-LoRA's budget in the DVAR paper.
     sd_budget = Budget(max_train_steps=1000, learning_rate=5e-6)
     mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-4)  # measured: integrations/README.md
+    # The learned state is the whole UNet (3.4 GB on SD 1.5): a second copy to fall back on after a
+    # divergence would double its memory, so a diverged run writes no weights and points at its last checkpoint.
+    keeps_finite_copy = False
 
     def setup(self, args: argparse.Namespace, parts: Components, accelerator: Any) -> List[torch.nn.Parameter]:
         self.prepare_models(args, parts, accelerator)

@@ -35,7 +35,8 @@ from .tokens import (
     check_new_tokens,
     save_token_embeddings,
 )
-from .trainer import Budget, Components, main as train_main
+from .method import Budget, Components
+from .trainer import main as train_main
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 TOKEN_WEIGHTS = "learned_embeds.safetensors"

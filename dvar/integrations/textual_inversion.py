@@ -12,11 +12,12 @@ loads without dvar installed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, List, Optional, Sequence
 
 import torch
-
+from safetensors.torch import load_file
 
 from .concepts import bundled_concept, concept_class_word, concept_prompts
 from .data import OBJECT_TEMPLATES, STYLE_TEMPLATES, ConceptDataset, UsageError
@@ -27,7 +28,10 @@ from .tokens import (
     check_new_tokens,
     save_token_embeddings,
 )
-from .trainer import Budget, Components, Method, main as train_main
+from .method import Budget, Components, Method
+from .trainer import main as train_main
+
+WEIGHTS = "learned_embeds.safetensors"  # what pipe.load_textual_inversion(output_dir) reads
 
 
 class TextualInversion(Method):
@@ -79,6 +83,7 @@ class TextualInversion(Method):
         parts.unet.requires_grad_(False)
         parts.text_encoder.requires_grad_(False)
         self.token_rows = NewTokenRows(parts.text_encoder, self.token_ids)
+        self.register_checkpoint_hooks(parts, accelerator)  # checkpoints hold the embedding, not the text encoder
         return [self.token_rows.weight]
 
     def after_optimizer_step(self, parts: Components, accelerator: Any) -> None:
@@ -86,7 +91,20 @@ class TextualInversion(Method):
 
     def save(self, output_dir: str, parts: Components, accelerator: Any) -> List[str]:
         text_encoder = accelerator.unwrap_model(parts.text_encoder)
-        return [save_token_embeddings(text_encoder, parts.tokenizer, self.token_ids, output_dir, "learned_embeds.safetensors")]
+        return [save_token_embeddings(text_encoder, parts.tokenizer, self.token_ids, output_dir, WEIGHTS)]
+
+    def save_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> None:
+        self.save(folder, parts, accelerator)  # the other rows are the base model's, restored after every step
+
+    def load_checkpoint_weights(self, folder: str, parts: Components, accelerator: Any) -> bool:
+        path = os.path.join(folder, WEIGHTS)
+        if not os.path.isfile(path):  # a checkpoint of an older dvar: accelerate's whole text encoder
+            return False
+        (vectors,) = load_file(path).values()
+        embedding = accelerator.unwrap_model(parts.text_encoder).get_input_embeddings()
+        with torch.no_grad():
+            embedding.weight[self.token_ids] = vectors.to(embedding.weight)
+        return True
 
     def default_validation_prompt(self, args: argparse.Namespace) -> str:
         template = "a painting in the style of {}" if args.learnable_property == "style" else "a photo of a {}"
