@@ -1,4 +1,4 @@
-"""Apply the upstream-script guide of ``integrations/README.md`` to a diffusers checkout.
+"""Apply the upstream-script guide ``docs/diffusers-scripts.md`` to a diffusers checkout.
 
 Each ```diff block of the guide is marked ``<!-- dvar-snippet: LOCAL_COPY upstream=PATH -->``.
 Its hunks (``@@ ... @@``) hold the script's own lines (leading space), the added lines
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "integrations" / "README.md"
+GUIDE = REPO / "docs" / "diffusers-scripts.md"
 MARKER = re.compile(r"<!-- dvar-snippet: (\S+) upstream=(\S+) -->\n```diff\n(.*?)\n```", re.S)
 
 
@@ -41,6 +41,9 @@ class Hunk:
     def after(self) -> List[str]:
         return [text for op, text in self.lines if op in " +"]
 
+    def count(self, op: str) -> int:
+        return sum(line_op == op for line_op, _ in self.lines)
+
 
 @dataclass
 class Snippet:
@@ -49,6 +52,16 @@ class Snippet:
     local: str  # the cut-down copy in this repository (tests/upstream/...)
     upstream: str  # the script's path in a diffusers checkout (examples/...)
     hunks: List[Hunk]
+
+    @property
+    def added(self) -> int:
+        """Lines the guide adds to the script (``+``, blank ones included, as ``diff`` counts them)."""
+        return sum(hunk.count("+") for hunk in self.hunks)
+
+    @property
+    def replaced(self) -> int:
+        """Script lines the guide replaces (``-``)."""
+        return sum(hunk.count("-") for hunk in self.hunks)
 
 
 def parse_guide(text: str) -> List[Snippet]:
@@ -114,11 +127,11 @@ def apply(lines: Sequence[str], hunks: Sequence[Hunk], reverse: bool = False) ->
     return out, failures
 
 
-def check(root: Path, readme: Path = README, reverse: bool = False, local: bool = False,
+def check(root: Path, guide: Path = GUIDE, reverse: bool = False, local: bool = False,
           write: Optional[Path] = None) -> List[str]:
     """Apply every snippet to the scripts under ``root``; returns the failure messages."""
     failures = []
-    for snippet in parse_guide(readme.read_text()):
+    for snippet in parse_guide(guide.read_text()):
         relative = snippet.local if local else snippet.upstream
         path = root / relative
         if not path.is_file():
@@ -127,7 +140,8 @@ def check(root: Path, readme: Path = README, reverse: bool = False, local: bool 
         patched, problems = apply(path.read_text().splitlines(), snippet.hunks, reverse=reverse)
         failures += [f"{relative}: {problem}" for problem in problems]
         status = "OK  " if not problems else "FAIL"
-        print(f"{status} {relative}: {len(snippet.hunks) - len(problems)}/{len(snippet.hunks)} hunks apply")
+        print(f"{status} {relative}: {len(snippet.hunks) - len(problems)}/{len(snippet.hunks)} hunks apply "
+              f"(+{snippet.added} lines, {snippet.replaced} replaced)")
         if write is not None and not problems:
             target = write / relative
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +152,7 @@ def check(root: Path, readme: Path = README, reverse: bool = False, local: bool 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("diffusers", type=Path, nargs="?", help="a diffusers checkout (the folder holding examples/)")
-    parser.add_argument("--readme", type=Path, default=README, help="the guide (default: integrations/README.md)")
+    parser.add_argument("--guide", type=Path, default=GUIDE, help="the guide (default: docs/diffusers-scripts.md)")
     parser.add_argument("--write", type=Path, default=None, help="write the patched scripts under this folder")
     parser.add_argument("--reverse", action="store_true", help="remove the guide's lines instead of adding them")
     parser.add_argument("--local", action="store_true", help="use the cut-down copies in tests/upstream/ (root: this repo)")
@@ -148,7 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give a diffusers checkout (a folder with examples/), or --local")
     if not args.local and not (root / "examples").is_dir():
         parser.error(f"{root} has no examples/ folder: give the root of a diffusers checkout")
-    failures = check(root, args.readme, reverse=args.reverse, local=args.local, write=args.write)
+    failures = check(root, args.guide, reverse=args.reverse, local=args.local, write=args.write)
     for failure in failures:
         print(f"error: {failure}", file=sys.stderr)
     return 1 if failures else 0

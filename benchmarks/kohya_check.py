@@ -1,10 +1,14 @@
 """Helpers of benchmarks/kohya_check.sh (the check of dvar.integrations.kohya on a real sd-scripts checkout).
 
+    python benchmarks/kohya_check.py versions SD_SCRIPTS     # what the figures were measured with
     python benchmarks/kohya_check.py data OUT               # mini-SD photos and tokenizer folder in kohya's layout
     python benchmarks/kohya_check.py hooks SD_SCRIPTS        # the mixin attaches to every supported trainer class
     python benchmarks/kohya_check.py compare EARLY PLAIN     # bitwise-equal LoRAs, kohya's ss_steps/ss_epoch
+    python benchmarks/kohya_check.py idle-epochs EARLY LOG   # after the stop, one line instead of kohya's epoch lines
     python benchmarks/kohya_check.py load-kohya SD_SCRIPTS LORA   # kohya's networks.lora loads it onto mini-SD
     python benchmarks/kohya_check.py load-diffusers LORA     # diffusers' load_lora_weights loads it (needs peft)
+    python benchmarks/kohya_check.py resume EARLY RESUMED STEP    # --resume from the state of STEP: history, ss_steps
+    python benchmarks/kohya_check.py diverged OUT RC         # a NaN run: exit 1, outcome diverged, no NaN weights
 
 Each prints one JSON line and exits non-zero when its check fails.
 """
@@ -20,6 +24,27 @@ from pathlib import Path
 CONCEPT = "purple_solid_heart"  # the first DreamBooth concept bundled with dvar
 REPEATS = 5  # kohya's <repeats>_<class tokens> folder: 5 photos x 5 = 25 steps per epoch at batch 1
 PROMPT = "a photo of a large sks heart on the left, on a blue background"
+
+
+def versions(sd_scripts: str) -> dict:
+    """The versions the recorded figures come from (the stop step moves with the torch build)."""
+    import importlib.metadata
+    import platform
+    import subprocess
+
+    def version(name: str):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    commit = subprocess.run(["git", "-C", sd_scripts, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import torch
+
+    return {"sd_scripts_commit": commit or None, "python": platform.python_version(), "machine": platform.machine(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),  # the build: +cpu, +cu130, ...
+            **{name: version(name) for name in ("torchvision", "diffusers", "transformers", "accelerate",
+                                                "safetensors", "huggingface-hub", "peft", "numpy", "dvar")}}
 
 
 def data(out: str) -> dict:
@@ -90,6 +115,62 @@ def compare(early: str, plain: str) -> dict:
     return result
 
 
+def idle_epochs(early: str, log: str) -> dict:
+    """kohya prints "epoch N/M" as each epoch starts, and its dataset logs "epoch is incremented": none after
+    the stop's epoch, one DVAR line instead."""
+    import re
+
+    text = Path(log).read_text()
+    stop_epoch = json.loads((Path(early) / "dvar_summary.json").read_text())["stop_epoch"]
+    started = [int(n) for n in re.findall(r"^epoch (\d+)/\d+$", text, flags=re.M)]
+    total = int(re.search(r"^epoch \d+/(\d+)$", text, flags=re.M).group(1))
+    idle_lines = text.count(f"DVAR: the epochs after epoch {stop_epoch} are idle")
+    incremented = text.count("epoch is incremented")  # kohya's dataset, once per epoch started
+    result = {"stop_epoch": stop_epoch, "epochs_in_budget": total, "epoch_lines": len(started),
+              "epoch_is_incremented_records": incremented, "dvar_idle_lines": idle_lines}
+    result["ok"] = (started == list(range(1, stop_epoch + 1)) and incremented == stop_epoch and idle_lines == 1
+                    and total > stop_epoch)
+    return result
+
+
+def resume(early: str, resumed: str, state_step: str) -> dict:
+    """A run resumed from the state of step STEP (past the first epoch, where kohya's global_step restarts
+    lower): the history up to STEP restored, and ss_steps/ss_epoch of its LoRA are the steps it trained."""
+    a, b = (json.loads((Path(run) / "dvar_summary.json").read_text()) for run in (early, resumed))
+    rows = lambda run: (Path(run) / "dvar_history.csv").read_text().splitlines()[1 : int(state_step) + 1]
+    _, meta = _lora(str(Path(resumed) / "lora.safetensors"))
+    stop = b["stop_step"]
+    result = {"state_step": int(state_step), "stop_step": stop, "uninterrupted_stop_step": a["stop_step"],
+              "outcome": b["outcome"], "history_restored": rows(early) == rows(resumed),
+              "ss_steps_epoch": [meta.get("ss_steps"), meta.get("ss_epoch")],
+              "expected_ss_steps_epoch": [str(stop), str(math.ceil(stop / (REPEATS * 5)))],
+              "kohya_global_step_at_stop": b["kohya_global_step_at_stop"]}
+    result["ok"] = (b["outcome"] == "early_stop" and result["history_restored"]
+                    and result["ss_steps_epoch"] == result["expected_ss_steps_epoch"])
+    return result
+
+
+def diverged(out: str, rc: str) -> dict:
+    """A run that diverges (NaN/inf) with --early_stop: exit 1, outcome "diverged", and no NaN weights
+    saved: either no model, or the weights of the last finite evaluation with that step in ss_steps."""
+    import torch
+
+    summary = json.loads((Path(out) / "dvar_summary.json").read_text())
+    model = Path(out) / "lora.safetensors"
+    result = {"exit_code": int(rc), "outcome": summary["outcome"], "stop_step": summary["stop_step"],
+              "reason": summary["reason"], "model_step": summary["model_step"], "model_file": summary["model_file"]}
+    finite = True
+    if model.is_file():
+        weights, meta = _lora(str(model))
+        finite = all(bool(torch.isfinite(w).all()) for w in weights.values())
+        result.update(model_finite=finite, ss_steps=meta.get("ss_steps"),
+                      largest_weight=max(float(w.abs().max()) for w in weights.values()))
+    consistent = (summary["model_file"] is None) if summary["model_step"] is None else (
+        model.is_file() and result.get("ss_steps") == str(summary["model_step"]))
+    result["ok"] = int(rc) == 1 and summary["outcome"] == "diverged" and finite and consistent
+    return result
+
+
 def load_kohya(sd_scripts: str, lora: str) -> dict:
     """kohya's own loader: every LoRA module of the file found in mini-SD (text encoder and UNet)."""
     import argparse
@@ -133,7 +214,8 @@ def load_diffusers(lora: str) -> dict:
     generate = lambda: pipe(PROMPT, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
                             output_type="np").images
     before = generate()
-    pipe.load_lora_weights(lora)
+    # by folder and file name: a bare file path makes diffusers 0.32 ask the Hub (refused offline)
+    pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name)
     after = generate()
     layers = {name: sum(1 for n, _ in getattr(pipe, name).named_modules() if n.endswith("lora_A.default_0"))
               for name in ("unet", "text_encoder")}
@@ -143,7 +225,8 @@ def load_diffusers(lora: str) -> dict:
     return result
 
 
-COMMANDS = {"data": data, "hooks": hooks, "compare": compare, "load-kohya": load_kohya, "load-diffusers": load_diffusers}
+COMMANDS = {"versions": versions, "data": data, "hooks": hooks, "compare": compare, "idle-epochs": idle_epochs,
+            "load-kohya": load_kohya, "load-diffusers": load_diffusers, "resume": resume, "diverged": diverged}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

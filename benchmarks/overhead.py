@@ -33,7 +33,7 @@ import torch
 
 from dvar.rules import resolve_preset
 from dvar.stride import resolve_eval_every
-from dvar.integrations.trainer import Trainer, TrainerCallback, main as train_main
+from dvar.integrations.trainer import Trainer, TrainingObserver, main as train_main
 
 METHODS = ("textual_inversion", "dreambooth_lora", "custom_diffusion")
 MODES = ("without", "default", "every step")
@@ -50,7 +50,7 @@ def method_instance(name: str) -> Any:
     }[name]()
 
 
-class InterleavedTimer(TrainerCallback):
+class InterleavedTimer(TrainingObserver):
     """Runs the three modes in turns of ``block`` optimizer steps and times each block.
 
     Every round runs each mode for one block, in an order rotated from round to round (so no
@@ -125,7 +125,7 @@ class ProbeDone(Exception):
     pass
 
 
-class SavingsProbe(TrainerCallback):
+class SavingsProbe(TrainingObserver):
     """Per evaluation, what the bit-identical savings remove (timed in turns, 200 times each): eval
     mode by ``Module.eval()``/``train()`` against :func:`dvar.callback.eval_mode`;
     ``accelerator.unwrap_model`` and tokenizing the frozen captions, now done once. Then stops the run."""

@@ -8,10 +8,14 @@ loss gives the step that rule would have stopped at, and the checks say what ide
 (interpolated between checks) and where the concept saturated
 (:func:`benchmarks.personalization.saturation.oracle_saturation`).
 
-Per candidate x method x learning-rate scale it reports: median and IQR of stop / saturation, identity
-regret at the stop (plateau minus identity), the shares stopped before saturation (too early) and after
-twice it (too late), the wall-clock speedup over the budget (the run's own step and evaluation times), and
-the paired identity change against the budget (check identity at the stop minus at the budget, Wilcoxon p).
+Per candidate x method x learning-rate scale it reports: median and IQR of stop / saturation (still-rising
+concepts censored at the budget, flat ones left out: ``saturation.CENSORING_RULE``), the share of the oracle
+saving captured, identity regret at the stop (plateau minus identity), the shares stopped before saturation
+(too early) and after twice it (too late), the step speedup (budget / stop) and the wall-clock speedup over the
+budget (the run's own step and evaluation times), and whether the rule keeps quality: the mean paired identity
+change against the budget (check identity at the stop minus at the budget) with its 95% paired bootstrap CI and
+the non-inferiority decision at the margin (``personalization.noninferiority``), the median and Wilcoxon p kept
+as secondary columns.
 
 Concepts are split by their position in the run's concept list: even positions choose the candidate
 (``selection``), odd positions report it (``held_out``), so the reported numbers are not tuned on
@@ -38,16 +42,18 @@ if __package__ in (None, ""):  # run as a file
 
 from benchmarks.personalization.config import METHOD_ORDER  # noqa: E402
 from benchmarks.personalization.report import load_meta, load_records, load_traces  # noqa: E402
-from benchmarks.personalization.saturation import Saturation, check_noise_sd, oracle_saturation  # noqa: E402
-from benchmarks.personalization.stats import SIGNIFICANCE, median, median_iqr, ordered, wilcoxon_p  # noqa: E402
-from dvar.criterion import (  # noqa: E402
-    budget_stride,
-    resolve_eval_every,
-    resolve_preset,
-    settled_stop_step,
-    settling_stop_step,
-    strided_stop_step,
+from benchmarks.personalization.noninferiority import MARGIN, noninferiority_row  # noqa: E402
+from benchmarks.personalization.saturation import (  # noqa: E402
+    Saturation,
+    censored_saturation,
+    check_noise_sd,
+    oracle_saturation,
+    saving_captured,
 )
+from benchmarks.personalization.stats import median, median_iqr  # noqa: E402
+from benchmarks.candidates import replay_stop_step, settled_stop_step  # noqa: E402
+from dvar.rules import SettlingTimeCriterion, resolve_preset  # noqa: E402
+from dvar.stride import budget_stride, resolve_eval_every, strided_stop_step  # noqa: E402
 
 HALVES = ("selection", "held_out")
 
@@ -124,7 +130,8 @@ def paper_preset(t: Trajectory) -> tuple:
 
 
 def settled(tolerance: float, fraction: float = 0.5, min_evaluations: int = 20, z: float = 2.0) -> Rule:
-    """The ``auto`` rule (:class:`dvar.criterion.SettledCriterion`) at the budget's stride (budget // 100)."""
+    """The slope rule (:class:`benchmarks.candidates.SettledCriterion`, ``auto`` before issue 12) at the budget's
+    stride (budget // 100)."""
 
     def rule(t: Trajectory) -> tuple:
         k = budget_stride(t.budget)
@@ -155,13 +162,13 @@ def fraction_window(fraction: float, threshold: float, floor: int = 10) -> Rule:
 
 
 def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_evaluations: int = 20) -> Rule:
-    """:class:`dvar.criterion.SettlingTimeCriterion` (a window from the loss's own settling time) at the budget's
+    """:class:`dvar.rules.SettlingTimeCriterion` (a window from the loss's own settling time) at the budget's
     stride: stop once the run is ``multiple`` times as long as its smoothed loss took to cover ``level`` of its drop."""
 
     def rule(t: Trajectory) -> tuple:
         k = budget_stride(t.budget)
-        stop = settling_stop_step(t.losses, k, multiple=multiple, level=level, smooth=smooth,
-                                  min_evaluations=min_evaluations)
+        rule = SettlingTimeCriterion(multiple=multiple, level=level, smooth=smooth, min_evaluations=min_evaluations)
+        stop = replay_stop_step(rule, t.losses, k)
         return stop, (stop or t.budget) // k
 
     return rule
@@ -184,7 +191,7 @@ def candidates() -> Dict[str, Rule]:
     return rules
 
 
-AUTO = "settling-time level=0.8 x2"  # what preset="auto" ships (dvar.criterion.AUTO_LEVEL / AUTO_MULTIPLE)
+AUTO = "settling-time level=0.8 x2"  # what preset="auto" ships (dvar.rules.AUTO_LEVEL / AUTO_MULTIPLE)
 
 
 # ------------------------------------------------------------------------------------------ judging
@@ -194,32 +201,37 @@ def judge(t: Trajectory, rule: Rule) -> dict:
     stop, evaluations = rule(t)
     at = stop if stop is not None else t.budget
     sat = t.saturation
+    judged_at = censored_saturation(sat, t.budget)
     return {
         "method": t.method, "concept": t.concept, "half": t.half, "lr_scale": t.lr_scale, "budget": t.budget,
         "stop": stop, "saturation_step": sat.step, "saturation_status": sat.status,
-        "ratio": at / sat.step if sat.status == "saturated" and sat.step else None,
+        "ratio": at / judged_at if judged_at else None,
+        "saving_captured": saving_captured(at, judged_at, t.budget),
         "regret": sat.plateau - t.identity_at(at) if sat.plateau is not None else None,
         "identity_change": t.identity_at(at) - t.identity_at(t.budget),
+        "step_speedup": t.budget / at,
         "speedup": t.seconds_to(t.budget, 0) / t.seconds_to(at, evaluations),
     }
 
 
-def summarize(rows: List[dict]) -> dict:
+def summarize(rows: List[dict], margin: float = MARGIN) -> dict:
     """One cell of the comparison (rows of one candidate, method, learning rate and half)."""
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
+    judged = [r for r in rows if r["ratio"] is not None]
+    ratios = [r["ratio"] for r in judged]
     ratio_median, ratio_iqr = median_iqr(ratios)
-    changes = [r["identity_change"] for r in rows]
-    p = wilcoxon_p(changes)
-    change = median(changes)
+    decision = noninferiority_row(rows[0]["method"], "", [r["identity_change"] for r in rows], margin)
     return {
         "n": len(rows), "saturated": len(ratios), "ratio_median": ratio_median, "ratio_iqr": ratio_iqr,
         "abs_error_median": median(abs(x - 1) for x in ratios),
+        "saving_captured_median": median(r["saving_captured"] for r in judged),
         "regret_median": median(r["regret"] for r in rows),
         "too_early": sum(x < 1 for x in ratios) / len(ratios) if ratios else None,
         "too_late": sum(x > 2 for x in ratios) / len(ratios) if ratios else None,
+        "step_speedup_median": median(r["step_speedup"] for r in rows),
         "speedup_median": median(r["speedup"] for r in rows),
-        "identity_change_median": change, "identity_p": p,
-        "no_significant_drop": (p is None or p >= SIGNIFICANCE or (change is not None and change >= 0)),
+        "mean_delta": decision["mean_delta"], "ci_low": decision["ci_low"], "ci_high": decision["ci_high"],
+        "margin": margin, "noninferior": decision["noninferior"],
+        "identity_change_median": decision["median_delta"], "identity_p": decision["wilcoxon_p"],
     }
 
 
@@ -237,27 +249,28 @@ def compare(trajectories: Sequence[Trajectory], rules: Dict[str, Rule]) -> List[
 
 
 def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
-    """The candidate with the lowest median |stop / saturation - 1| over the half's cells, among those with no
-    significant identity drop in any of them (the paper presets are the reference, not a candidate)."""
+    """The candidate with the lowest median |stop / saturation - 1| over the half's cells, among those that are
+    non-inferior to the budget in every one of them (the paper presets are the reference, not a candidate)."""
     scores = {}
     for name in {c["rule"] for c in cells if c["rule"] != "paper"}:
         mine = [c for c in cells if c["rule"] == name and c["half"] == half]
         errors = [c["abs_error_median"] for c in mine if c["abs_error_median"] is not None]
-        if mine and errors and all(c["no_significant_drop"] for c in mine):
+        if mine and errors and all(c["noninferior"] == "yes" for c in mine):
             scores[name] = float(np.median(errors))
     return min(scores, key=scores.get) if scores else None
 
 
 def meets_target(cell: dict) -> bool:
-    """Issue 12's bar for ``auto`` in one cell: median stop / saturation in [0.8, 1.5] and no significant drop."""
-    return cell["ratio_median"] is not None and 0.8 <= cell["ratio_median"] <= 1.5 and cell["no_significant_drop"]
+    """Issue 12's bar for ``auto`` in one cell: median stop / saturation in [0.8, 1.5], non-inferior to the budget."""
+    return (cell["ratio_median"] is not None and 0.8 <= cell["ratio_median"] <= 1.5
+            and cell["noninferior"] == "yes")
 
 
 # ------------------------------------------------------------------------------------------ output
 
 COLUMNS = ("rule", "method", "lr_scale", "half", "n", "saturated", "ratio_median", "ratio_iqr", "abs_error_median",
-           "regret_median", "too_early", "too_late", "speedup_median", "identity_change_median", "identity_p",
-           "no_significant_drop")
+           "saving_captured_median", "regret_median", "too_early", "too_late", "step_speedup_median", "speedup_median",
+           "mean_delta", "ci_low", "ci_high", "margin", "noninferior", "identity_change_median", "identity_p")
 
 
 def _fmt(value: object) -> str:
@@ -274,16 +287,18 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
         for m, s in sorted({(t.method, t.lr_scale) for t in trajectories}))]
     lines.append(f"\nChosen on the selection half (even positions): **{chosen or 'none qualifies'}**; "
                  f"shipped as preset='auto': `{AUTO}`.\n")
-    head = "| rule | method | lr x | n (saturated) | stop / saturation, median (IQR) | regret | too early | too late | speedup | identity change (p) |"
+    head = ("| rule | method | lr x | n (judged) | stop / saturation, median (IQR) | saving captured | regret | "
+            "too early | too late | step speedup | speedup | mean Δ identity [95% CI] | non-inferior |")
     for half in HALVES:
         shown = [c for c in cells if c["half"] == half and (half == "selection" or c["rule"] in {"paper", AUTO, chosen})]
-        lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 10]
+        lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 13]
         for c in shown:
             lines.append(
                 f"| {c['rule']} | {c['method']} | {c['lr_scale']:g} | {c['n']} ({c['saturated']}) | "
-                f"{_fmt(c['ratio_median'])} ({_fmt(c['ratio_iqr'])}) | {_fmt(c['regret_median'])} | "
-                f"{_fmt(c['too_early'])} | {_fmt(c['too_late'])} | {_fmt(c['speedup_median'])} | "
-                f"{_fmt(c['identity_change_median'])} ({_fmt(c['identity_p'])}) |")
+                f"{_fmt(c['ratio_median'])} ({_fmt(c['ratio_iqr'])}) | {_fmt(c['saving_captured_median'])} | "
+                f"{_fmt(c['regret_median'])} | {_fmt(c['too_early'])} | {_fmt(c['too_late'])} | "
+                f"{_fmt(c['step_speedup_median'])} | {_fmt(c['speedup_median'])} | "
+                f"{_fmt(c['mean_delta'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] | {c['noninferior']} |")
     held = [c for c in cells if c["half"] == "held_out"]
     for name in dict.fromkeys([AUTO, chosen, "paper"]):
         mine = [c for c in held if c["rule"] == name]

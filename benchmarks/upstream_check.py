@@ -1,5 +1,5 @@
 """The hand check of the upstream-script guide, in one command: diffusers' own example scripts,
-patched by ``integrations/README.md`` (``check_guide.py --write``), run for real.
+patched by ``docs/diffusers-scripts.md`` (``check_guide.py --write``), run for real.
 
     python benchmarks/upstream_check.py PATH_TO_DIFFUSERS [--work /tmp/dvar-upstream-check]
 
@@ -8,13 +8,15 @@ patched by ``integrations/README.md`` (``check_guide.py --write``), run for real
 * train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py on tiny randomly initialised
   SDXL and Flux pipelines saved to disk (``dvar_lab.tiny``; 40 steps, window 5, threshold 0.2),
   plus, for each: the unmodified script against the patched one with a threshold that cannot
-  fire (LoRA weights must be bit-identical), and a run resumed from ``checkpoint-8`` (its first
-  8 history rows must be the uninterrupted run's).
+  fire (LoRA weights must be bit-identical), a run resumed from ``checkpoint-8`` (its first
+  8 history rows must be the uninterrupted run's), and a run at ``--learning_rate 1e6`` that
+  diverges (it must exit non-zero with the divergence message and save no LoRA).
 
-Each run must print the stop line, write ``dvar_history.csv`` (stop row) and
+Each stopping run must print the stop line, write ``dvar_history.csv`` (stop row) and
 ``dvar_summary.json``, and finish the script (the SDXL/Flux scripts reload their LoRA with
-``pipeline.load_lora_weights`` at the end). Needs torchvision (the scripts import it). Exit 1 on
-any failed check. Takes about 6 minutes on 2 CPU cores.
+``pipeline.load_lora_weights`` at the end). The scripts import torchvision: install it as a pair
+that matches torch (checked: ``pip install torch==2.14.1 torchvision==0.29.1``). Exit 1 on any
+failed check, 2 when torchvision is missing. About 7 minutes on 2 quiet CPU cores.
 """
 
 from __future__ import annotations
@@ -35,24 +37,46 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks import check_guide  # noqa: E402
 
-def make_torchvision_importable() -> None:
-    """PyPI's torchvision is a CUDA build: with a CPU-only torch its C ops do not load, and its
-    import then fails on two op schemas. The scripts use only torchvision.transforms (pure
-    Python), so define those two schemas when the ops cannot load."""
-    import importlib.util
+#: a torch/torchvision pair with which every check here passed (x86_64, CPU, PyPI)
+WORKING_PAIR = "torch==2.14.1 torchvision==0.29.1"
+#: the C ops whose schemas torchvision's import registers fake kernels for
+TORCHVISION_OPS = ("nms", "qnms")
+
+
+def make_torchvision_importable() -> str:
+    """Import torchvision; return how it went.
+
+    With a torchvision built for this torch (``WORKING_PAIR``) the import just works: ``"matching"``.
+    A torchvision built for another torch cannot load its C ops, and its import then fails with
+    "operator torchvision::nms does not exist". The scripts use only ``torchvision.transforms`` (pure
+    Python), so in that case, and only then, define the missing op schemas and import again:
+    ``"schemas defined"``. The ops are looked up, never loaded from the library file by hand: loading
+    it a second time is what registers an operator twice.
+    """
+    import importlib
 
     import torch
 
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None:
-        return
     try:
-        torch.ops.load_library(os.path.join(os.path.dirname(spec.origin), "_C.so"))
-    except (ImportError, OSError):
-        library = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            library.define(op + "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        make_torchvision_importable.library = library  # keep the definitions alive
+        importlib.import_module("torchvision")
+        return "matching"
+    except RuntimeError as error:
+        if "torchvision::" not in str(error):
+            raise
+    missing = []
+    for op in TORCHVISION_OPS:
+        try:
+            getattr(torch.ops.torchvision, op)
+        except (AttributeError, RuntimeError):
+            missing.append(op)
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for op in missing:
+        library.define(op + "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    make_torchvision_importable.library = library  # keep the definitions alive
+    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+        del sys.modules[name]  # the failed import left its submodules behind
+    importlib.import_module("torchvision")
+    return f"schemas defined ({', '.join(missing)}): this torchvision does not match torch; use {WORKING_PAIR}"
 
 
 def save_tiny_pipelines(work: Path) -> Dict[str, Path]:
@@ -76,7 +100,10 @@ def save_tiny_pipelines(work: Path) -> Dict[str, Path]:
     return paths
 
 
-def run(script: Path, args: Sequence[str], out: Path) -> str:
+def run(script: Path, args: Sequence[str], out: Path, expect_failure: bool = False) -> str:
+    """Run one script in a subprocess; its log (stdout + stderr) is also written beside ``out``.
+
+    A non-zero exit ends the check, unless ``expect_failure``, where a zero exit does."""
     if out.exists() and "--resume_from_checkpoint" not in args:
         shutil.rmtree(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MPLBACKEND="Agg")
@@ -84,8 +111,9 @@ def run(script: Path, args: Sequence[str], out: Path) -> str:
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     log = done.stdout + done.stderr
     (out.parent / f"{out.name}.log").write_text(log)
-    if done.returncode != 0:
-        raise SystemExit(f"{script.name} failed (exit {done.returncode}); the end of its log:\n{log[-3000:]}")
+    if (done.returncode != 0) != expect_failure:
+        expected = "a failure" if expect_failure else "success"
+        raise SystemExit(f"{script.name} exited {done.returncode}, expected {expected}; the end of its log:\n{log[-3000:]}")
     return log
 
 
@@ -124,7 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         target = work / "unpatched" / "examples" / "dreambooth" / script
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(args.diffusers / "examples" / "dreambooth" / script, target)
-    make_torchvision_importable()
+    try:
+        print(f"torchvision: {make_torchvision_importable()}")
+    except ImportError:
+        print(f"error: the scripts import torchvision; install a pair that matches torch: pip install {WORKING_PAIR}",
+              file=sys.stderr)
+        return 2
     from dvar.models import mini_sd
     from dvar_lab.world import list_concepts
 
@@ -168,6 +201,17 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{'identical' if same else 'differ'}; stopped at {stop} (uninterrupted: {full['stop_step']})")
         if not same:
             failures.append(f"{kind}: the resumed run's first 8 history rows differ")
+
+        diverged = work / f"{kind}-diverged"
+        log = run(script, [*common, "--max_train_steps", "40", "--checkpointing_steps", "100", "--dvar_window", "5",
+                           "--dvar_threshold", "0.2", "--learning_rate", "1e6"], diverged, expect_failure=True)
+        said = [line for line in stop_lines(log) if "because it diverged" in line]
+        saved = (diverged / "pytorch_lora_weights.safetensors").exists()
+        ok = bool(said) and not saved
+        print(f"{'OK  ' if ok else 'FAIL'} {kind} at --learning_rate 1e6: exit non-zero, "
+              f"{said[0] if said else 'no divergence line'}; LoRA {'SAVED' if saved else 'not saved'}")
+        if not ok:
+            failures.append(f"{kind}: a diverged run must say so and save no LoRA (see {diverged}.log)")
 
         from safetensors.torch import load_file
 

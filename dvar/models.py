@@ -1,7 +1,7 @@
 """Loading models exactly, and the embedded models' paths.
 
 :func:`load_exactly` is ``from_pretrained`` that refuses to leave any weight randomly initialised.
-The embedded models (``mini_sd()``) ship in the separate ``dvar-lab`` distribution (``pip install
+The embedded models (``mini_sd()``, ``mini_flow()``) ship in the separate ``dvar-lab`` distribution (``pip install
 ./lab`` from a dvar checkout), so that the library a kohya or diffusers user adds stays small.
 
 Example:
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IncompleteWeightsError", "load_exactly", "mini_sd", "portable_clip_text_state_dict"]
+__all__ = ["IncompleteWeightsError", "load_exactly", "mini_flow", "mini_sd", "portable_clip_text_state_dict"]
 
 
 def mini_sd() -> Path:
@@ -24,6 +24,15 @@ def mini_sd() -> Path:
         ModuleNotFoundError: ``dvar-lab`` is not installed; the message says how to install it.
     """
     return _lab_models().mini_sd()
+
+
+def mini_flow() -> Path:
+    """Path of the embedded mini-flow, a 64x64 Flux-format (rectified-flow transformer) model (from ``dvar-lab``).
+
+    Raises:
+        ModuleNotFoundError: ``dvar-lab`` is not installed; the message says how to install it.
+    """
+    return _lab_models().mini_flow()
 
 
 def _lab_models() -> Any:

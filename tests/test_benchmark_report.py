@@ -197,6 +197,56 @@ def test_oracle_saturation_on_planted_curves(identity, noise_sd, smooth, expecte
     assert (found.step, found.status) == expected
 
 
+_WIGGLE = [0.0, 0.01, -0.01, 0.02, -0.02, 0.01, 0.0, -0.01, 0.01, 0.0, -0.01, 0.02, -0.02, 0.0, 0.01, -0.01, 0.0,
+           0.01, -0.01, 0.0, 0.01]  # +-2 noise SDs at noise 0.01: no real change
+
+
+@pytest.mark.parametrize("identity, noise_sd, status, step", [
+    # learned fast, then declined (TI purple_checkered_diamond 0.44 -> 0.73 at step 100 -> 0.61): not flat,
+    # saturated at the first check on the final plateau
+    ([0.44, 0.64, 0.73] + [0.61] * 18, 0.035, "saturated", 50),
+    # CD orange_checkered_square: 0.68 at step 150, back to 0.45 by the end
+    ([0.41, 0.58, 0.64, 0.68] + [0.45] * 17, 0.04, "saturated", 50),
+    # a small steady rise that no single check shows: the mean of the checks does
+    ([0.53] + [0.58 + w for w in _WIGGLE[1:]], 0.02, "saturated", 50),
+    # noise around step 0's level: nothing measurable learned
+    ([0.5 + w for w in _WIGGLE], 0.01, "flat", 0),
+    # a drop is not learning
+    ([0.5] + [0.4] * 20, 0.01, "flat", 0),
+])
+def test_flat_means_no_check_is_significantly_above_step_0(identity, noise_sd, status, step):
+    found = saturation.oracle_saturation(STEPS, identity, noise_sd)
+    assert (found.status, found.step) == (status, step)
+    assert saturation.learned_something(identity, noise_sd) == (status != "flat")
+
+
+def _oracle_row(status: str, saturation_step: int | None, stop: int, budget: int = 1000) -> dict:
+    found = saturation.Saturation(saturation_step, status, 0.7)
+    judged = saturation.censored_saturation(found, budget)
+    return {"method": "dreambooth_lora", "concept": f"c{stop}", "saturation_step": saturation_step,
+            "saturation_status": status, "plateau": 0.7, "budget": budget, "judged_saturation": judged,
+            "dvar_stop": stop, "dvar_ratio": stop / judged if judged else None,
+            "dvar_saving_captured": saturation.saving_captured(stop, judged, budget), "dvar_regret": 0.0}
+
+
+@pytest.mark.parametrize("rows, n, too_early, too_late, ratio, captured, at_budget", [
+    # saturated at 200: stops at 300 and 500 are 1.5x and 2.5x saturation
+    ([_oracle_row("saturated", 200, 300), _oracle_row("saturated", 200, 500)], 2, 0.0, 0.5, 2.0, 0.75, 0),
+    # a still-rising concept counts, censored at the budget: a stop before the budget is too early, never too late
+    ([_oracle_row("saturated", 200, 300), _oracle_row("still rising", None, 600)], 2, 0.5, 0.0, 1.05, 0.4375, 0),
+    # stopping at the budget on a still-rising concept is right (ratio 1, a tie with the budget), saves nothing
+    ([_oracle_row("still rising", None, 1000)], 1, 0.0, 0.0, 1.0, 0.0, 1),
+    # flat concepts are left out of the ratios, but counted
+    ([_oracle_row("saturated", 200, 300), _oracle_row("flat", 0, 100)], 1, 0.0, 0.0, 1.5, 0.875, 0),
+])
+def test_oracle_summary_censors_still_rising_concepts_at_the_budget(rows, n, too_early, too_late, ratio, captured,
+                                                                     at_budget):
+    [row] = [r for r in saturation.oracle_summary(rows) if r["rule"] == "dvar"]
+    assert (row["n"], row["too_early"], row["too_late"], row["at_budget"]) == (n, too_early, too_late, at_budget)
+    assert row["ratio_median"] == pytest.approx(ratio) and row["saving_captured_median"] == pytest.approx(captured)
+    assert row["flat"] == sum(r["saturation_status"] == "flat" for r in rows)
+
+
 @pytest.mark.parametrize("steps, identity, noise_sd", [
     ([0, 100, 200], [0.1, 0.2, 0.3], 0.01),  # too few checks
     (STEPS, _plateau_at(400), 0.0),  # no noise scale
@@ -229,20 +279,28 @@ def test_power_verdicts_name_what_falls_short():
     assert "a bad stop is visible" in power.power_verdicts(rows)[0]
 
 
-def _rule(variant: str, steps: float, change: float | None = None, p: float | None = None) -> dict:
-    return {"method": "dreambooth", "variant": variant, "steps_median": steps, "identity_change": change,
-            "identity_p": p}
+def _rule(variant: str, steps: float, decision: str | None = None) -> tuple[dict, list[dict]]:
+    """A summary row and, unless ``decision`` is None, its non-inferiority row."""
+    row = {"method": "dreambooth", "variant": variant, "steps_median": steps}
+    ni = {"method": "dreambooth", "rule": variant, "mean_delta": -0.01, "ci_low": -0.03, "ci_high": 0.01,
+          "noninferior": decision}
+    return row, [] if decision is None else [ni]
+
+
+def _budget_check(*rules):
+    rows = [_rule("baseline", 1000), *rules]
+    return saturation.budget_check([r for r, _ in rows], [n for _, ni in rows for n in ni])
 
 
 @pytest.mark.parametrize("rules, variant, ratio", [
-    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.002, 0.3)], "dvar", 2.5),
-    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.02, 0.01), _rule("few_iters", 500, 0.01, 0.01)],
-     "few_iters", 2.0),
-    ([_rule("clip_s", 200, -0.03, 0.001), _rule("dvar", 400, -0.02, 0.01)], None, None),
-    ([_rule("dvar", 250, -0.01, None)], None, None),  # too few pairs for a test: no evidence either way
+    ([_rule("clip_s", 200, "no"), _rule("dvar", 400, "yes")], "dvar", 2.5),
+    ([_rule("clip_s", 200, "no"), _rule("dvar", 400, "undecided"), _rule("few_iters", 500, "yes")], "few_iters", 2.0),
+    ([_rule("clip_s", 200, "no"), _rule("dvar", 400, "undecided")], None, None),  # undecided is not a pass
+    ([_rule("dvar", 250, None)], None, None),  # no decision: no evidence either way
+    ([_rule("early10", 100, "yes"), _rule("dvar", 400, "yes")], "dvar", 2.5),  # a control is not a rule
 ])
-def test_budget_check_picks_the_earliest_rule_that_keeps_identity(rules, variant, ratio):
-    [row] = saturation.budget_check([_rule("baseline", 1000), *rules])
+def test_budget_check_picks_the_earliest_non_inferior_rule(rules, variant, ratio):
+    [row] = _budget_check(*rules)
     assert row["variant"] == variant
     assert row["budget_ratio"] == (pytest.approx(ratio) if ratio else None)
 
@@ -272,8 +330,12 @@ def test_write_report_writes_tables_csvs_and_plots(results):
     for method in METHODS:
         for variant in VARIANTS:
             assert any(line.startswith(f"| {method} | {variant} |") for line in lines)
-    assert "| textual_inversion | dvar | 5 | 300 ± 100 |" in text
-    assert "DVAR loses nowhere here" in text
+    assert "| textual_inversion | dvar | 5 | 300 ± 100 | 3.33 ± 1.14 |" in text  # steps, then budget / stop
+    assert "DVAR keeps quality everywhere here" in text
+    assert "No wall-clock speedup exceeds 1.1x its step speedup" not in text, "the synthetic few_iters is too fast"
+    assert "**Timing artefact:**" in text and "textual_inversion few_iters (2.50x for a step speedup of 2.00x)" in text
+    assert "| textual_inversion | retest | 5 |" in text and "| textual_inversion | early10 | 5 |" in text
+    assert "textual_inversion: the controls hold (retest non-inferior, CI half-width" in text
     assert "identity stops improving by step 300 (dvar), and the budget sits 3.3x past it" in text
     assert "| textual_inversion | budget_vs_step0 | 5 | 0.304 | 0.0625 |" in text
     assert "textual_inversion: the benchmark's power falls short: budget vs step 0 p = 0.062 (bar < 0.001)" in text
@@ -282,6 +344,12 @@ def test_write_report_writes_tables_csvs_and_plots(results):
 
     with open(folder / "power.csv") as handle:
         assert next(csv.reader(handle)) == ["method", "comparison", "n", "median_delta", "p_value", "delta_over_noise"]
+    with open(folder / "noninferiority.csv") as handle:
+        ni = list(csv.DictReader(handle))
+    assert list(ni[0])[:8] == ["method", "rule", "n", "mean_delta", "ci_low", "ci_high", "margin", "noninferior"]
+    decisions = {(r["method"], r["rule"]): r["noninferior"] for r in ni}
+    assert decisions["textual_inversion", "dvar"] == "yes" and decisions["textual_inversion", "retest"] == "yes"
+    assert decisions["textual_inversion", "early10"] == decisions["textual_inversion", "step0"] == "no"
     with open(folder / "oracle.csv") as handle:
         oracle = list(csv.DictReader(handle))
     assert len(oracle) == len(METHODS) * len(CONCEPTS)
@@ -316,9 +384,9 @@ def test_report_says_where_dvar_loses(results):
         _write(results / "records" / "dreambooth_lora" / concept / "dvar.json", record)
     (results / "traces").rename(results / "no-traces")
     text = report.write_report(results).read_text()
-    assert "DVAR is slower than the full budget for dreambooth_lora: median speedup 0.50x." in text
-    assert "DVAR loses identity for dreambooth_lora" not in text, "p = 0.0625 with 5 pairs is not significant"
-    assert "textual_inversion: median speedup" not in text
+    assert "DVAR is slower than the full budget for dreambooth_lora: median wall-clock speedup 0.50x." in text
+    assert "DVAR loses identity for dreambooth_lora: mean change -0.100 [-0.112, -0.088]" in text
+    assert "for textual_inversion" not in text.split("## Speedup and quality")[1].split("##")[0]
 
 
 def test_cli_prints_report_path_and_table(results, capsys):
@@ -346,6 +414,6 @@ def test_benchmark_cost_uses_job_time_else_the_measured_parts(trace, hours, unti
 
 
 def test_budget_check_needs_an_early_rule():
-    assert saturation.budget_check([_rule("baseline", 1000)]) == []
-    text = render.budget_markdown(saturation.budget_check([_rule("baseline", 1000), _rule("dvar", 300, -0.02, 0.01)]))
-    assert "no early stop keeps identity" in text
+    assert saturation.budget_check([_rule("baseline", 1000)[0]], []) == []
+    text = render.budget_markdown(_budget_check(_rule("dvar", 300, "undecided")))
+    assert "no early stop is shown to keep identity" in text

@@ -1,6 +1,7 @@
-"""benchmarks/check_guide.py: every hunk of the upstream-script guide applies to the cut-down
-copies the project keeps (and reverses out of them), and a hunk whose context drifted is
-reported by name with a non-zero exit."""
+"""benchmarks/check_guide.py: every hunk of the upstream-script guide (docs/diffusers-scripts.md)
+applies to the cut-down copies the project keeps (and reverses out of them), a hunk whose context
+drifted is reported by name with a non-zero exit, and the line counts the docs claim are the
+guide's."""
 
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def snippets():
-    return check_guide.parse_guide(check_guide.README.read_text())
+    return check_guide.parse_guide(check_guide.GUIDE.read_text())
 
 
 def test_the_guide_covers_six_scripts(snippets):
@@ -48,7 +49,11 @@ def fake_checkout(root, snippets):
 def test_cli_passes_on_a_matching_checkout_and_writes_the_patched_scripts(snippets, tmp_path, capsys):
     fake_checkout(tmp_path / "diffusers", snippets)
     assert check_guide.main([str(tmp_path / "diffusers"), "--write", str(tmp_path / "out")]) == 0
-    assert capsys.readouterr().out.count("OK ") == 6
+    out = capsys.readouterr().out
+    assert out.count("OK ") == 6
+    for snippet in snippets:
+        assert f"{snippet.upstream}: {len(snippet.hunks)}/{len(snippet.hunks)} hunks apply (+{snippet.added} lines, " \
+               f"{snippet.replaced} replaced)" in out
     for snippet in snippets:
         written = (tmp_path / "out" / snippet.upstream).read_text()
         assert written == (REPO / snippet.local).read_text().rstrip("\n") + "\n"
@@ -73,3 +78,27 @@ def test_cli_refuses_a_folder_that_is_not_a_checkout(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         check_guide.main(argv)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_snippet_acts_on_divergence_before_the_save(snippets):
+    """After the loops: exit non-zero on a NaN/inf loss, before the script's own save (the last hunk)."""
+    for snippet in snippets:
+        added = [text.strip() for hunk in snippet.hunks for op, text in hunk.lines if op == "+"]
+        check = added.index("if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing")
+        assert added[check + 1] == "raise SystemExit(stopper.status_line())"
+        assert added.index("stopper.save_history(args.output_dir)  # DVAR: dvar_history.csv/.png, dvar_summary.json") > check
+
+
+def test_the_line_counts_the_docs_claim_are_the_guides(snippets):
+    """README: "adds A-B lines ... and changes C"; the guide's table: one row per script with its counts."""
+    added = [s.added for s in snippets]
+    replaced = {s.replaced for s in snippets}
+    readme = (REPO / "README.md").read_text()
+    claim = re.search(r"adds\s+(\d+)-(\d+)\s+lines\s+to\s+each\s+script\s+and\s+changes\s+(\w+)", readme)
+    assert claim, "README.md no longer states the guide's line counts"
+    assert (int(claim[1]), int(claim[2])) == (min(added), max(added))
+    assert replaced == {1} and claim[3] == "one"
+    guide = check_guide.GUIDE.read_text()
+    for snippet in snippets:
+        row = f"| `{Path(snippet.upstream).name}` | {snippet.added} | {snippet.replaced} |"
+        assert row in guide, f"the guide's table lacks {row!r}"

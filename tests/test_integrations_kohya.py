@@ -2,10 +2,16 @@
 method names and order of calls, mini-SD's real diffusers parts); the real sd-scripts run is
 benchmarks/kohya_check.sh."""
 
+import contextlib
+import functools
 import inspect
+import io
+from argparse import Namespace
 import json
+import logging
 import math
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -16,7 +22,8 @@ import torch
 from safetensors import safe_open
 
 from dvar.integrations import kohya
-from dvar.integrations.kohya import KohyaFrozenBatch, check_trainer, make_trainer_class
+from dvar.integrations.kohya import KohyaFrozenBatch, KohyaPluginError, check_trainer, make_trainer_class
+from dvar.integrations.kohya.diffusers_model import AsIsLoaderMixin
 from dvar.integrations.kohya.frozen import candidate_order
 from dvar.models import mini_sd
 
@@ -78,15 +85,16 @@ def flags(photos, out, *extra):
             "--cache_latents", "--log_with", "jsonl", "--logging_dir", str(out / "logs"), *extra]
 
 
-def train(trainer_cls, family, argv):
-    """What the launcher does, keeping the trainer to look at afterwards."""
+def train(trainer_cls, family, argv, console=None):
+    """What the launcher does, keeping the trainer to look at afterwards (and what it printed, in ``console``)."""
     import train_network
 
     parser = kohya.add_early_stop_arguments(train_network.setup_parser())
     args = parser.parse_args(argv)
     kohya.launch.validate_args(args)
     trainer = make_trainer_class(trainer_cls, family)()
-    trainer.train(args)
+    with contextlib.redirect_stdout(console if console is not None else sys.stdout):
+        trainer.train(args)
     return trainer
 
 
@@ -113,11 +121,24 @@ def sd_runs(fake_kohya, photos, tmp_path_factory):
     steps it trained, with and without the mixin."""
     root = tmp_path_factory.mktemp("sd-runs")
     saving = ["--save_every_n_epochs", "1", "--save_every_n_steps", "4", "--save_state"]
-    early = train(fake_kohya["train_network"], "sd",
-                  flags(photos, root / "early", "--max_train_steps", str(BUDGET), *saving, *EARLY))
+    console = io.StringIO()
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("library.train_util").addHandler(handler)
+    logging.getLogger("library.train_util").setLevel(logging.INFO)
+    try:
+        early = train(fake_kohya["train_network"], "sd",
+                      flags(photos, root / "early", "--max_train_steps", str(BUDGET), *saving, *EARLY), console)
+    finally:
+        logging.getLogger("library.train_util").removeHandler(handler)
+        logging.getLogger("library.train_util").setLevel(logging.NOTSET)
+    incremented = [int(m.group(1)) for m in map(re.compile(r"epoch is incremented.*epoch: (\d+)$").match, records) if m]
     stop = json.loads((root / "early" / "dvar_summary.json").read_text())["stop_step"]
-    plain = train(fake_kohya["train_network"], "sd", flags(photos, root / "plain", "--max_train_steps", str(stop), *saving))
-    return {"root": root, "stop": stop, "early": early, "plain": plain}
+    plain = train(fake_kohya["train_network"], "sd", flags(photos, root / "plain", "--max_train_steps", str(stop), *saving),
+                  io.StringIO())
+    return {"root": root, "stop": stop, "early": early, "plain": plain, "console": console.getvalue(),
+            "incremented": incremented}
 
 
 def test_the_stop_ends_the_run_as_a_plain_run_of_that_many_steps(sd_runs):
@@ -144,6 +165,17 @@ def test_the_stop_ends_the_run_as_a_plain_run_of_that_many_steps(sd_runs):
     assert [int(row.split(",")[0]) for row in history[1:]] == list(range(1, stop + 1))
 
 
+def test_after_a_stop_one_line_replaces_the_idle_epochs_lines(sd_runs):
+    """kohya prints "epoch N/M" as each epoch starts, and its dataset logs "epoch is incremented"; the
+    epochs left after a stop train nothing."""
+    console, epoch = sd_runs["console"], math.ceil(sd_runs["stop"] / STEPS_PER_EPOCH)
+    started = [int(n) for n in re.findall(r"^epoch (\d+)/\d+$", console, flags=re.M)]
+    assert started == list(range(1, epoch + 1)), "kohya's lines up to the stop's epoch, none after"
+    assert sd_runs["incremented"] == list(range(1, epoch + 1))
+    assert console.count(f"DVAR: the epochs after epoch {epoch} are idle") == 1
+    assert BUDGET // STEPS_PER_EPOCH > epoch + 1, "the run must have idle epochs to hide"
+
+
 def test_without_early_stop_the_mixin_changes_nothing(sd_runs, fake_kohya, photos):
     root, stop = sd_runs["root"], sd_runs["stop"]
     bare = fake_kohya["train_network"]()  # kohya's own class, no mixin
@@ -157,9 +189,11 @@ def test_without_early_stop_the_mixin_changes_nothing(sd_runs, fake_kohya, photo
 
 
 def test_resume_from_a_kohya_state_reaches_the_same_stop(sd_runs, fake_kohya, photos):
+    """From a state past the first epoch, where kohya's global_step restarts at 8 - 5 = 3: the stop, the
+    history, the LoRA and its ss_steps/ss_epoch are those of the uninterrupted run."""
     root, stop = sd_runs["root"], sd_runs["stop"]
     state = root / "early" / "lora-step00000008-state"
-    assert torch.load(state / "dvar_state.pt", weights_only=True)["dvar_step"] == 8
+    assert torch.load(state / "dvar_state.pt", weights_only=True)["dvar_step"] == 8 > STEPS_PER_EPOCH
     train(fake_kohya["train_network"], "sd", flags(photos, root / "resumed", "--max_train_steps", str(BUDGET), *EARLY,
                                                   "--resume", str(state), "--skip_until_initial_step"))
     first = (root / "early" / "dvar_history.csv").read_text()
@@ -168,7 +202,8 @@ def test_resume_from_a_kohya_state_reaches_the_same_stop(sd_runs, fake_kohya, ph
     assert json.loads((root / "resumed" / "dvar_summary.json").read_text())["stop_step"] == stop
     early, _ = lora(root / "early" / "lora.safetensors")
     resumed, meta = lora(root / "resumed" / "lora.safetensors")
-    assert all(torch.equal(early[k], resumed[k]) for k in early) and meta["ss_steps"] == str(stop)
+    assert all(torch.equal(early[k], resumed[k]) for k in early)
+    assert (meta["ss_steps"], meta["ss_epoch"]) == (str(stop), str(math.ceil(stop / STEPS_PER_EPOCH)))
 
 
 # -- other model families ----------------------------------------------------------------------------
@@ -198,16 +233,87 @@ def test_the_mixin_takes_every_call_kohya_makes(fake_kohya, script, family):
     assert check_trainer(fake_kohya[script]) == [] and check_trainer(cls) == []
     for name, (positional, keywords) in kohya.HOOK_CALLS.items():  # the overrides take kohya's calls too
         inspect.signature(getattr(cls, name)).bind(None, *range(positional), **{key: None for key in keywords})
-    assert cls.__mro__[1:3] == (kohya.DVARTrainerMixin, fake_kohya[script]) and cls().dvar_family == family
+    assert cls.__mro__[1:4] == (kohya.DVARTrainerMixin, AsIsLoaderMixin, fake_kohya[script])
+    assert cls().dvar_family == family
 
 
-def test_a_changed_hook_is_reported_as_an_unsupported_version(fake_kohya):
+def test_a_changed_hook_is_reported_as_an_unsupported_version_only_with_early_stop(fake_kohya):
     class Changed(fake_kohya["train_network"]):
         def process_batch(self, batch, models, args):  # a new signature
             return None
 
     problems = check_trainer(make_trainer_class(Changed))
     assert len(problems) == 1 and "process_batch" in problems[0]
+    with pytest.raises(KohyaPluginError, match="unsupported sd-scripts version.*or train without --early_stop"):
+        kohya.launch.trainer_class(Changed, "sd", Namespace(early_stop=True, pretrained_model_name_or_path="m"))
+    # without --early_stop the launcher runs kohya's own class and checks nothing
+    assert kohya.launch.trainer_class(Changed, "sd", Namespace(early_stop=False, pretrained_model_name_or_path="m")) is Changed
+
+
+@pytest.mark.parametrize("early_stop, model, family, expected", [
+    (False, "model.safetensors", "sd", "NetworkTrainer"),  # kohya's class itself: its script unchanged
+    (False, "MINI_SD", "sd", "AsIsNetworkTrainer"),  # only the loader of a folder kohya cannot convert
+    (False, "MINI_SD", "flux", "NetworkTrainer"),
+    (True, "model.safetensors", "sd", "DVARNetworkTrainer"),
+])
+def test_the_launcher_puts_dvar_in_front_of_kohya_only_with_early_stop(fake_kohya, early_stop, model, family, expected):
+    args = Namespace(early_stop=early_stop, pretrained_model_name_or_path=str(mini_sd()) if model == "MINI_SD" else model)
+    cls = kohya.launch.trainer_class(fake_kohya["train_network"], family, args)
+    assert cls.__name__ == expected and issubclass(cls, fake_kohya["train_network"])
+    assert issubclass(cls, kohya.DVARTrainerMixin) is early_stop
+
+
+# -- divergence --------------------------------------------------------------------------------------
+
+
+def nan_losses_from(trainer_cls, first_nan):
+    """kohya's process_batch, whose training loss turns NaN from the ``first_nan``-th training step on."""
+    original = trainer_cls.process_batch
+
+    @functools.wraps(original)
+    def process_batch(self, batch, *args, is_train=True, **kwargs):
+        loss = original(self, batch, *args, is_train=is_train, **kwargs)
+        if is_train:
+            self.training_calls = getattr(self, "training_calls", 0) + 1
+            if self.training_calls >= first_nan:
+                loss = loss * float("nan")
+        return loss
+
+    return process_batch
+
+
+@pytest.mark.parametrize("first_nan, kept", [(7, 6), (1, None)], ids=["kept-step-6", "nothing-finite"])
+def test_a_divergence_exits_1_keeps_the_last_finite_weights_and_saves_nothing_after(
+        fake_kohya, photos, tmp_path, capsys, monkeypatch, first_nan, kept):
+    trainer_cls = fake_kohya["train_network"]
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(trainer_cls, "process_batch", nan_losses_from(trainer_cls, first_nan))
+    out = tmp_path / "early"
+    saving = ["--save_every_n_steps", "2", "--save_state"]
+    argv = flags(photos, out, "--max_train_steps", str(BUDGET), *EARLY, *saving)
+    assert kohya.main(["train_network", "--sd_scripts", str(FAKE), *argv]) == 1
+    err = capsys.readouterr().err
+    summary = json.loads((out / "dvar_summary.json").read_text())
+    assert (summary["outcome"], summary["diverged"], summary["stop_kind"], summary["stopped_early"]) == (
+        "diverged", True, "non_finite", False)
+    assert summary["stop_step"] == first_nan and summary["model_step"] == kept
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: DVAR ended training at step {first_nan} of {BUDGET} because it diverged")
+    assert "lower the learning rate" in last
+    steps_saved = [f"lora-step{step:08d}{suffix}" for step in range(2, first_nan, 2) for suffix in (".safetensors", "-state")]
+    if kept is None:
+        assert "No model was saved: no evaluation was finite" in last and summary["model_file"] is None
+        assert saved_files(out) == sorted(steps_saved)
+        return
+    assert f"lora.safetensors holds the weights of step {kept}" in last
+    assert summary["model_file"] == str(out / "lora.safetensors")
+    assert saved_files(out) == sorted(steps_saved + ["lora.safetensors"]), "no save of a step past the divergence"
+    train(trainer_cls, "sd", flags(photos, tmp_path / "plain", "--max_train_steps", str(kept)), io.StringIO())
+    weights, meta = lora(out / "lora.safetensors")
+    plain, _ = lora(tmp_path / "plain" / "lora.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert weights.keys() == plain.keys() and all(torch.equal(weights[k], plain[k]) for k in plain)
+    assert (meta["ss_steps"], meta["ss_epoch"]) == (str(kept), str(math.ceil(kept / STEPS_PER_EPOCH)))
 
 
 # -- the frozen batch --------------------------------------------------------------------------------
@@ -243,29 +349,49 @@ def test_frozen_batch_takes_new_training_images_first_and_no_regularization_imag
 
 BAD = [
     # id, argv after the script name, what the message must name
-    ("window-over-budget", ["--max_train_steps", "10", "--early_stop", "--early_stop_window", "20"], "could never fire"),
-    ("threshold-zero", ["--early_stop", "--early_stop_window", "4", "--early_stop_threshold", "0"], "threshold"),
-    ("eval-every-zero", ["--early_stop", "--early_stop_eval_every", "0"], "eval_every must be >= 1"),
-    ("batch-size-zero", ["--early_stop", "--early_stop_batch_size", "0"], "--early_stop_batch_size must be >= 1"),
-    ("deepspeed", ["--early_stop", "--deepspeed"], "does not support --deepspeed"),
     ("epochs-too-few-for-the-window", ["--max_train_epochs", "1", "--early_stop", "--early_stop_window", "8"],
      "--max_train_epochs 1 (5 steps)"),
     ("window-from-toml", ["--max_train_steps", "10", "--config_file", "TOML"], "could never fire"),
+    ("eval-every-from-toml", ["--config_file", "TOML_ABC"],
+     "early_stop_eval_every (--early_stop_eval_every or a key of --config_file): 'abc' is not a stride"),
     ("resume-a-finished-run", ["--max_train_steps", str(BUDGET), *EARLY, "--resume", "FINISHED"], "training is finished"),
+    *[(f"before-kohya-{name}", argv, message) for name, argv, message in [
+        # refused before sd-scripts is imported (which takes seconds), in dvar's words, not after kohya's usage text
+        ("eval-every-abc", ["--early_stop", "--early_stop_eval_every", "abc"],
+         "argument --early_stop_eval_every: 'abc' is not a stride; give a whole number of optimizer steps"),
+        ("window-abc", ["--early_stop_window=abc"], "argument --early_stop_window: 'abc' is not a whole number; give the"),
+        ("threshold-abc", ["--early_stop_threshold", "x"], "argument --early_stop_threshold: 'x' is not a number"),
+        ("batch-size-half", ["--early_stop_batch_size", "0.5"], "'0.5' is not a whole number; give how many training"),
+        ("unknown-preset", ["--early_stop_preset", "lora"], "'lora' is not a DVAR preset; choose one of custom_diffusion,"),
+        ("percent-out-of-range", ["--early_stop", "--early_stop_eval_every", "150%"], "a percentage in (0, 100]"),
+        ("window-over-budget", ["--max_train_steps", "10", "--early_stop", "--early_stop_window", "20"],
+         "could never fire"),
+        ("threshold-zero", ["--early_stop", "--early_stop_window", "4", "--early_stop_threshold", "0"], "threshold"),
+        ("eval-every-zero", ["--early_stop", "--early_stop_eval_every", "0"], "eval_every must be >= 1"),
+        ("batch-size-zero", ["--early_stop", "--early_stop_batch_size", "0"], "--early_stop_batch_size must be >= 1"),
+        ("deepspeed", ["--early_stop", "--deepspeed"], "does not support --deepspeed"),
+    ]],
 ]
 
 
 @pytest.mark.parametrize("name, argv, message", BAD, ids=[b[0] for b in BAD])
-def test_bad_settings_exit_2_naming_the_flag_and_write_nothing(sd_runs, photos, tmp_path, capsys, monkeypatch, name,
-                                                               argv, message):
+def test_bad_settings_exit_2_naming_the_flag_and_write_nothing(fake_kohya, photos, tmp_path, capsys, monkeypatch,
+                                                               request, name, argv, message):
     monkeypatch.setattr(sys, "argv", list(sys.argv))
-    toml = tmp_path / "settings.toml"
-    toml.write_text("[dvar]\nearly_stop = true\nearly_stop_window = 20\n")
-    finished = sd_runs["root"] / "early" / "lora-state"  # saved at the end, after the stop
-    argv = [str(toml) if a == "TOML" else str(finished) if a == "FINISHED" else a for a in argv]
+    tomls = {"TOML": "[dvar]\nearly_stop = true\nearly_stop_window = 20\n",
+             "TOML_ABC": '[dvar]\nearly_stop = true\nearly_stop_eval_every = "abc"\n'}
+    for key, text in tomls.items():
+        (tmp_path / f"{key}.toml").write_text(text)
+    if "FINISHED" in argv:  # a state saved at the end of a run, after its stop
+        argv = [str(request.getfixturevalue("sd_runs")["root"] / "early" / "lora-state") if a == "FINISHED" else a
+                for a in argv]
+    argv = [str(tmp_path / f"{a}.toml") if a in tomls else a for a in argv]
     out = tmp_path / "out"
-    assert kohya.main(["train_network", "--sd_scripts", str(FAKE), *flags(photos, out, *argv)]) == 2
-    assert message in capsys.readouterr().err
+    # an empty folder as sd-scripts: a flag refused before kohya loads is refused with its own message
+    sd_scripts = tmp_path if name.startswith("before-kohya") else FAKE
+    assert kohya.main(["train_network", "--sd_scripts", str(sd_scripts), *flags(photos, out, *argv)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage:" not in err and "Traceback" not in err
     assert not list(out.glob("*.safetensors")) and not list(out.glob("dvar_*"))
 
 

@@ -40,16 +40,40 @@ def test_a_rule_that_never_fires_is_judged_at_the_budget():
     assert row["speedup"] == pytest.approx(1.0)
 
 
-def test_choose_prefers_the_closest_rule_without_an_identity_drop():
-    trajectories = [planted(f"c{i}", tau, 5 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+def test_choose_prefers_the_closest_rule_that_is_non_inferior():
+    trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
     early = lambda t: (50, 1)  # noqa: E731  far too early: identity drops on every concept
     late = lambda t: (t.budget, 1)  # noqa: E731  safe but far past saturation
     cells = rules.compare(trajectories, {"paper": late, "early": early, "late": late, rules.AUTO: rules.candidates()[rules.AUTO]})
     by_rule = {c["rule"]: c for c in cells}
-    assert not by_rule["early"]["no_significant_drop"] and by_rule["early"]["identity_p"] < 0.05
-    assert by_rule["late"]["too_late"] > 0.5
+    assert by_rule["early"]["noninferior"] == "no" and by_rule["early"]["ci_high"] < -by_rule["early"]["margin"]
+    assert by_rule["late"]["noninferior"] == "yes" and by_rule["late"]["too_late"] > 0.5
+    assert by_rule["late"]["step_speedup_median"] == 1 and by_rule["late"]["saving_captured_median"] == 0
     assert rules.choose(cells) == rules.AUTO
     assert rules.meets_target(by_rule[rules.AUTO]) and not rules.meets_target(by_rule["late"])
+
+
+@pytest.mark.parametrize("changes, decision", [
+    ([-0.001, 0.002, 0.0, -0.003, 0.001, 0.002], "yes"),  # loses nothing: CI well inside the margin
+    ([-0.08, -0.07, -0.09, -0.085, -0.075, -0.08], "no"),  # loses 0.08 on every concept
+    ([-0.06, 0.01, -0.04, 0.0, -0.05, 0.005], "undecided"),  # the CI straddles -0.02
+])
+def test_a_cell_keeps_quality_only_when_its_ci_clears_the_margin(changes, decision):
+    trajectories = [planted(f"c{i}", 50, 250) for i in range(len(changes))]
+    for t, change in zip(trajectories, changes):  # the stop at step 500 reads identity 0.8 + change
+        t.check_identity = [v + (change if s == 500 else 0.0) for s, v in zip(t.check_steps, t.check_identity)]
+    cell = rules.summarize([rules.judge(t, lambda t: (500, 50)) for t in trajectories])
+    assert cell["noninferior"] == decision and cell["margin"] == 0.02
+    assert cell["mean_delta"] == pytest.approx(np.mean(changes))
+
+
+def test_still_rising_concepts_are_censored_at_the_budget():
+    t = planted("a", 50, 400)
+    t.saturation = oracle_saturation(t.check_steps, [0.4 + 0.3 * s / 1000 for s in t.check_steps], noise_sd=0.01)
+    assert t.saturation.status == "still rising"
+    row = rules.judge(t, lambda t: (500, 50))
+    assert row["ratio"] == pytest.approx(0.5) and row["saving_captured"] == 0  # stop / budget; nothing to save
+    assert rules.summarize([row])["too_early"] == 1
 
 
 def settling_stop(tau, multiple, level, lag=40, floor=200):

@@ -1,7 +1,8 @@
-"""The DVAR lines integrations/README.md adds to diffusers' example scripts, run in loops of
+"""The DVAR lines docs/diffusers-scripts.md adds to diffusers' example scripts, run in loops of
 the same shape (tests/upstream/) on tiny SD, SDXL and Flux pipelines: they stop early, announce
-the stop, leave both loops, save, agree across two processes, compute the script's own loss
-on the frozen batch, and are the README's lines exactly."""
+the stop, leave both loops, save, agree across two processes, exit non-zero without saving when
+the loss diverges, compute the script's own loss on the frozen batch, and are the guide's lines
+exactly."""
 
 import importlib
 import csv
@@ -16,15 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.check_guide import GUIDE
+
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "integrations" / "README.md"
 MAX_STEPS = 40
 WINDOW, THRESHOLD = "5", "0.2"
 
 
-def readme_snippets():
-    """{loop path: (added lines, removed lines)} from the marked ```diff blocks of the README."""
-    text = README.read_text()
+def guide_snippets():
+    """{loop path: (added lines, removed lines)} from the marked ```diff blocks of the guide."""
+    text = GUIDE.read_text()
     blocks = re.findall(r"<!-- dvar-snippet: (\S+) upstream=\S+ -->\n```diff\n(.*?)\n```", text, re.S)
     snippets = {}
     for path, body in blocks:
@@ -45,22 +47,22 @@ LOOPS = {
 }
 
 
-def test_readme_has_a_snippet_for_each_script():
-    assert sorted(readme_snippets()) == sorted(LOOPS)
+def test_the_guide_has_a_snippet_for_each_script():
+    assert sorted(guide_snippets()) == sorted(LOOPS)
 
 
 @pytest.mark.parametrize("path", sorted(LOOPS))
-def test_readme_lines_and_loop_lines_are_the_same(path):
-    added, removed = readme_snippets()[path]
+def test_guide_lines_and_loop_lines_are_the_same(path):
+    added, removed = guide_snippets()[path]
     source = (REPO / path).read_text().splitlines()
     stripped = {line.strip() for line in source}
     assert len(added) >= 10
     missing = [line for line in added if line not in stripped]
-    assert not missing, f"README lines not in {path}: {missing}"
+    assert not missing, f"guide lines not in {path}: {missing}"
     still_there = [line for line in removed if line in stripped]
-    assert not still_there, f"lines the README replaces are still in {path}: {still_there}"
+    assert not still_there, f"lines the guide replaces are still in {path}: {still_there}"
     marked = [line.strip() for line in source if re.search(r"\s# DVAR(:.*)?$", line)]  # lines ending in "# DVAR..."
-    assert marked and not [line for line in marked if line not in added], f"{path} has DVAR lines the README lacks"
+    assert marked and not [line for line in marked if line not in added], f"{path} has DVAR lines the guide lacks"
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,25 @@ def test_loop_stops_early_leaves_both_loops_and_saves(name, photo_dir, tmp_path,
     assert [row["step"] for row in state["history"]] == [1, 2, 3, 4] and state["stop_step"] is None
 
 
+@pytest.mark.parametrize("name", sorted(SAVED))
+def test_a_diverged_run_exits_non_zero_and_saves_no_weights(name, photo_dir, tmp_path, request, caplog):
+    """A learning rate of 1e6 makes the loss NaN within a few steps: the guide's lines end the script with
+    a non-zero exit and the divergence message, before the save after the loop."""
+    reset_accelerate()
+    module = importlib.import_module(f"upstream.{name}")
+    out = tmp_path / name
+    pipeline_dir = request.getfixturevalue(PIPELINE.get(name, "tiny_pipeline_dir"))
+    with caplog.at_level(logging.INFO, logger="dvar"), pytest.raises(SystemExit) as exit_info:
+        module.main(module.parse_args(flags(name, pipeline_dir, photo_dir, out, "--learning_rate", "1e6")))
+
+    message = exit_info.value.code
+    assert isinstance(message, str) and "diverged" in message and "lower the learning rate" in message  # exit 1
+    errors = [r.getMessage() for r in caplog.records if r.name == "dvar.callback" and r.levelno == logging.ERROR]
+    assert errors == [message]
+    for file in SAVED[name] + ["dvar_summary.json"]:
+        assert not (out / file).exists(), f"{file} was saved after a divergence"
+
+
 def test_two_processes_stop_at_the_same_step(tiny_pipeline_dir, photo_dir, tmp_path):
     script = REPO / "tests" / "upstream" / "textual_inversion.py"
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
@@ -216,7 +237,7 @@ def test_sdxl_frozen_batch_loss_is_the_scripts_loss(snr_gamma, prediction_type, 
     from transformers import CLIPTextModelWithProjection
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
-    from dvar import DVAREarlyStopping
+    from dvar import DVAREarlyStopping, LossConfig
 
     module = importlib.import_module("upstream.train_dreambooth_lora_sdxl")
     extra = [] if snr_gamma is None else ["--snr_gamma", str(snr_gamma)]
@@ -229,7 +250,7 @@ def test_sdxl_frozen_batch_loss_is_the_scripts_loss(snr_gamma, prediction_type, 
     args.resolution = 16
     stopper = DVAREarlyStopping(
         unet=unet, vae=vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
-        noise_scheduler=scheduler, train_dataset=dataset, preset="dreambooth_lora", snr_gamma=args.snr_gamma,
+        noise_scheduler=scheduler, train_dataset=dataset, preset="dreambooth_lora", loss=LossConfig.from_args(args),
     )
     batch = stopper.eval_batch.frozen
     with torch.no_grad():
@@ -259,7 +280,7 @@ def test_flux_frozen_batch_loss_is_the_scripts_loss(weighting_scheme, guidance_e
     from transformers import T5EncoderModel
 
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from dvar import DVAREarlyStopping
+    from dvar import DVAREarlyStopping, LossConfig
     from dvar_lab.tiny import tiny_flux
 
     module = importlib.import_module("upstream.train_dreambooth_lora_flux")
@@ -276,8 +297,7 @@ def test_flux_frozen_batch_loss_is_the_scripts_loss(weighting_scheme, guidance_e
     stopper = DVAREarlyStopping(
         transformer=transformer, vae=vae, text_encoder=te1, tokenizer=tok1, text_encoder_2=te2, tokenizer_2=tok2,
         noise_scheduler=noise_scheduler_copy, train_dataset=dataset, preset="dreambooth_lora",
-        weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+        loss=LossConfig.from_args(args),
     )
     assert sorted(stopper.models) == ["transformer"]  # the frozen encoders' output is cached; they can be freed
     batch = stopper.eval_batch.frozen

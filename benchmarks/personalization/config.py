@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 METHOD_ORDER = ("textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth")
-VARIANTS = ("baseline", "clip_s", "few_iters", "dvar", "dvar_every1", "early25", "early10", "step0")
+VARIANTS = ("baseline", "clip_s", "few_iters", "dvar", "dvar_every1", "auto", "early25", "early10", "step0")
+#: The variants that are stopping rules (the rest are the budget and the premature controls).
+RULES = ("dvar", "dvar_every1", "auto", "clip_s", "few_iters")
 #: Deliberately premature stops scored from the same trajectory (fraction of the budget): the controls that
 #: show whether the benchmark can see a bad stop at all.
 PREMATURE_STOPS = {"step0": 0.0, "early10": 0.10, "early25": 0.25}
@@ -40,7 +42,14 @@ class MethodSettings:
     learning_rate: float = field(metadata={"help": "As the trainer's --learning_rate."})
     clip_s_eps: float = field(default=0.02, metadata={"help": "CLIP-s: an improvement must exceed this (paper: TI/CD 0.02, LoRA 0.04)."})
     clip_s_patience: int = field(default=6, metadata={"help": "CLIP-s: checks without improvement before stopping (paper: 6 / 3)."})
-    check_every: int = field(default=50, metadata={"help": "CLIP-s: sample and score every this many steps (paper: 50)."})
+    check_every: int = field(
+        default=50, metadata={"help": "Identity checks (each concept's saturation curve and its saved weights) every "
+                                      "this many steps; a divisor of clip_s_every."}
+    )
+    clip_s_every: Optional[int] = field(
+        default=None, metadata={"help": "CLIP-s: sample and score every this many steps (paper: 50); a multiple of "
+                                        "check_every (default: check_every)."}
+    )
     dvar_window: Optional[int] = field(default=None, metadata={"help": "DVAR window (default: the method's preset)."})
     dvar_threshold: Optional[float] = field(default=None, metadata={"help": "DVAR threshold (default: the preset's)."})
     dvar_eval_every: Optional[int] = field(
@@ -51,6 +60,11 @@ class MethodSettings:
                                         "run; 1 is the paper's setting)."}
     )
     extra_args: Tuple[str, ...] = field(default=(), metadata={"help": "More trainer flags, e.g. ('--rank', '8')."})
+
+    @property
+    def clip_s_period(self) -> int:
+        """The steps between CLIP-s's checks (``clip_s_every``, else every identity check)."""
+        return self.clip_s_every or self.check_every
 
     def trainer_args(self, max_train_steps: Optional[int] = None) -> List[str]:
         """The trainer flags for these settings (``max_train_steps``: another budget, e.g. few iters)."""
@@ -78,9 +92,20 @@ class SamplingSettings:
         default=16, metadata={"help": "Images per training-style prompt for a variant's identity score."}
     )
     check_images_per_prompt: int = field(
-        default=4, metadata={"help": "Images per training-style prompt at each identity check (CLIP-s, saturation)."}
+        default=8, metadata={"help": "Images per training-style prompt at each identity check (the saturation curve): "
+                                     "CLIP-s's images and more from seed + 2."}
+    )
+    clip_s_images_per_prompt: Optional[int] = field(
+        default=None, metadata={"help": "Images per training-style prompt CLIP-s watches at its checks (the first set "
+                                        "of each check's images, the sampling seed); at most check_images_per_prompt "
+                                        "(default: 4, or all the check's images if fewer)."}
     )
     seed: int = field(default=1234, metadata={"help": "Sampling seed (the retest of the budget's weights uses seed + 1)."})
+
+    @property
+    def clip_s_images(self) -> int:
+        """Images per prompt CLIP-s reads at a check."""
+        return self.clip_s_images_per_prompt or min(4, self.check_images_per_prompt)
 
 
 @dataclass
@@ -122,6 +147,17 @@ class BenchmarkConfig:
     def to_json(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def validate(self) -> None:
+        """Refuse settings the runner cannot honour, naming the fix (``ValueError``)."""
+        for m in self.methods:
+            if m.check_every < 1 or m.clip_s_period < 1 or m.clip_s_period % m.check_every:
+                raise ValueError(f"{m.method}: clip_s_every ({m.clip_s_every}) must be a positive multiple of "
+                                 f"check_every ({m.check_every}): CLIP-s reads its images at identity checks")
+        s = self.sampling
+        if not 1 <= s.clip_s_images <= s.check_images_per_prompt:
+            raise ValueError(f"clip_s_images_per_prompt ({s.clip_s_images_per_prompt}) must be between 1 and "
+                             f"check_images_per_prompt ({s.check_images_per_prompt}): CLIP-s reads the first of them")
+
     @classmethod
     def from_json(cls, data: Dict[str, Any]) -> "BenchmarkConfig":
         data = dict(data)
@@ -141,8 +177,8 @@ def mini_sd_methods() -> List[MethodSettings]:
     concept and then levels off inside the budget (measured: ``benchmarks/personalization/README.md``), and the
     paper's CLIP-s settings."""
     return [
-        MethodSettings("textual_inversion", 500, 1e-3, clip_s_eps=0.02, clip_s_patience=6,
-                       extra_args=("--train_batch_size", "4")),
+        MethodSettings("textual_inversion", 500, 1e-3, clip_s_eps=0.02, clip_s_patience=6, check_every=25,
+                       clip_s_every=50, extra_args=("--train_batch_size", "4")),
         MethodSettings("dreambooth_lora", 1000, 5e-4, clip_s_eps=0.04, clip_s_patience=3),
         MethodSettings("custom_diffusion", 600, 1e-4, clip_s_eps=0.02, clip_s_patience=6),
     ]
@@ -172,7 +208,7 @@ def preset(name: str) -> BenchmarkConfig:
             ablation_methods=("textual_inversion",),
             ablation_parts=("timesteps",),
             sampling=SamplingSettings(num_inference_steps=4, images_per_prompt=1, identity_images_per_prompt=1,
-                                      check_images_per_prompt=1),
+                                      check_images_per_prompt=2, clip_s_images_per_prompt=1),
         )
     raise ValueError(f"unknown preset {name!r}: choose ci, quick or full (or pass --config FILE)")
 

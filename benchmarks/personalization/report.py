@@ -2,10 +2,12 @@
 
 Reads ``OUT/benchmark.json``, ``OUT/records/<method>/<concept>/<variant>.json`` and
 ``OUT/traces/<method>/<concept>.json`` and writes ``OUT/report/``: ``report.md``, ``runs.csv``,
-``summary.csv``, ``informativeness.csv``, ``power.csv`` (and ``power_untuned.csv``: the same on the
-concepts no setting was tuned on), ``oracle.csv`` and PNG plots. The pieces
+``summary.csv``, ``noninferiority.csv`` (does each rule keep quality, at a stated margin), ``informativeness.csv``,
+``power.csv`` (and ``power_untuned.csv``: the same on the concepts no setting was tuned on), ``oracle.csv`` and
+PNG plots. The pieces
 live in their own modules: :mod:`.stats` (tests), :mod:`.tables` (Table 1, informativeness,
-ablation, cost), :mod:`.power` (can the benchmark see a bad stop), :mod:`.saturation` (each
+ablation, cost), :mod:`.noninferiority` (the CI decision at the margin), :mod:`.power` (can the benchmark see a
+bad stop), :mod:`.saturation` (each
 concept's saturation step and the budget check), :mod:`.render` (markdown), :mod:`.plots`.
 
     python -m benchmarks.personalization.report outputs/personalization
@@ -19,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from .noninferiority import NONINFERIORITY_COLUMNS, noninferiority_table
 from .plots import write_plots
 from .power import POWER_COLUMNS, power_table, untuned_records
 from .render import main_table, render_markdown
@@ -29,12 +32,12 @@ RUN_COLUMNS = (
     "method", "concept", "variant", "steps", "max_train_steps", "wall_time_s", "train_s", "monitor_s", "setup_s",
     "identity", "identity_embedding", "alignment", "stop_reason",
 )
-ORACLE_COLUMNS = ("method", "concept", "saturation_step", "saturation_status", "plateau", "budget", "dvar_stop",
-                  "clip_s_stop")
+ORACLE_COLUMNS = ("method", "concept", "saturation_step", "saturation_status", "plateau", "budget",
+                  "judged_saturation", "dvar_stop", "auto_stop", "clip_s_stop")
 SUMMARY_COLUMNS = (
-    "method", "variant", "n", "steps_median", "steps_iqr", "minutes_median", "minutes_iqr",
-    "speedup_median", "speedup_iqr", "saving_share_median", "identity_median", "identity_iqr", "alignment_median", "alignment_iqr",
-    "identity_change", "alignment_change", "identity_p",
+    "method", "variant", "n", "steps_median", "steps_iqr", "step_speedup_median", "step_speedup_iqr", "minutes_median",
+    "minutes_iqr", "speedup_median", "speedup_iqr", "saving_share_median", "identity_median", "identity_iqr",
+    "alignment_median", "alignment_iqr", "identity_change", "alignment_change", "identity_p", "identity_ties",
 )
 
 
@@ -128,6 +131,7 @@ def write_report(out: Path) -> Path:
     power = power_table(records)
     power_untuned = power_table(untuned_records(records, meta.get("concepts", {})))
     per_concept = oracle_rows(records, traces)
+    noninferiority = noninferiority_table(records)
 
     folder = out / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,10 +142,11 @@ def write_report(out: Path) -> Path:
     if power_untuned:
         write_csv(folder / "power_untuned.csv", power_untuned, POWER_COLUMNS)
     write_csv(folder / "oracle.csv", per_concept, ORACLE_COLUMNS)
+    write_csv(folder / "noninferiority.csv", noninferiority, NONINFERIORITY_COLUMNS)
     write_plots(folder, records, traces, info)
     report = folder / "report.md"
     report.write_text(render_markdown(meta, summary, info, ablation, benchmark_cost(traces, records), power,
-                                      oracle_summary(per_concept), power_untuned))
+                                      oracle_summary(per_concept), power_untuned, noninferiority))
     return report
 
 

@@ -1,10 +1,13 @@
-"""Run the DVAR paper's comparison: concepts x methods x {baseline, CLIP-s, few iters, DVAR}.
+"""Run the DVAR paper's comparison: concepts x methods x {baseline, CLIP-s, few iters, DVAR, auto}.
 
-For each (concept, method) one training run goes to the full step budget while DVAR and the
-CLIP-s identity checks watch it (:mod:`.monitors`); the learned weights at each rule's stop
+For each (concept, method) one training run goes to the full step budget while DVAR, ``auto`` and
+the CLIP-s identity checks watch it (:mod:`.monitors`); the learned weights at each rule's stop
 are scored, and each variant's cost is the measured training time up to its stop plus the
-measured time of its own rule. "Few iters" is then a separate, real run of the mean CLIP-s
-stop step of that method (it also checks that its training losses repeat the trajectory's).
+measured time of its own rule. The run keeps its weights at every identity check
+(``OUT/weights``) and each frozen example's loss at every step, so that rules can be replayed
+(:mod:`.replay`) and weights scored again (:mod:`.rescore`) without training. "Few iters" (a
+fixed budget: the method's mean CLIP-s stop, on the check grid) is scored from the same
+trajectory's saved weights once every trajectory of the method is done, and timed on it.
 Every finished job writes its JSON files at once, so an interrupted run resumes where it
 stopped; ``--shard i/n`` runs every n-th job (ordinary processes, e.g. one per GPU or machine,
 sharing --out).
@@ -117,6 +120,9 @@ class Benchmark:
     def trace_path(self, method: str, concept: str) -> Path:
         return self.out / "traces" / method / f"{concept}.json"
 
+    def weights_dir(self, method: str, concept: str) -> Path:
+        return self.out / "weights" / method / concept
+
     def run_trajectory(self, settings: MethodSettings, concept: ConceptSpec, traced: bool) -> Dict[str, Dict[str, Any]]:
         from dvar.integrations.trainer import main as train_main
 
@@ -128,16 +134,19 @@ class Benchmark:
         traced = traced and not self.traces_only
         ablation = self.cfg.ablation_parts if traced and settings.method in self.cfg.ablation_methods else ()
         premature = {} if self.traces_only else self.premature_steps(settings)
+        weights_dir = self.weights_dir(settings.method, concept.name)
+        shutil.rmtree(weights_dir, ignore_errors=True)  # an interrupted job's files: this run writes them again
         monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase,
                                     trace_full=traced, ablation_parts=ablation, job_started=started,
                                     checks_to_budget=self.cfg.checks_to_budget, loss_to_budget=self.cfg.loss_to_budget,
-                                    premature_steps=premature)
+                                    premature_steps=premature, weights_dir=weights_dir)
         code = train_main(method, argv, callbacks=[monitor])
         if code != 0:
             raise RuntimeError(f"{settings.method} on {concept.name}: the trainer exited with {code}")
         save_s = time.perf_counter() - monitor.last
         budget = len(monitor.train_step_s)
         trainer = monitor.trainer
+        monitor.save_step(budget)  # the budget's weights (a check step in every preset: usually already there)
 
         records: Dict[str, Dict[str, Any]] = {}
         baseline_scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase, retest=True,
@@ -166,7 +175,9 @@ class Benchmark:
             reason = f"premature control: {PREMATURE_STOPS[variant]:.0%} of the budget"
             records[variant] = self._record(settings, concept, variant, step, reason, monitor, save_s, scores)
 
+        prompts = len(concept.identity_prompts)
         trace = {
+            "format": TRACE_FORMAT,
             "concept": concept.name, "method": settings.method, "max_train_steps": settings.max_train_steps,
             "seed": self.cfg.seed, "informative": traced,
             "setup_s": round(monitor.setup_s, 3), "save_s": round(save_s, 3),
@@ -175,7 +186,12 @@ class Benchmark:
             "dvar_variants": {name: w.to_json() for name, w in monitor.dvar_watches.items() if name != "dvar"},
             "identity_checks": {**monitor.identity_trace, "every": settings.check_every, "stop_step": monitor.clip_s_stop,
                                 "eps": settings.clip_s_eps, "patience": settings.clip_s_patience,
-                                "images": self.cfg.sampling.check_images_per_prompt * len(concept.identity_prompts)},
+                                "images": self.cfg.sampling.check_images_per_prompt * prompts},
+            "clip_s_checks": {**monitor.clip_s_trace, "every": settings.clip_s_period, "eps": settings.clip_s_eps,
+                              "patience": settings.clip_s_patience, "stop_step": monitor.clip_s_stop,
+                              "images": self.cfg.sampling.clip_s_images * prompts},
+            "weights": {"folder": str(weights_dir.relative_to(self.out)), "steps": sorted(monitor.saved_weights),
+                        "bytes": sum(monitor.saved_weights.values()), "seconds": round(monitor.weights_s, 3)},
         }
         if monitor.ablation_watches:
             trace["ablation"] = monitor.ablation_json()
@@ -204,39 +220,40 @@ class Benchmark:
             return {}
         return {variant: round(share * settings.max_train_steps) for variant, share in PREMATURE_STOPS.items()}
 
-    def few_iters_step(self, method: str) -> Optional[int]:
-        """Mean CLIP-s stop of the method over all its concepts, once every trajectory is done."""
+    def few_iters_step(self, settings: MethodSettings) -> Optional[Tuple[float, int]]:
+        """(mean CLIP-s stop of the method over all its concepts, that mean on the check grid), once every
+        trajectory of the method is done; None before. Few iters is scored from the trajectory's weights saved at
+        that check (the nearest one, at least the first), so its step is a multiple of ``check_every``."""
         stops = []
-        for concept in self.concepts[method]:
-            path = self.record_path(method, concept.name, "clip_s")
-            if not self.record_path(method, concept.name, "dvar").is_file() or not path.is_file():
+        for concept in self.concepts[settings.method]:
+            path = self.record_path(settings.method, concept.name, "clip_s")
+            if not self.record_path(settings.method, concept.name, "dvar").is_file() or not path.is_file():
                 return None
             stops.append(json.loads(path.read_text())["steps"])
-        return max(1, round(sum(stops) / len(stops)))
+        mean, every = sum(stops) / len(stops), settings.check_every
+        return mean, min(settings.max_train_steps, max(every, every * math.floor(mean / every + 0.5)))
 
-    def run_few_iters(self, settings: MethodSettings, concept: ConceptSpec, steps: int) -> Dict[str, Any]:
-        from dvar.integrations.trainer import main as train_main
-
-        from .monitors import TrajectoryMonitor, score_current_weights
+    def score_few_iters(self, settings: MethodSettings, concept: ConceptSpec, mean: float, step: int) -> Dict[str, Any]:
+        """Few iters on one concept: the trajectory's weights at ``step``, scored like every variant, and timed on the
+        trajectory (setup, its first ``step`` training steps, the save): a fixed budget of ``step`` steps."""
+        from .monitors import variant_timing
+        from .rescore import score_saved_steps
 
         started = time.perf_counter()
-        method, work = method_instance(settings.method), self.out / "work" / settings.method / f"{concept.name}-few"
-        phrase, argv = trainer_argv(self.cfg, settings, concept, work, self.model, max_train_steps=steps)
-        monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase, job_started=started,
-                                    rules=False)
-        code = train_main(method, argv, callbacks=[monitor])
-        if code != 0:
-            raise RuntimeError(f"{settings.method} on {concept.name} (few iters): the trainer exited with {code}")
-        save_s = time.perf_counter() - monitor.last
-        scores = score_current_weights(monitor.sampler, self.scorer, concept, phrase)
-        record = self._record(settings, concept, "few_iters", steps, f"fixed budget {steps} (mean CLIP-s stop)",
-                              monitor, save_s, scores)
-        trajectory = json.loads(self.trace_path(settings.method, concept.name).read_text())["train_loss"][:steps]
-        record["max_abs_loss_diff_vs_trajectory"] = max(abs(a - b) for a, b in zip(monitor.train_loss, trajectory))
-        record["job_s"] = round(time.perf_counter() - started, 3)
+        trace = json.loads(self.trace_path(settings.method, concept.name).read_text())
+        work = self.out / "work" / settings.method / f"{concept.name}-few"
+        scores = score_saved_steps(self.cfg, settings, concept, self.scorer, self.weights_dir(settings.method, concept.name),
+                                   [step], work, self.model, alignment=True)[step]
+        record = {
+            "concept": concept.name, "method": settings.method, "variant": "few_iters", "steps": step,
+            "max_train_steps": settings.max_train_steps, "seed": self.cfg.seed,
+            "stop_reason": f"fixed budget {step} steps (the mean CLIP-s stop {mean:.0f} on the {settings.check_every}-step "
+                           "check grid; scored from the trajectory's weights)",
+            **variant_timing(trace["setup_s"], trace["train_step_s"], step, 0.0, trace["save_s"]),
+            **{k: scores.get(k) for k in SCORE_KEYS},
+            "job_s": round(time.perf_counter() - started, 3),
+        }
         write_json(self.record_path(settings.method, concept.name, "few_iters"), record)
-        if not self.keep_weights:
-            shutil.rmtree(work, ignore_errors=True)
         return record
 
     def run(self, shard: Tuple[int, int] = (1, 1), log: Any = print) -> bool:
@@ -264,25 +281,28 @@ class Benchmark:
             return False
         complete = True
         for settings in self.cfg.methods:
-            steps = self.few_iters_step(settings.method)
-            if steps is None:
+            found = self.few_iters_step(settings)
+            if found is None:
                 complete = False
                 log(f"few iters for {settings.method} waits for the other shards' trajectories; rerun when they are done")
                 continue
+            mean, steps = found
             for k, job in enumerate(jobs):
                 if job[0].method != settings.method or k % count != index - 1:
                     continue
                 concept = job[1]
                 if self.record_path(settings.method, concept.name, "few_iters").is_file():
                     continue
-                record = self.run_few_iters(settings, concept, steps)
-                log(f"few iters {settings.method} {concept.name}: {steps} steps, identity {record['identity']:.3f}, "
-                    f"loss vs trajectory max |diff| {record['max_abs_loss_diff_vs_trajectory']:.2e}")
+                record = self.score_few_iters(settings, concept, mean, steps)
+                log(f"few iters {settings.method} {concept.name}: {steps} steps (mean CLIP-s stop {mean:.0f}), "
+                    f"identity {record['identity']:.3f}")
         return complete and all(
             self.record_path(s.method, c.name, "few_iters").is_file() for s, c, _ in jobs
         )
 
 
+#: 2: per-example frozen losses, weights at every check (OUT/weights), ``auto``, CLIP-s at its own cadence.
+TRACE_FORMAT = 2
 SCORE_KEYS = ("identity", "identity_embedding", "identity_images", "alignment", "alignment_by_attribute", "images_scored")
 RETEST_KEYS = ("identity_retest", "identity_embedding_retest")
 
@@ -396,7 +416,25 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
         }
     if cfg.concepts_per_method is not None:
         concepts = {m: c[: cfg.concepts_per_method] for m, c in concepts.items()}
+    cfg.validate()
     return cfg, concepts, extra
+
+
+def concepts_from_meta(out: Path, meta: Dict[str, Any]) -> Dict[str, List[ConceptSpec]]:
+    """Each method's concepts of a finished (or running) benchmark, rebuilt from its ``benchmark.json``."""
+    names: Dict[str, List[str]] = meta.get("concepts", {})
+    if meta.get("photo_concepts"):
+        photo = meta["photo_concepts"]
+        extra = json.loads(Path(photo["config"]).read_text())
+        pool = {c.name: c for c in folder_concepts(extra["concepts"], Path(photo["root"]), extra["identity_prompts"],
+                                                   extra["eval_prompts"], skip_missing=True)}
+    else:
+        root = Path(out) / "concepts"
+        pool = {c.name: c for c in bundled_concepts(None, root if (root / "index.json").is_file() else None)}
+    missing = sorted({n for method_names in names.values() for n in method_names} - set(pool))
+    if missing:
+        raise FileNotFoundError(f"{out}: the benchmark's concepts {missing[:5]} are not where it found them")
+    return {method: [pool[n] for n in method_names] for method, method_names in names.items()}
 
 
 def ensure_world_concepts(folder: Path, seed: int, objects: str) -> Path:
@@ -446,6 +484,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "lr_scale": args.lr_scale,
             "traces_only": args.traces_only,
         }
+        if "concepts" in extra:  # photo concepts: where they are, so that saved weights can be rescored
+            description["photo_concepts"] = {"config": str(args.config.resolve()), "root": str(args.concepts.resolve())}
         args.out.mkdir(parents=True, exist_ok=True)
         check_same_benchmark(args.out, description)
     except (ValueError, FileNotFoundError) as error:

@@ -1,4 +1,5 @@
-"""The statistics the report uses: medians with IQR, Spearman's rho, the paired Wilcoxon test.
+"""The statistics the report uses: medians with IQR, Spearman's rho, the paired Wilcoxon test, a paired
+bootstrap confidence interval of a mean.
 
 Example:
     >>> median_iqr([1, 2, 3, 4, 5, None])
@@ -62,6 +63,27 @@ def wilcoxon_p(differences: Sequence[float]) -> float | None:
     if differences.size < MIN_WILCOXON_PAIRS or not np.any(differences):
         return None
     return float(stats.wilcoxon(differences).pvalue)
+
+
+def bootstrap_mean_ci(values: Sequence[float], confidence: float = 0.95, resamples: int = 10_000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of paired differences: resample the pairs (concepts) with replacement,
+    ``resamples`` times, with a fixed seed (the same data give the same interval). NaNs when under 2 values.
+
+    >>> low, high = bootstrap_mean_ci([0.01, -0.02, 0.0, 0.03, -0.01, 0.02])
+    >>> round(low, 4), round(high, 4)
+    (-0.0083, 0.0183)
+    """
+    kept = finite(values)
+    if kept.size < 2:
+        return math.nan, math.nan
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be between 0 and 1 (got {confidence})")
+    rng = np.random.default_rng(seed)
+    means = kept[rng.integers(0, kept.size, size=(resamples, kept.size))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)
 
 
 def ordered(names: Iterable[str], order: Sequence[str]) -> list[str]:

@@ -99,6 +99,8 @@ def main(argv=None) -> dict:
         dataloader = train_dataloader
         if epoch == first_epoch and resume_step:
             dataloader = accelerator.skip_first_batches(train_dataloader, resume_step)
+            # accelerate 1.7-1.14 would replay epoch 0's shuffle order here: the new loader starts at epoch 0
+            dataloader.set_epoch(epoch)
         for batch in dataloader:
             with accelerator.accumulate(unet):
                 with torch.no_grad():

@@ -9,6 +9,11 @@ samples a 64x64 image in a fraction of a second on a CPU, so personalization run
 Inversion, DreamBooth, LoRA, Custom Diffusion) and their early stopping can be exercised on a
 laptop.
 
+``mini-flow`` is its flow-matching sibling in the Flux format (``FluxTransformer2DModel`` +
+``FlowMatchEulerDiscreteScheduler`` + a CLIP text encoder for the pooled vector + a small
+``T5EncoderModel`` for the token sequence + mini-SD's VAE), trained on the same world by
+``benchmarks/embedded/pretrain_mini_flow.py`` (see ``benchmarks/embedded/MINI_FLOW.md``).
+
 Example:
     >>> from dvar_lab.models import load_mini_sd_pipeline
     >>> pipe = load_mini_sd_pipeline()
@@ -28,7 +33,16 @@ import torch
 
 from dvar.models import load_exactly
 
-__all__ = ["MINI_SD_RESOLUTION", "SCHEDULERS", "load_mini_sd_pipeline", "mini_sd"]
+__all__ = [
+    "MINI_FLOW_MAX_SEQUENCE_LENGTH",
+    "MINI_FLOW_RESOLUTION",
+    "MINI_SD_RESOLUTION",
+    "SCHEDULERS",
+    "load_mini_flow_pipeline",
+    "load_mini_sd_pipeline",
+    "mini_flow",
+    "mini_sd",
+]
 
 #: Image side (pixels) that mini-SD generates.
 MINI_SD_RESOLUTION = 64
@@ -51,6 +65,36 @@ _REQUIRED = (
     "scheduler",
 )
 
+#: Image side (pixels) that mini-flow generates.
+MINI_FLOW_RESOLUTION = 64
+
+#: T5 tokens mini-flow was mostly trained with: every world caption fits, and sampling is ~10x
+#: faster than at ``FluxPipeline``'s default of 512 (which it was also trained on, less).
+MINI_FLOW_MAX_SEQUENCE_LENGTH = 32
+
+_REQUIRED_FLOW = (
+    "model_index.json",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "tokenizer",
+    "text_encoder_2",
+    "tokenizer_2",
+    "scheduler",
+)
+
+
+def _bundled(name: str, required: tuple[str, ...], script: str) -> Path:
+    path = Path(__file__).resolve().parent / "assets" / name
+    missing = [part for part in required if not (path / part).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"the bundled {name} model is incomplete at {path} (missing: {', '.join(missing)}); "
+            "reinstall dvar-lab (pip install ./lab) with its package data, or rebuild the weights with "
+            f"`python benchmarks/embedded/{script} --out lab/dvar_lab/assets/{name}`"
+        )
+    return path
+
 
 def mini_sd() -> Path:
     """Path of the bundled mini-SD diffusers folder (inside the installed ``dvar_lab`` package).
@@ -63,15 +107,22 @@ def mini_sd() -> Path:
         >>> (mini_sd() / "model_index.json").is_file()
         True
     """
-    path = Path(__file__).resolve().parent / "assets" / "mini-sd"
-    missing = [name for name in _REQUIRED if not (path / name).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"the bundled mini-SD model is incomplete at {path} (missing: {', '.join(missing)}); "
-            "reinstall dvar-lab (pip install ./lab) with its package data, or rebuild the weights with "
-            "`python benchmarks/embedded/pretrain_mini_sd.py --out lab/dvar_lab/assets/mini-sd`"
-        )
-    return path
+    return _bundled("mini-sd", _REQUIRED, "pretrain_mini_sd.py")
+
+
+def mini_flow() -> Path:
+    """Path of the bundled mini-flow diffusers folder (a ``FluxPipeline``; inside ``dvar_lab``).
+
+    Raises:
+        FileNotFoundError: if the folder or one of its parts is missing (an install without
+            package data, or a checkout where the weights were not built or pulled).
+
+    Example:
+        >>> import json
+        >>> json.loads((mini_flow() / "model_index.json").read_text())["_class_name"]
+        'FluxPipeline'
+    """
+    return _bundled("mini-flow", _REQUIRED_FLOW, "pretrain_mini_flow.py")
 
 
 def load_mini_sd_pipeline(
@@ -129,5 +180,50 @@ def load_mini_sd_pipeline(
     if scheduler != "ddpm":
         scheduler_cls = getattr(diffusers, SCHEDULERS[scheduler])
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_mini_flow_pipeline(
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | Path | None = None,
+    **kwargs: Any,
+):
+    """Load mini-flow as a ``diffusers.FluxPipeline`` (offline), each model checked to load exactly.
+
+    The pipeline's default image size is set to 64x64 (``FluxPipeline`` otherwise defaults to
+    1024 / 8 * the VAE factor, 512x512 here). mini-flow is not guidance-distilled: sample with
+    true classifier-free guidance (``negative_prompt=""``, ``true_cfg_scale``) and, for speed,
+    ``max_sequence_length=MINI_FLOW_MAX_SEQUENCE_LENGTH``.
+
+    Args:
+        device: where to put the pipeline.
+        dtype: weights dtype (the files are float16; float32 by default, for CPUs).
+        path: another mini-flow folder (e.g. a fresh ``pretrain_mini_flow.py --out``); default:
+            the bundled :func:`mini_flow`.
+        **kwargs: passed on to ``FluxPipeline.from_pretrained``.
+
+    Example:
+        >>> pipe = load_mini_flow_pipeline()
+        >>> image = pipe("a large red solid star in the center, on a gray background", negative_prompt="",
+        ...              true_cfg_scale=5.0, num_inference_steps=20, max_sequence_length=32).images[0]
+        >>> image.size
+        (64, 64)
+    """
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    root = mini_flow() if path is None else Path(path)
+    parts = (("text_encoder", CLIPTextModel), ("text_encoder_2", T5EncoderModel),
+             ("transformer", FluxTransformer2DModel), ("vae", AutoencoderKL))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*")
+        models = {
+            name: kwargs.pop(name) if name in kwargs else load_exactly(cls, root, name, torch_dtype=dtype, local_files_only=True)
+            for name, cls in parts
+        }
+        pipe = FluxPipeline.from_pretrained(root, **models, torch_dtype=dtype, local_files_only=True, **kwargs)
+    pipe.default_sample_size = MINI_FLOW_RESOLUTION // pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

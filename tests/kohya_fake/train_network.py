@@ -10,7 +10,8 @@ one epoch, ``save_model`` setting ``ss_steps``/``ss_epoch`` then merging ``get_s
 and the final save after the epoch loop). Models are mini-SD's real diffusers parts; the
 dataset, LoRA and file names follow kohya's. Two deliberate differences: the DataLoader draws
 its order from a generator reseeded per epoch, and the resume skips batches itself, so that a
-resumed run is step-exact and the tests can demand the same stop.
+resumed run is step-exact and the tests can demand the same stop. Its ``global_step`` after a
+resume restarts as kohya's does, at the state's step less the batches of the skipped epochs.
 """
 
 from __future__ import annotations
@@ -250,7 +251,8 @@ class NetworkTrainer:
 
         initial_step = steps_from_state or 0
         epoch_to_start = initial_step // num_update_steps_per_epoch if args.skip_until_initial_step else 0
-        global_step = initial_step if args.skip_until_initial_step else 0
+        # kohya's counter after a resume: the state's step less the batches of the skipped epochs
+        global_step = initial_step - epoch_to_start * len(train_dataloader) if args.skip_until_initial_step else 0
         skip_batches = (initial_step - epoch_to_start * num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
         noise_scheduler = self.get_noise_scheduler(args, accelerator.device)
@@ -261,6 +263,7 @@ class NetworkTrainer:
         def save_model(ckpt_name, unwrapped_nw, steps, epoch_no, force_sync_upload=False):
             os.makedirs(args.output_dir, exist_ok=True)
             ckpt_file = os.path.join(args.output_dir, ckpt_name)
+            accelerator.print(f"\nsaving checkpoint: {ckpt_file}")
             metadata["ss_training_finished_at"] = str(time.time())
             metadata["ss_steps"] = str(steps)
             metadata["ss_epoch"] = str(epoch_no)
@@ -277,6 +280,7 @@ class NetworkTrainer:
         self.sample_images(accelerator, args, 0, global_step, accelerator.device, vae, tokenizers, text_encoder, unet)
 
         for epoch in range(epoch_to_start, num_train_epochs):
+            accelerator.print(f"\nepoch {epoch+1}/{num_train_epochs}\n")
             current_epoch.value = epoch + 1
             metadata["ss_epoch"] = str(epoch + 1)
             accelerator.unwrap_model(network).on_epoch_start(text_encoder, unet)

@@ -1,5 +1,5 @@
 """Minimal copies of diffusers' example training scripts, in their shape, with the DVAR lines of
-integrations/README.md inserted (every inserted line ends with ``# DVAR``).
+docs/diffusers-scripts.md inserted (every inserted line ends with ``# DVAR``).
 
 They keep what matters for early stopping: argparse flags of the same names, a real
 ``accelerate.Accelerator``, ``accelerator.accumulate``/``sync_gradients``, the epoch loop and

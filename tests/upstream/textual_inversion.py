@@ -312,6 +312,8 @@ def main(args):
                 break
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
+    if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing
+        raise SystemExit(stopper.status_line())
     # Create the pipeline using the trained modules and save it.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

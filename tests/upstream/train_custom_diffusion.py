@@ -458,6 +458,8 @@ def main(args):
                 break
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
+    if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing
+        raise SystemExit(stopper.status_line())
 
     # Save the custom diffusion layers
     accelerator.wait_for_everyone()

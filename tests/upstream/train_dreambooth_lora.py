@@ -258,6 +258,8 @@ def main(args):
             pass  # (per-epoch validation with args.validation_prompt)
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
+    if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing
+        raise SystemExit(stopper.status_line())
 
     # Save the lora layers
     accelerator.wait_for_everyone()

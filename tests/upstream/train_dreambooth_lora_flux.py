@@ -37,7 +37,7 @@ from diffusers.training_utils import (
 )
 from diffusers.utils.import_utils import is_torch_npu_available
 from diffusers.utils.torch_utils import is_compiled_module
-from dvar import DVAREarlyStopping  # DVAR
+from dvar import DVAREarlyStopping, LossConfig  # DVAR
 
 
 def parse_args(input_args=None):
@@ -396,8 +396,7 @@ def main(args):
         transformer=transformer, vae=vae, text_encoder=text_encoder_one, tokenizer=tokenizer_one,
         text_encoder_2=text_encoder_two, tokenizer_2=tokenizer_two, noise_scheduler=noise_scheduler_copy,
         train_dataset=train_dataset, accelerator=accelerator, preset="dreambooth_lora",
-        weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
-        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+        loss=LossConfig.from_args(args),  # --weighting_scheme, --guidance_scale, --max_sequence_length, ...
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
@@ -531,6 +530,8 @@ def main(args):
             pass  # (per-epoch validation with args.validation_prompt, then: images = None; del pipeline)
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
+    if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing
+        raise SystemExit(stopper.status_line())
 
     # Save the lora layers
     accelerator.wait_for_everyone()

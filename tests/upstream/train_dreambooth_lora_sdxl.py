@@ -32,7 +32,7 @@ from diffusers.training_utils import compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.import_utils import is_xformers_available
 from diffusers.utils.torch_utils import is_compiled_module
-from dvar import DVAREarlyStopping  # DVAR
+from dvar import DVAREarlyStopping, LossConfig  # DVAR
 
 
 def parse_args(input_args=None):
@@ -361,7 +361,7 @@ def main(args):
     stopper = DVAREarlyStopping(  # DVAR
         unet=unet, vae=vae, text_encoder=text_encoder_one, tokenizer=tokenizer_one, text_encoder_2=text_encoder_two,
         tokenizer_2=tokenizer_two, noise_scheduler=noise_scheduler, train_dataset=train_dataset,
-        accelerator=accelerator, preset="dreambooth_lora", snr_gamma=args.snr_gamma,
+        accelerator=accelerator, preset="dreambooth_lora", loss=LossConfig.from_args(args),  # --snr_gamma
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR
@@ -435,6 +435,8 @@ def main(args):
             pass  # (per-epoch validation with args.validation_prompt: log_validation(..., torch_dtype=weight_dtype))
         if stopper.should_stop:  # DVAR: leave the epoch loop too
             break
+    if stopper.diverged:  # DVAR: a NaN/inf loss is a failure: exit non-zero, save nothing
+        raise SystemExit(stopper.status_line())
 
     # Save the lora layers
     accelerator.wait_for_everyone()

@@ -11,13 +11,14 @@ Importing this package does not import kohya; :func:`~.launch.main` does, from t
 
 from .frozen import KohyaFrozenBatch
 from .launch import HOOK_CALLS, SCRIPTS, VERIFIED_COMMIT, add_early_stop_arguments, check_trainer, main
-from .plugin import DVARTrainerMixin, KohyaPluginError, make_trainer_class
+from .plugin import DVARTrainerMixin, KohyaPluginError, KohyaTrainingDiverged, make_trainer_class
 
 __all__ = [
     "DVARTrainerMixin",
     "HOOK_CALLS",
     "KohyaFrozenBatch",
     "KohyaPluginError",
+    "KohyaTrainingDiverged",
     "SCRIPTS",
     "VERIFIED_COMMIT",
     "add_early_stop_arguments",

@@ -81,6 +81,31 @@ def load_text_encoder(path: str) -> Any:
     return model
 
 
+class AsIsLoaderMixin:
+    """In front of a kohya trainer class: loads a diffusers folder kohya cannot convert (mini-SD) as it
+    is; every other model goes to kohya's own ``load_target_model``. The launcher uses it alone
+    (without DVAR) when ``--early_stop`` is off and the model needs it.
+
+    Example:
+        >>> class NetworkTrainer:  # kohya's, in a real run
+        ...     pass
+        >>> make_loader_class(NetworkTrainer).__name__
+        'AsIsNetworkTrainer'
+    """
+
+    dvar_family = "sd"
+
+    def load_target_model(self, args, weight_dtype, accelerator):
+        if self.dvar_family == "sd" and needs_as_is_loader(args.pretrained_model_name_or_path):
+            return load_as_is(self, args, weight_dtype, accelerator)
+        return super().load_target_model(args, weight_dtype, accelerator)
+
+
+def make_loader_class(base: type, family: str = "sd") -> type:
+    """``AsIs<base>``: kohya's trainer class with only the loader of :class:`AsIsLoaderMixin` in front."""
+    return type(f"AsIs{base.__name__}", (AsIsLoaderMixin, base), {"dvar_family": family, "__module__": __name__})
+
+
 def load_as_is(trainer: Any, args: Any, weight_dtype: torch.dtype, accelerator: Any) -> tuple:
     """``load_target_model`` for such folders: (model version, text encoder, VAE, diffusers UNet)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

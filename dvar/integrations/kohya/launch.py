@@ -14,11 +14,12 @@ import inspect
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from dvar.criterion import PRESETS
+from dvar.rules import PRESETS
 
-from .plugin import DVARTrainerMixin, KohyaPluginError, config_from_args, make_trainer_class
+from .diffusers_model import AsIsLoaderMixin, make_loader_class, needs_as_is_loader
+from .plugin import DVARTrainerMixin, KohyaPluginError, KohyaTrainingDiverged, config_from_args, make_trainer_class
 
 ENV_VAR = "SD_SCRIPTS"
 VERIFIED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
@@ -101,7 +102,7 @@ def import_script(root: Path, script: str) -> Any:
 def check_trainer(trainer_cls: type) -> List[str]:
     """What, in this sd-scripts version, the plugin cannot hook (empty when it can)."""
     problems = []
-    kohya_classes = [klass for klass in trainer_cls.__mro__ if not issubclass(klass, DVARTrainerMixin)]
+    kohya_classes = [klass for klass in trainer_cls.__mro__ if not issubclass(klass, (DVARTrainerMixin, AsIsLoaderMixin))]
     for name, (positional, keywords) in HOOK_CALLS.items():
         # kohya's own method: the one the mixin's override passes the call on to
         method = next((vars(klass)[name] for klass in kohya_classes if name in vars(klass)), None)
@@ -120,35 +121,115 @@ def check_trainer(trainer_cls: type) -> List[str]:
     return problems
 
 
+def _preset(value: Any) -> str:
+    if isinstance(value, str) and (value in PRESETS or value == "auto"):
+        return value
+    raise argparse.ArgumentTypeError(
+        f"{value!r} is not a DVAR preset; choose one of {', '.join(sorted(PRESETS) + ['auto'])}."
+    )
+
+
+def _as_int(value: Any) -> Optional[int]:
+    """An int from a TOML int or a command-line string, else None (bools, floats and words are not)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _whole(what: str, example: str) -> Callable[[Any], int]:
+    def convert(value: Any) -> int:
+        number = _as_int(value)
+        if number is None:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; give {what}, such as {example}.")
+        return number
+
+    return convert
+
+
+def _threshold(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"{value!r} is not a number; give the threshold as a positive number, such as 0.4.")
+
+
+def _eval_every(value: Any) -> Union[int, str]:
+    """``auto``, a percentage such as ``5%``, or a whole number of steps (ranges are checked with the other settings)."""
+    if isinstance(value, str) and (value == "auto" or value.endswith("%")):
+        return value
+    number = _as_int(value)
+    if number is None:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a stride; give a whole number of optimizer steps (1: every step, the paper's setting), "
+            "a share of the training time such as 5%, or auto."
+        )
+    return number
+
+
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not true or false.")
+
+
+#: dest -> how its value, from the command line or kohya's TOML, is read (argparse.ArgumentTypeError if bad)
+EARLY_STOP_FLAGS: Dict[str, Callable[[Any], Any]] = {
+    "early_stop": _switch,
+    "early_stop_preset": _preset,
+    "early_stop_window": _whole("the DVAR window in optimizer steps", "440"),
+    "early_stop_threshold": _threshold,
+    "early_stop_eval_every": _eval_every,
+    "early_stop_batch_size": _whole("how many training examples to freeze", "4"),
+}
+
+
 def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The kohya-style DVAR flags (also read from kohya's ``--config_file`` TOML)."""
     group = parser.add_argument_group("DVAR early stopping (dvar.integrations.kohya)")
     group.add_argument("--early_stop", action="store_true",
                        help="stop when the loss on a frozen batch of the training images plateaus (DVAR)")
-    group.add_argument("--early_stop_preset", type=str, default="dreambooth_lora", choices=sorted(PRESETS) + ["auto"],
-                       help="published DVAR window/threshold (default dreambooth_lora: 440 steps, 0.4), or 'auto' "
-                            "(no window; needs --max_train_steps or --early_stop_eval_every)")
-    group.add_argument("--early_stop_window", type=int, default=None,
+    group.add_argument("--early_stop_preset", type=_preset, default="dreambooth_lora",
+                       help=f"published DVAR window/threshold: {', '.join(sorted(PRESETS))} (default dreambooth_lora: "
+                            "440 steps, 0.4), or 'auto' (no window; needs --max_train_steps or --early_stop_eval_every)")
+    group.add_argument("--early_stop_window", type=EARLY_STOP_FLAGS["early_stop_window"], default=None,
                        help="DVAR window N in optimizer steps (overrides the preset)")
-    group.add_argument("--early_stop_threshold", type=float, default=None,
+    group.add_argument("--early_stop_threshold", type=_threshold, default=None,
                        help="stop when var(last N) / var(all) < this (overrides the preset); for 'auto', the "
                             "multiple of the loss's settling time at which it stops (default 2)")
     group.add_argument("--early_stop_eval_every", type=_eval_every, default="auto",
                        help="evaluate the frozen batch every this many optimizer steps (default auto: the window // 30, "
                             "at least 1; 1 is the paper's every-step setting; a percentage such as 5%%: the stride at which "
                             "evaluating costs about that share of the training time)")
-    group.add_argument("--early_stop_batch_size", type=int, default=4,
+    group.add_argument("--early_stop_batch_size", type=EARLY_STOP_FLAGS["early_stop_batch_size"], default=4,
                        help="training examples in the frozen DVAR batch (default 4, as the paper)")
     return parser
 
 
-def _eval_every(text: str) -> Union[int, str]:
-    """``--early_stop_eval_every``: ``auto``, a percentage or an integer (validated with the other DVAR settings)."""
-    return text if text == "auto" or text.endswith("%") else int(text)
+def _read_early_stop_values(args: argparse.Namespace) -> None:
+    """Values from kohya's TOML reach ``args`` as TOML typed them (argparse converts only command-line
+    strings): read them with the flags' own converters, so a bad one gets the same message."""
+    for dest, convert in EARLY_STOP_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is None:
+            continue
+        try:
+            setattr(args, dest, convert(value))
+        except argparse.ArgumentTypeError as error:
+            raise KohyaPluginError(f"{dest} (--{dest} or a key of --config_file): {error}") from None
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """Refuse DVAR settings that can never work, and setups the plugin cannot stop."""
+    _read_early_stop_values(args)
     if not getattr(args, "early_stop", False):
         return
     if getattr(args, "deepspeed", False):
@@ -162,6 +243,60 @@ def validate_args(args: argparse.Namespace) -> None:
         config_from_args(args).resolved_window_threshold()
     except ValueError as error:
         raise KohyaPluginError(f"--early_stop_window/--early_stop_threshold/--early_stop_eval_every: {error}") from None
+
+
+class _PreflightParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print its usage and exit; the launcher prints dvar's words
+        raise KohyaPluginError(message if message.endswith(".") else f"{message}.")
+
+
+def preflight(argv: Sequence[str]) -> argparse.Namespace:
+    """The DVAR flags of the command line, read and checked before sd-scripts is imported (which takes
+    seconds): a bad value is refused at once. What needs kohya's parser (its own flags, a
+    ``--config_file``, kohya's default budget) is checked again after it.
+
+    Example:
+        >>> preflight(["--output_dir", "out", "--early_stop", "--early_stop_window", "40"]).early_stop_window
+        40
+        >>> preflight(["--early_stop_eval_every", "abc"])
+        Traceback (most recent call last):
+        ...
+        dvar.integrations.kohya.plugin.KohyaPluginError: argument --early_stop_eval_every: 'abc' is not a stride; give a whole number of optimizer steps (1: every step, the paper's setting), a share of the training time such as 5%, or auto.
+    """
+    parser = _PreflightParser(add_help=False, allow_abbrev=False)
+    add_early_stop_arguments(parser)
+    # kohya's flags the checks read; their own errors stay kohya's
+    for flag in ("--max_train_steps", "--max_train_epochs", "--config_file"):
+        parser.add_argument(flag, default=None)
+    parser.add_argument("--deepspeed", action="store_true")
+    args, _ = parser.parse_known_args(list(argv))
+    try:
+        steps = int(args.max_train_steps)
+    except (TypeError, ValueError):
+        steps = None
+    # the step budget is known here only when the command line gives it and nothing can change it
+    args.max_train_steps = steps if args.max_train_epochs is None and args.config_file is None else None
+    args.max_train_epochs = None
+    validate_args(args)
+    return args
+
+
+def trainer_class(kohya_cls: type, family: str, args: argparse.Namespace) -> type:
+    """The class to train with: with ``--early_stop``, the DVAR mixin in front of kohya's class (after
+    checking that this sd-scripts version takes it); without, kohya's own class (plus the as-is loader
+    only when the model is a diffusers folder kohya cannot convert, such as mini-SD)."""
+    if not args.early_stop:
+        if family == "sd" and needs_as_is_loader(args.pretrained_model_name_or_path):
+            return make_loader_class(kohya_cls, family)
+        return kohya_cls
+    problems = check_trainer(kohya_cls)
+    if problems:
+        raise KohyaPluginError(
+            f"unsupported sd-scripts version in {Path(inspect.getfile(kohya_cls)).parent}: " + "; ".join(problems)
+            + f". The plugin was verified with commit {VERIFIED_COMMIT[:10]}; check that one out, or train without "
+            "--early_stop."
+        )
+    return make_trainer_class(kohya_cls, family)
 
 
 def _pop_option(argv: List[str], flag: str) -> Tuple[Optional[str], List[str]]:
@@ -179,6 +314,8 @@ def _pop_option(argv: List[str], flag: str) -> Tuple[Optional[str], List[str]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run kohya's script with the DVAR flags: 0 when kohya's run ends (at the budget or at a DVAR stop),
+    1 when training diverged, 2 on bad input (before anything is trained or written)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -192,16 +329,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return 2
     given, rest = _pop_option(argv[1:], "--sd_scripts")
+    module_name, class_name, family = SCRIPTS[script]
     try:
+        if not any(flag in ("-h", "--help") for flag in rest):
+            preflight(rest)
         root = find_sd_scripts(given)
         module = import_script(root, script)
-        trainer_cls = getattr(module, SCRIPTS[script][1])
-        problems = check_trainer(trainer_cls)
-        if problems:
-            raise KohyaPluginError(
-                f"unsupported sd-scripts version in {root}: " + "; ".join(problems)
-                + f". The plugin was verified with commit {VERIFIED_COMMIT[:10]}; check that one out."
-            )
     except KohyaPluginError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -211,11 +344,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(rest)
     module.train_util.verify_command_line_training_args(args)
     args = module.train_util.read_config_from_file(args, parser)
-    trainer = make_trainer_class(trainer_cls, SCRIPTS[script][2])()
     try:
         validate_args(args)
+        trainer = trainer_class(getattr(module, class_name), family, args)()
         trainer.train(args)
     except KohyaPluginError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KohyaTrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0

@@ -18,15 +18,23 @@ How a stop at step S ends the run the way a run of S steps would: ``args.max_tra
 makes kohya's own ``break`` leave the epoch; each later epoch starts one iteration, in which
 ``process_batch`` returns the last loss with no path to the weights and turns accelerate's
 ``sync_gradients`` off, so the optimizer, the scheduler and ``global_step`` stay put, and kohya
-breaks again. Saves, samples, validation and logs of those epochs are skipped, and the final
-save runs with ``ss_steps = S`` and ``ss_epoch`` = the epoch the stop fell in.
+breaks again. Saves, samples, validation and logs of those epochs are skipped (one line says so
+instead of kohya's "epoch N/M" lines), and the final save runs with ``ss_steps = S`` (DVAR's own
+count, right after a ``--resume`` too, where kohya's counter restarts) and ``ss_epoch`` = the epoch
+the stop fell in.
+
+A divergence (a NaN/inf frozen-batch or training loss) ends the run the same way, but as a failure:
+the network gets back the weights of the last finite evaluation (kept on the CPU at each one), no
+step, epoch or state save happens past it, kohya's final save writes those weights (or nothing, when
+no evaluation was finite), and ``train`` raises :class:`KohyaTrainingDiverged` (exit 1 from the launcher).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +42,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from dvar import DVARConfig, DVAREarlyStopping, isolated_global_rng
+from dvar import DVARConfig, DVAREarlyStopping
+from dvar.batch import isolated_global_rng
+from dvar.reporting import SUMMARY_FILE, summary_json, write_atomically
 
-from .diffusers_model import load_as_is, needs_as_is_loader
+from .diffusers_model import AsIsLoaderMixin
 from .frozen import KohyaFrozenBatch, KohyaShard, item_size
 
 STATE_FILE = "dvar_state.pt"
@@ -44,8 +54,31 @@ STATE_FORMAT = 1
 NEVER = 10**9  # an epoch period no run reaches: switches off per-epoch validation after the stop
 
 
+#: kohya's line at the start of every epoch, and its dataset's log record when the epoch changes; after a
+#: stop one line replaces those of the idle epochs
+EPOCH_LINE = re.compile(r"^\s*epoch \d+/\d+\s*$")
+EPOCH_RECORD = ("library.train_util", "epoch is incremented")
+
+
+class _DropRecords(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
 class KohyaPluginError(Exception):
     """Bad input for the kohya plugin (the launcher prints it and exits with status 2)."""
+
+
+class KohyaTrainingDiverged(RuntimeError):
+    """Training diverged (a NaN/inf loss): raised by ``train`` after kohya's run ended (launcher: exit 1)."""
+
+
+class _NothingToSave(Exception):
+    """Raised inside kohya's final ``save_model`` to keep it from writing diverged weights."""
 
 
 def config_from_args(args: Any) -> DVARConfig:
@@ -57,6 +90,7 @@ def config_from_args(args: Any) -> DVARConfig:
         eval_every=args.early_stop_eval_every,
         eval_batch_size=args.early_stop_batch_size,
         max_train_steps=None if args.max_train_epochs is not None else args.max_train_steps,
+        verbose=False,  # the plugin prints its own lines, through kohya's accelerator
     )
 
 
@@ -72,19 +106,35 @@ class DVARRun:
     stopper: Optional[DVAREarlyStopping] = None
     context: Optional[Dict[str, Any]] = None  # the arguments of kohya's last training process_batch
     last_loss: Optional[torch.Tensor] = None
-    dvar_step: int = 0  # optimizer steps seen by DVAR (survives --resume, unlike kohya's counter)
+    dvar_step: int = 0  # optimizer steps trained (survives --resume, unlike kohya's global_step)
     budget: Optional[int] = None
-    kohya_stop_step: Optional[int] = None  # kohya's global_step at the stop (ss_steps)
+    kohya_stop_step: Optional[int] = None  # kohya's global_step at the stop (its loop's break)
     stop_epoch: Optional[int] = None  # known once the epoch of the stop has ended
     epoch_hint: int = 1
     loaded_state: Optional[Dict[str, Any]] = None
+    steps_per_epoch: Optional[int] = None
+    kept: Optional[Dict[str, torch.Tensor]] = None  # the network's weights at the last finite evaluation (CPU)
+    kept_step: Optional[int] = None
+    earlier_wall_time: float = 0.0  # seconds trained before a --resume
+    quiet: Optional[logging.Filter] = None  # on kohya's dataset logger during the idle epochs
+
+    @property
+    def diverged(self) -> bool:
+        return self.stopper is not None and self.stopper.diverged
+
+    @property
+    def model_step(self) -> Optional[int]:
+        """The step whose weights kohya's final save writes after a stop (None: nothing is saved)."""
+        if self.stopper is None or not self.stopper.should_stop:
+            return None
+        return self.kept_step if self.diverged else self.stopper.stop_step
 
     @property
     def stopped(self) -> bool:
         return self.kohya_stop_step is not None
 
 
-class DVARTrainerMixin:
+class DVARTrainerMixin(AsIsLoaderMixin):
     """Adds ``--early_stop`` to a kohya ``NetworkTrainer`` (SD 1.x/2.x, SDXL, SD3, Flux).
 
     Build the trainer class with :func:`make_trainer_class`; without ``args.early_stop`` every
@@ -111,9 +161,11 @@ class DVARTrainerMixin:
         run = self._dvar = DVARRun(config=config_from_args(args))
         outcome = "error"
         try:
-            result = super().train(args)
-            outcome = "early_stop" if run.stopped else "budget"
-            return result
+            try:
+                result = super().train(args)
+            except _NothingToSave:
+                result = None
+            outcome = "diverged" if run.diverged else "early_stop" if run.stopped else "budget"
         except KeyboardInterrupt:
             outcome = "interrupted"
             raise
@@ -121,9 +173,15 @@ class DVARTrainerMixin:
             try:
                 self._dvar_finish(args, outcome)
             finally:
-                run.context = run.dataset = None  # drop the references to kohya's models and data
-                if run.accelerator is not None:  # leave accelerate as kohya found it (idle steps turned it off)
-                    run.accelerator.gradient_state._set_sync_gradients(True)
+                run.context = run.dataset = run.kept = None  # drop the references to kohya's models and data
+                if run.accelerator is not None:  # leave accelerate as kohya found it
+                    run.accelerator.gradient_state._set_sync_gradients(True)  # (idle steps turned it off)
+                    vars(run.accelerator).pop("print", None)  # (the idle epochs' filter)
+                if run.quiet is not None:
+                    logging.getLogger(EPOCH_RECORD[0]).removeFilter(run.quiet)
+        if run.diverged:
+            raise KohyaTrainingDiverged(self._dvar_diverged_message(args))
+        return result
 
     # -- hooks before the loop -------------------------------------------------------------
 
@@ -139,8 +197,6 @@ class DVARTrainerMixin:
             accelerator.register_save_state_pre_hook(self._dvar_save_state)
             accelerator.register_load_state_pre_hook(self._dvar_load_state)
             self._dvar_check_budget(args, accelerator)
-        if self.dvar_family == "sd" and needs_as_is_loader(args.pretrained_model_name_or_path):
-            return load_as_is(self, args, weight_dtype, accelerator)
         return super().load_target_model(args, weight_dtype, accelerator)
 
     def _dvar_check_budget(self, args, accelerator) -> None:
@@ -210,6 +266,7 @@ class DVARTrainerMixin:
             elif run.stopped:  # the end of the epoch the stop fell in
                 run.stop_epoch = epoch
                 args.validate_every_n_epochs = NEVER
+                self._dvar_quiet_idle_epochs(accelerator, epoch)
             else:
                 run.epoch_hint = epoch + 1
         return super().sample_images(accelerator, args, epoch, global_step, device, vae, tokenizers, text_encoder, unet)
@@ -228,12 +285,20 @@ class DVARTrainerMixin:
         return super().epoch_logging(accelerator, logs, global_step, epoch)
 
     def get_sai_model_spec(self, args):
+        """Called inside kohya's ``save_model`` right after it set ``ss_steps``/``ss_epoch`` from its loop
+        counters; the keys returned here are merged over them."""
         spec = super().get_sai_model_spec(args)
         run = self._dvar
-        if run is not None and run.stop_epoch is not None and not args.no_metadata:
-            # merged over what kohya's save_model just set from its loop counters
-            spec = dict(spec, ss_steps=str(run.kohya_stop_step), ss_epoch=str(run.stop_epoch))
-        return spec
+        if run is None:
+            return spec
+        if run.stop_epoch is not None:  # the final save after a stop
+            if run.model_step is None:
+                raise _NothingToSave()
+            epoch = self._dvar_epoch_of(run.kept_step) if run.diverged else run.stop_epoch
+            steps: Dict[str, str] = {"ss_steps": str(run.model_step), "ss_epoch": str(epoch)}
+        else:  # kohya's global_step restarts at a --resume: the steps trained, by DVAR's own count
+            steps = {"ss_steps": str(run.dvar_step)}
+        return spec if args.no_metadata else dict(spec, **steps)
 
     # -- DVAR ----------------------------------------------------------------------------------
 
@@ -265,6 +330,10 @@ class DVARTrainerMixin:
         for i, text_encoder in enumerate(context["text_encoders"] or []):
             if isinstance(text_encoder, torch.nn.Module):
                 models[f"text_encoder_{i}"] = text_encoder
+        accelerator, args = context["accelerator"], context["args"]
+        # kohya's num_update_steps_per_epoch (train_network.py), for the epoch of kept weights
+        batches = math.ceil(len(run.dataset) / accelerator.num_processes) if run.dataset is not None else None
+        run.steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else None
         stopper = DVAREarlyStopping(objective=self._dvar_objective, models=models, eval_batch=run.frozen, config=run.config)
         if run.loaded_state is not None and run.loaded_state.get("stopper") is not None:
             try:
@@ -321,22 +390,66 @@ class DVARTrainerMixin:
             return
         if run.stopper is None:
             run.stopper = self._dvar_build()
-        evaluations = len(run.stopper.history)
-        stop = run.stopper.step(run.dvar_step, run.last_loss)
-        if len(run.stopper.history) > evaluations and len(accelerator.trackers) > 0:
-            row = run.stopper.history[-1]
+        stopper = run.stopper
+        evaluations = len(stopper.history)
+        stop = stopper.step(run.dvar_step, run.last_loss)
+        evaluated = len(stopper.history) > evaluations
+        if evaluated and len(accelerator.trackers) > 0:
+            row = stopper.history[-1]
             logs = {"dvar/eval_loss": row.eval_loss}
-            if math.isfinite(row.normalized_variance):
-                logs["dvar/normalized_variance"] = row.normalized_variance
+            if math.isfinite(row.statistic):
+                logs["dvar/statistic"] = row.statistic
             self.step_logging(accelerator, logs, global_step, run.epoch_hint)
-        if stop:
-            run.budget, run.kohya_stop_step = args.max_train_steps, global_step
-            args.max_train_steps = global_step  # kohya's own check then leaves the epoch
-            args.save_every_n_epochs = None  # a run of global_step steps saves no epoch model past here
-            accelerator.print(
-                f"\nDVAR: stopping at step {run.dvar_step} of {run.budget} ({run.stopper.reason}); "
-                "kohya saves the model of this step."
-            )
+        if evaluated and stopper.last_finite_step == run.dvar_step:
+            self._dvar_keep_weights()
+        if not stop:
+            return
+        run.budget, run.kohya_stop_step = args.max_train_steps, global_step
+        args.max_train_steps = global_step  # kohya's own check then leaves the epoch
+        args.save_every_n_epochs = None  # a run of global_step steps saves no epoch model past here
+        if not stopper.diverged:
+            accelerator.print(f"\nDVAR: stopping at step {run.dvar_step} of {run.budget} ({stopper.reason}); "
+                              "kohya saves the model of this step.")
+            return
+        # the weights are broken: back to the last finite evaluation's, and no save of this step or state
+        args.save_every_n_steps = None
+        args.save_state = args.save_state_on_train_end = False
+        if run.kept is not None:
+            network = accelerator.unwrap_model(run.context["network"])
+            network.load_state_dict(run.kept)
+        kept = (f"kohya saves the weights of step {run.kept_step}, the last finite evaluation" if run.kept is not None
+                else "no evaluation was finite, so kohya saves no model")
+        accelerator.print(f"\nDVAR: training diverged at step {run.dvar_step} ({stopper.reason}); {kept}.")
+
+    def _dvar_keep_weights(self) -> None:
+        """Keep a CPU copy of the network's weights (a LoRA: a few MB) at a finite evaluation, to give
+        them back if training diverges later."""
+        run = self._dvar
+        network = run.context["accelerator"].unwrap_model(run.context["network"])
+        run.kept = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
+        run.kept_step = run.dvar_step
+
+    def _dvar_epoch_of(self, step: Optional[int]) -> Optional[int]:
+        per_epoch = self._dvar.steps_per_epoch
+        return None if step is None or not per_epoch else max(1, math.ceil(step / per_epoch))
+
+    def _dvar_quiet_idle_epochs(self, accelerator, epoch: int) -> None:
+        """One line instead of kohya's "epoch N/M" line for each epoch left after the stop."""
+        then = "then saves the model" if self._dvar.model_step is not None else "and saves no model"
+        accelerator.print(f"\nDVAR: the epochs after epoch {epoch} are idle: kohya's loop runs them out without "
+                          f"training, saving, sampling or logging, {then}.")
+        original = accelerator.print
+
+        def print_but_epoch_lines(*args, **kwargs):
+            if len(args) == 1 and isinstance(args[0], str) and EPOCH_LINE.match(args[0]):
+                return None
+            if self._dvar.model_step is None and args and str(args[0]).lstrip().startswith("saving checkpoint:"):
+                return None  # kohya's final save, which the plugin stops: nothing is written
+            return original(*args, **kwargs)
+
+        accelerator.print = print_but_epoch_lines  # the instance's; train() removes it at the end
+        self._dvar.quiet = _DropRecords(EPOCH_RECORD[1])
+        logging.getLogger(EPOCH_RECORD[0]).addFilter(self._dvar.quiet)
 
     def _dvar_idle_step(self, accelerator, args) -> torch.Tensor:
         """One loop iteration of an epoch after the stop: no gradient reaches the weights and
@@ -357,6 +470,7 @@ class DVARTrainerMixin:
             "kohya_stop_step": run.kohya_stop_step,
             "budget": run.budget,
             "stopper": run.stopper.state_dict() if run.stopper is not None else None,
+            "wall_time_s": run.earlier_wall_time + time.perf_counter() - run.started,
         }
 
     def _dvar_save_state(self, models, weights, output_dir) -> None:
@@ -369,8 +483,10 @@ class DVARTrainerMixin:
         if run is None:
             return
         if not os.path.isfile(path):
+            run.dvar_step = _kohya_state_step(input_dir)
             run.accelerator.print(
-                f"DVAR: {input_dir} holds no {STATE_FILE} (saved without --early_stop); DVAR starts its history here."
+                f"DVAR: {input_dir} holds no {STATE_FILE} (saved without --early_stop); DVAR starts its history here, "
+                f"at step {run.dvar_step}."
             )
             return
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -383,6 +499,7 @@ class DVARTrainerMixin:
             )
         run.loaded_state = state
         run.dvar_step = state["dvar_step"]
+        run.earlier_wall_time = float(state.get("wall_time_s", 0.0))
 
     def _dvar_finish(self, args, outcome: str) -> None:
         """dvar_summary.json and dvar_history.csv/.png next to kohya's model (main process)."""
@@ -394,6 +511,9 @@ class DVARTrainerMixin:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         model = out / f"{args.output_name or 'last'}.{args.save_model_as}"
+        # kohya's final save ran (a file from another run may sit there when it did not)
+        saved_model = model.is_file() and (outcome in ("early_stop", "budget") or
+                                           (outcome == "diverged" and run.model_step is not None))
         summary: Dict[str, Any] = {
             "trainer": _kohya_base(type(self)).__name__,
             "outcome": outcome,
@@ -402,27 +522,46 @@ class DVARTrainerMixin:
             "dvar_steps_seen": run.dvar_step,
             "kohya_global_step_at_stop": run.kohya_stop_step,
             "stop_epoch": run.stop_epoch,
-            "model_file": str(model) if model.is_file() else None,
+            "model_file": str(model) if saved_model else None,
+            "model_step": None if not saved_model else run.model_step if stopper.should_stop else run.dvar_step,
             "frozen_batch": {
                 "examples": len(run.frozen) if run.frozen is not None else 0,
                 "dataset_indices": run.frozen.indices if run.frozen is not None else [],
                 "captions": run.frozen.captions() if run.frozen is not None else [],
             },
-            "wall_time_s": round(time.perf_counter() - run.started, 2),
+            "wall_time_s": round(run.earlier_wall_time + time.perf_counter() - run.started, 2),
         }
         stopper.save_history(str(out))
-        with open(out / "dvar_summary.json", "w") as handle:
-            json.dump(summary, handle, indent=2)
-        if stopper.should_stop:
+        write_atomically(out / SUMMARY_FILE, summary_json(summary))
+        if stopper.should_stop and not stopper.diverged:
             saved = budget - stopper.stop_step
             run.accelerator.print(
                 f"DVAR stopped training at step {stopper.stop_step} of {budget} ({saved} steps, "
-                f"{saved / budget:.0%} of the budget, saved): {stopper.reason}. Summary: {out / 'dvar_summary.json'}"
+                f"{saved / budget:.0%} of the budget, saved): {stopper.reason}. Summary: {out / SUMMARY_FILE}"
             )
+
+    def _dvar_diverged_message(self, args) -> str:
+        run = self._dvar
+        out = Path(args.output_dir)
+        model = out / f"{args.output_name or 'last'}.{args.save_model_as}"
+        kept = (f"{model} holds the weights of step {run.kept_step}, the last finite evaluation"
+                if run.model_step is not None else "No model was saved: no evaluation was finite")
+        return f"{run.stopper.status_line()}. {kept}. Summary (outcome \"diverged\"): {out / SUMMARY_FILE}"
+
+
+def _kohya_state_step(input_dir: str) -> int:
+    """The step kohya wrote into a state folder's ``train_state.json`` (0 if it has none)."""
+    import json
+
+    try:
+        with open(os.path.join(input_dir, "train_state.json"), encoding="utf-8") as handle:
+            return int(json.load(handle)["current_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _kohya_base(cls: type) -> type:
-    return next(klass for klass in cls.__mro__[1:] if not issubclass(klass, DVARTrainerMixin) and klass is not object)
+    return next(klass for klass in cls.__mro__[1:] if not issubclass(klass, AsIsLoaderMixin) and klass is not object)
 
 
 def make_trainer_class(base: type, family: str = "sd") -> type:

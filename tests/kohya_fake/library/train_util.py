@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 from collections import namedtuple
@@ -21,6 +22,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 from PIL import Image
+
+logger = logging.getLogger(__name__)  # kohya's: library.train_util
 
 BucketBatchIndex = namedtuple("BucketBatchIndex", ["bucket_index", "bucket_batch_size", "batch_index"])
 
@@ -155,6 +158,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self.bucket_manager.shuffle()
 
     def set_current_epoch(self, epoch: int) -> None:
+        if epoch > self.current_epoch:
+            logger.info("epoch is incremented. current_epoch: {}, epoch: {}".format(self.current_epoch, epoch))
         while self.current_epoch < epoch:
             self.current_epoch += 1
             self.shuffle_buckets()

@@ -1,15 +1,17 @@
-"""The slope rule (:class:`dvar.criterion.SettledCriterion`, a candidate for ``auto`` that ``benchmarks/rules.py``
-replays): stops at the same multiple of a decay's time constant whatever that constant, never on a loss that is
-still falling or never fell, and resumes bit for bit. And ``DVARConfig(preset="auto")``: its stride comes from the
-budget and it runs :class:`dvar.criterion.SettlingTimeCriterion` (``tests/test_settling_time.py``)."""
+"""Rules the benchmark replays but the library does not ship. The slope rule
+(:class:`benchmarks.candidates.SettledCriterion`, ``auto`` before issue 12, still a candidate in ``benchmarks/rules.py``):
+stops at the same multiple of a decay's time constant whatever that constant, never on a loss that is still falling
+or never fell, and resumes bit for bit. The paper's CLIP-s rule
+(:class:`benchmarks.personalization.baselines.PatienceCriterion`). Moved here from tests/test_auto_rule.py and
+tests/test_criterion.py with the rules themselves."""
 
 import math
 
 import numpy as np
 import pytest
 
-from dvar import DVARConfig
-from dvar.criterion import SettledCriterion, settled_should_stop, settled_statistic, settled_stop_step
+from benchmarks.candidates import SettledCriterion, settled_should_stop, settled_statistic, settled_stop_step
+from benchmarks.personalization.baselines import PatienceCriterion
 
 
 def decay(tau, n, noise=0.0, seed=0, floor=1.0):
@@ -133,23 +135,34 @@ def test_replay_on_an_every_step_trace_with_a_stride(eval_every):
 
 
 @pytest.mark.parametrize(
-    "budget, eval_every, expected",
-    [(1000, "auto", 10), (400, "auto", 4), (60, "auto", 1), (1000, 3, 3)],
-)
-def test_config_auto_stride_comes_from_the_budget(budget, eval_every, expected):
-    config = DVARConfig(preset="auto", max_train_steps=budget, eval_every=eval_every)
-    assert config.resolved_eval_every() == expected
-    assert config.resolved_window_threshold() == (None, 2.0)
-
-
-@pytest.mark.parametrize(
-    "kwargs, message",
+    "scores, eps, patience, expected_stop",
     [
-        ({"preset": "auto"}, "pass max_train_steps"),
-        ({"preset": "auto", "max_train_steps": 100, "window": 50}, "leave window out"),
-        ({"preset": "auto", "max_train_steps": 100, "threshold": 1.0}, "multiple \\* level > 1"),
+        ([0.50, 0.60, 0.61, 0.605], 0.02, 2, 4),
+        ([0.5, 0.6, 0.7, 0.8, 0.9], 0.02, 2, None),  # always improving
+        ([0.5, 0.51, 0.515, 0.518], 0.02, 3, 4),  # creeping gains below eps do not count...
+        ([0.5, 0.51, 0.515, 0.518], 0.02, 2, 3),
+        ([0.5, 0.51, 0.53, 0.53], 0.02, 2, None),  # ...until they add up to more than eps
+        ([0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], 0.02, 6, 7),  # paper's TI/CD setting
+        ([0.7, 0.6, 0.5, 0.4], 0.04, 3, 4),  # paper's LoRA setting
     ],
 )
-def test_config_auto_refuses_impossible_settings(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        DVARConfig(**kwargs).resolved_window_threshold()
+def test_patience_table(scores, eps, patience, expected_stop):
+    rule = PatienceCriterion(eps=eps, patience=patience)
+    for score in scores:
+        if rule.update(score):
+            break
+    assert rule.stop_step == expected_stop
+
+
+def test_patience_shares_the_interface():
+    rule = PatienceCriterion(eps=0.02, patience=2)
+    for score in [0.5, 0.6]:
+        rule.update(score)
+    copy = PatienceCriterion(eps=0.02, patience=2)
+    copy.load_state_dict(rule.state_dict())
+    assert [copy.update(s) for s in [0.59, 0.61]] == [False, True]
+    assert copy.stop_step == 4 and "no improvement above 0.02 for 2 checks" in copy.reason
+    assert math.isnan(copy.normalized_variance)
+    with pytest.raises(ValueError, match="patience must be"):
+        PatienceCriterion(eps=0.02, patience=0)
+    assert PatienceCriterion(0.0, 1, nonfinite="stop").update(math.nan) is True
