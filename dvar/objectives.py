@@ -224,8 +224,8 @@ def _predict_flux(
     if denoiser.config.guidance_embeds:
         if guidance_scale is None:
             raise ValueError(
-                "This Flux transformer embeds the guidance scale: pass guidance_scale=args.guidance_scale to DVAR "
-                "(the value the training script feeds it)."
+                "This Flux transformer embeds the guidance scale: pass loss=LossConfig.from_args(args) (or "
+                "LossConfig(guidance_scale=args.guidance_scale)) to DVAR, the value the training script feeds it."
             )
         guidance = torch.tensor([guidance_scale], device=param.device).expand(batch_size)
     hidden = cond.hidden_states.to(param.device, param.dtype)

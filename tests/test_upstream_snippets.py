@@ -318,7 +318,7 @@ def test_flux_guidance_scale_is_required_by_a_guidance_transformer(toy_dataset):
     from dvar_lab.tiny import tiny_flux
 
     parts = tiny_flux()
-    with pytest.raises(ValueError, match="pass guidance_scale=args.guidance_scale"):
+    with pytest.raises(ValueError, match=r"pass loss=LossConfig.from_args\(args\)"):
         DVAREarlyStopping(
             transformer=parts["transformer"], vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
             text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"], noise_scheduler=parts["noise_scheduler"],
