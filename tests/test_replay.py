@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from dvar_lab.tiny import ToyConceptDataset, tiny_sd
 
 from benchmarks.personalization import replay
 from benchmarks.personalization.monitors import LossWatch
 from dvar import DVAREarlyStopping, FixedEvalBatch
 from dvar.objectives import DiffusionObjective
-from dvar_lab.tiny import ToyConceptDataset, tiny_sd
 
 BUDGET = 50
 
