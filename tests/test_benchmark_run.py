@@ -336,3 +336,12 @@ def test_traces_only_records_what_the_rule_comparison_replays(tmp_path, capsys):
     assert [(t.method, t.lr_scale, len(t.losses)) for t in trajectories] == [("dreambooth_lora", 2.0, 40)] * 2
     assert {t.half for t in trajectories} == {"selection", "held_out"}
     assert bench.main(argv[:-3] + ["--out", str(out)]) == 2  # the same folder without --traces-only: refused
+
+
+def test_a_signal_stops_the_benchmark_and_says_how_to_resume(tmp_path, monkeypatch, capsys):
+    import dvar.integrations.trainer as trainer
+
+    monkeypatch.setattr(trainer, "main", lambda *args, **kwargs: 143)  # the trainer got SIGTERM
+    assert bench.main(["--preset", "ci", "--out", str(tmp_path / "out"), "--methods", "textual_inversion"]) == 143
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("records/*/*/dvar.json")), "nothing marks the job done"

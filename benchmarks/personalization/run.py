@@ -52,6 +52,16 @@ from .config import (  # noqa: E402
 from .scoring import ConceptSpec, bundled_concepts, folder_concepts  # noqa: E402
 
 EXIT_USAGE = 2
+#: The trainer's exit codes for Ctrl-C and SIGTERM (128 + the signal).
+INTERRUPTED_CODES = (130, 143)
+
+
+class JobInterrupted(Exception):
+    """A job's training was stopped by a signal: the benchmark stops there, and the same command resumes it."""
+
+    def __init__(self, code: int, job: str) -> None:
+        super().__init__(job)
+        self.code, self.job = code, job
 
 
 # -- what a job trains ----------------------------------------------------------------------
@@ -141,6 +151,8 @@ class Benchmark:
                                     checks_to_budget=self.cfg.checks_to_budget, loss_to_budget=self.cfg.loss_to_budget,
                                     premature_steps=premature, weights_dir=weights_dir)
         code = train_main(method, argv, callbacks=[monitor])
+        if code in INTERRUPTED_CODES:
+            raise JobInterrupted(code, f"{settings.method} on {concept.name}")
         if code != 0:
             raise RuntimeError(f"{settings.method} on {concept.name}: the trainer exited with {code}")
         save_s = time.perf_counter() - monitor.last
@@ -498,7 +510,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bench = Benchmark(cfg, args.out, concepts, scorer, model=args.model, keep_weights=args.keep_weights,
                       traces_only=args.traces_only)
     started = time.perf_counter()
-    complete = bench.run(args.shard)
+    try:
+        complete = bench.run(args.shard)
+    except JobInterrupted as stopped:
+        print(f"interrupted during {stopped.job} (exit {stopped.code}): finished jobs are kept; run the same command "
+              "again to resume", file=sys.stderr)
+        return stopped.code
     print(f"shard {args.shard[0]}/{args.shard[1]} done in {(time.perf_counter() - started) / 60:.1f} min")
     if args.traces_only:
         print(f"trajectories only: compare stopping rules with python benchmarks/rules.py {args.out}")
