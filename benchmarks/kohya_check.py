@@ -8,7 +8,7 @@
     python benchmarks/kohya_check.py load-kohya SD_SCRIPTS LORA   # kohya's networks.lora loads it onto mini-SD
     python benchmarks/kohya_check.py load-diffusers LORA     # diffusers' load_lora_weights loads it (needs peft)
     python benchmarks/kohya_check.py resume EARLY RESUMED STEP    # --resume from the state of STEP: history, ss_steps
-    python benchmarks/kohya_check.py diverged OUT RC         # a NaN run: exit 1, outcome diverged, no NaN weights
+    python benchmarks/kohya_check.py diverged OUT RC         # a NaN run: exit 3, outcome diverged, no NaN weights
 
 Each prints one JSON line and exits non-zero when its check fails.
 """
@@ -151,7 +151,7 @@ def resume(early: str, resumed: str, state_step: str) -> dict:
 
 
 def diverged(out: str, rc: str) -> dict:
-    """A run that diverges (NaN/inf) with --early_stop: exit 1, outcome "diverged", and no NaN weights
+    """A run that diverges (NaN/inf) with --early_stop: exit 3, outcome "diverged", and no NaN weights
     saved: either no model, or the weights of the last finite evaluation with that step in ss_steps."""
     import torch
 
@@ -167,7 +167,7 @@ def diverged(out: str, rc: str) -> dict:
                       largest_weight=max(float(w.abs().max()) for w in weights.values()))
     consistent = (summary["model_file"] is None) if summary["model_step"] is None else (
         model.is_file() and result.get("ss_steps") == str(summary["model_step"]))
-    result["ok"] = int(rc) == 1 and summary["outcome"] == "diverged" and finite and consistent
+    result["ok"] = int(rc) == 3 and summary["outcome"] == "diverged" and finite and consistent
     return result
 
 

@@ -9,7 +9,7 @@
 #   5. --resume from the state of step 60 (past two epochs, where kohya's global_step restarts at 10)
 #      restores the history and reaches a stop whose LoRA says the steps it trained (kohya's resume itself
 #      is not step-exact, so the stop may move);
-#   6. runs that diverge (--learning_rate 1e6, 30) exit 1 with outcome "diverged" and save no NaN weights:
+#   6. runs that diverge (--learning_rate 1e6, 30) exit 3 with outcome "diverged" and save no NaN weights:
 #      nothing, or the LoRA of the last finite evaluation;
 #   7. bad input exits 2 with dvar's message: no sd-scripts, a window the budget cannot fill, --deepspeed,
 #      and a bad flag value, refused before sd-scripts is imported (its time is recorded).

@@ -22,6 +22,8 @@ from .diffusers_model import AsIsLoaderMixin, make_loader_class, needs_as_is_loa
 from .plugin import DVARTrainerMixin, KohyaPluginError, KohyaTrainingDiverged, config_from_args, make_trainer_class
 
 ENV_VAR = "SD_SCRIPTS"
+EXIT_USAGE = 2  # bad input: nothing was trained or written
+EXIT_DIVERGED = 3  # the loss became NaN/inf (as dvar's trainers; 1 stays kohya's own crashes)
 VERIFIED_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 
 #: script name -> (module, trainer class, model family)
@@ -315,7 +317,7 @@ def _pop_option(argv: List[str], flag: str) -> Tuple[Optional[str], List[str]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run kohya's script with the DVAR flags: 0 when kohya's run ends (at the budget or at a DVAR stop),
-    1 when training diverged, 2 on bad input (before anything is trained or written)."""
+    3 when training diverged, 2 on bad input (before anything is trained or written)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
@@ -353,5 +355,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except KohyaTrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
     return 0

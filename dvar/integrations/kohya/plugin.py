@@ -26,7 +26,7 @@ the stop fell in.
 A divergence (a NaN/inf frozen-batch or training loss) ends the run the same way, but as a failure:
 the network gets back the weights of the last finite evaluation (kept on the CPU at each one), no
 step, epoch or state save happens past it, kohya's final save writes those weights (or nothing, when
-no evaluation was finite), and ``train`` raises :class:`KohyaTrainingDiverged` (exit 1 from the launcher).
+no evaluation was finite), and ``train`` raises :class:`KohyaTrainingDiverged` (exit 3 from the launcher).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class KohyaPluginError(Exception):
 
 
 class KohyaTrainingDiverged(RuntimeError):
-    """Training diverged (a NaN/inf loss): raised by ``train`` after kohya's run ended (launcher: exit 1)."""
+    """Training diverged (a NaN/inf loss): raised by ``train`` after kohya's run ended (launcher: exit 3)."""
 
 
 class _NothingToSave(Exception):
