@@ -61,6 +61,27 @@ from .run_end import (
 
 logger = logging.getLogger("dvar.integrations")
 
+# Each checkpoint holds, per process, the torch RNG states that draw the noise and timesteps. accelerate saves them
+# too, but before 1.1 reads them back with a plain torch.load, which torch >= 2.6 (weights_only by default) refuses:
+# it logs "Could not load random states" and the resumed run draws other noise. This copy loads on every version.
+RNG_STATE = "dvar_rng_state_{}.pt"
+
+
+def rng_state(device: Any) -> Dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(path: Path, device: Any) -> None:
+    if not path.is_file():  # a checkpoint written before dvar kept its own copy: accelerate's alone
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
 
 class TrainingObserver:
     """Watches a run without changing it (the benchmark's monitors). Subclass and override."""
@@ -200,6 +221,7 @@ class Trainer:
             checkpoint = find_checkpoint(args)
             accelerator.print(f"Resuming from {checkpoint}")
             accelerator.load_state(str(checkpoint))
+            restore_rng_state(checkpoint / RNG_STATE.format(accelerator.process_index), accelerator.device)
             self.start_step = int(checkpoint.name.split("-")[1])
             state_file = checkpoint / TRAINER_STATE
             if state_file.is_file():  # wall time adds up across resumes
@@ -247,6 +269,8 @@ class Trainer:
                 batches = dataloader
                 if epoch == first_epoch and resume_batches:
                     batches = accelerator.skip_first_batches(dataloader, resume_batches)
+                    # accelerate 1.7-1.14's new loader starts at epoch 0 and would replay epoch 0's shuffle order
+                    batches.set_epoch(epoch)
                 for batch in batches:
                     step_started = time.perf_counter()
                     with accelerator.accumulate(*models):
@@ -328,7 +352,10 @@ class Trainer:
                     shutil.rmtree(old)
             shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
         accelerator.wait_for_everyone()
+        rng = rng_state(accelerator.device)
         accelerator.save_state(str(partial))
+        accelerator.wait_for_everyone()
+        torch.save(rng, partial / RNG_STATE.format(accelerator.process_index))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_atomically(partial / TRAINER_STATE, json.dumps({"step": global_step, "wall_time_s": round(self.elapsed(), 3)}))

@@ -88,6 +88,9 @@ def main(argv=None) -> dict:
         )
         path = dirs[-1] if args.resume_from_checkpoint == "latest" else args.resume_from_checkpoint
         accelerator.load_state(os.path.join(args.output_dir, path))
+        # accelerate < 1.1 cannot read its own copy of the RNG state back on torch >= 2.6 (torch.load weights_only)
+        rng_file = os.path.join(args.output_dir, path, f"rng_state_{accelerator.process_index}.pt")
+        torch.set_rng_state(torch.load(rng_file, weights_only=True))
         global_step = int(path.split("-")[1])
         first_epoch = global_step // num_update_steps_per_epoch
         resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
@@ -122,7 +125,9 @@ def main(argv=None) -> dict:
                 losses.append(loss.item())
                 should_stop = stopper is not None and stopper.step(global_step, loss)  # DVAR (before checkpointing)
                 if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
-                    accelerator.save_state(os.path.join(args.output_dir, f"checkpoint-{global_step}"))
+                    checkpoint, rng = os.path.join(args.output_dir, f"checkpoint-{global_step}"), torch.get_rng_state()
+                    accelerator.save_state(checkpoint)
+                    torch.save(rng, os.path.join(checkpoint, f"rng_state_{accelerator.process_index}.pt"))
                 if should_stop:  # DVAR
                     break  # DVAR
             if global_step >= args.max_train_steps or global_step == args.interrupt_at_step:
