@@ -184,7 +184,7 @@ class SettledCriterion:
                 raise FloatingPointError(f"got a non-finite loss ({value}) after {self.num_values} values.")
             if self.nonfinite == "stop" and not self.stopped:
                 self.stopped, self.stop_step = True, self.num_values + 1
-                self.reason = f"non-finite: loss became {value} after {self.num_values} values"
+                self.reason = f"non-finite: loss became {value} at value {self.num_values + 1}"
             return self.stopped
         if self._shift is None:
             self._shift = value

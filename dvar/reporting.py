@@ -35,8 +35,8 @@ def stop_message(stop_step: int, max_train_steps: Optional[int], reason: Optiona
     Example:
         >>> stop_message(346, 600, "plateau: var(last 310) / var(all 346) = 0.1497 < 0.15")
         'DVAR stopped training at step 346 of 600 (254 steps, 42% of the budget, saved): plateau: var(last 310) / var(all 346) = 0.1497 < 0.15'
-        >>> stop_message(12, 600, "non-finite: loss became nan after 11 values", diverged=True)
-        'DVAR ended training at step 12 of 600 because it diverged (non-finite: loss became nan after 11 values): lower the learning rate, or train in fp32/bf16 instead of fp16'
+        >>> stop_message(12, 600, "non-finite: loss became nan at value 12", diverged=True)
+        'DVAR ended training at step 12 of 600 because it diverged (non-finite: loss became nan at value 12): lower the learning rate, or train in fp32/bf16 instead of fp16'
     """
     if diverged:
         budget = f" of {max_train_steps}" if max_train_steps else ""

@@ -126,8 +126,8 @@ def test_logs_to_accelerate_trackers(toy_dataset):
         # a plateau: the concept is learned, the run succeeded
         ([1.0, 0.5, 0.4, 0.4, 0.4, 0.4], [0.9] * 6, 4, "plateau", "plateau: var(last 3)", 4),
         # the frozen-batch loss diverges: a failure, whatever the rule would have said
-        ([1.0, 0.5, float("nan"), 0.4], [0.9] * 4, 3, "non_finite", "non-finite: loss became nan after 2 values", 2),
-        ([1.0, float("inf")], [0.9] * 2, 2, "non_finite", "non-finite: loss became inf", 1),
+        ([1.0, 0.5, float("nan"), 0.4], [0.9] * 4, 3, "non_finite", "non-finite: loss became nan at value 3", 2),
+        ([1.0, float("inf")], [0.9] * 2, 2, "non_finite", "non-finite: loss became inf at value 2", 1),
         # the training loss diverges first (checked on evaluation steps)
         ([1.0, 0.5, 0.45], [0.9, float("nan"), 0.9], 2, "non_finite", "non-finite: the training loss became nan", 1),
         # no training loss given: nothing to check there

@@ -149,8 +149,8 @@ def test_bad_arguments(window, threshold, message):
 @pytest.mark.parametrize(
     "policy, trace, expected_stop, expected_reason",
     [
-        ("stop", [1.0, 2.0, math.nan, 1.0], 3, "non-finite: loss became nan after 2 values"),
-        ("stop", [1.0, math.inf], 2, "non-finite: loss became inf after 1 values"),
+        ("stop", [1.0, 2.0, math.nan, 1.0], 3, "non-finite: loss became nan at value 3"),
+        ("stop", [1.0, math.inf], 2, "non-finite: loss became inf at value 2"),
         ("skip", [1.0, math.nan, 2.0, 3.0], None, None),
     ],
 )

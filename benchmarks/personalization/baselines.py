@@ -50,7 +50,7 @@ class PatienceCriterion:
                 raise FloatingPointError(f"Got a non-finite score ({value}) after {self.num_values} values.")
             if self.nonfinite == "stop" and not self.stopped:
                 self.stopped, self.stop_step = True, self.num_values + 1
-                self.reason = f"non-finite: score became {value} after {self.num_values} values"
+                self.reason = f"non-finite: score became {value} at value {self.num_values + 1}"
             return self.stopped
         self.num_values += 1
         if value > self.best + self.eps or self.best_step is None:

@@ -151,7 +151,7 @@ class CustomDiffusion(DreamBoothBase):
     name = "custom_diffusion"
     preset = "custom_diffusion"
     sd_budget = Budget(max_train_steps=500, learning_rate=1e-5)  # the paper's (diffusers' README adds --scale_lr)
-    mini_sd_budget = Budget(max_train_steps=600, learning_rate=1e-4)  # measured: integrations/README.md
+    mini_sd_budget = Budget(max_train_steps=600, learning_rate=1e-4)  # measured: docs/trainers.md
     can_train_text_encoder = False  # the modifier token's embedding trains, not the encoder
     instance_prompt_help = (
         "Prompt with the modifier token, e.g. 'a photo of a <new1> cat' (default: 'a photo of a "

@@ -235,7 +235,7 @@ class DreamBooth(DreamBoothBase):
     # diffusers' train_dreambooth.py: --learning_rate default 5e-6; its README trains SD 1.x for
     # 400 steps (800 with prior preservation). 1000 matches DreamBooth-LoRA's budget in the DVAR paper.
     sd_budget = Budget(max_train_steps=1000, learning_rate=5e-6)
-    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-4)  # measured: integrations/README.md
+    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-4)  # measured: docs/trainers.md
     # The learned state is the whole UNet (3.4 GB on SD 1.5): a second copy to fall back on after a
     # divergence would double its memory, so a diverged run writes no weights and points at its last checkpoint.
     keeps_finite_copy = False

@@ -48,7 +48,7 @@ class DreamBoothLoRA(DreamBoothBase):
     name = "dreambooth_lora"
     preset = "dreambooth_lora"
     sd_budget = Budget(max_train_steps=1000, learning_rate=5e-4)  # the DVAR paper's DreamBooth-LoRA baseline
-    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: integrations/README.md
+    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: docs/trainers.md
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         super().add_arguments(parser)

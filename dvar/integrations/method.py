@@ -55,7 +55,7 @@ class Method:
     name: str = ""
     preset: str = ""
     sd_budget: Budget  # the paper's settings on Stable Diffusion
-    mini_sd_budget: Budget  # measured for the embedded mini-SD (see integrations/README.md)
+    mini_sd_budget: Budget  # measured for the embedded mini-SD (see docs/trainers.md)
     data_flag: str = "--instance_data_dir"
     # Keep a CPU copy of learned_state() at the last good step, to save instead of NaN/inf weights.
     keeps_finite_copy: bool = True

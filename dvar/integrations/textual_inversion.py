@@ -38,7 +38,7 @@ class TextualInversion(Method):
     name = "textual_inversion"
     preset = "textual_inversion"
     sd_budget = Budget(max_train_steps=6100, learning_rate=5e-3)
-    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: integrations/README.md
+    mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: docs/trainers.md
     data_flag = "--train_data_dir"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:

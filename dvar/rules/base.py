@@ -121,7 +121,7 @@ class StopRule(ABC):
             if self.nonfinite == "raise":
                 raise FloatingPointError(f"DVAR got a non-finite loss ({value}) after {self.num_values} values.")
             if self.nonfinite == "stop" and not self.stopped:
-                self._fire(StopKind.NON_FINITE, f"non-finite: loss became {value} after {self.num_values} values",
+                self._fire(StopKind.NON_FINITE, f"non-finite: loss became {value} at value {self.num_values + 1}",
                            self.num_values + 1)
             return self.stopped
         message = self._observe(value)
