@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 from PIL import Image
 
 from benchmarks.personalization import replay, rescore
@@ -94,6 +95,25 @@ def test_replaying_each_live_rule_on_the_recorded_losses_gives_its_stop(ci_run):
         losses, timesteps = replay.per_example_losses(trace)
         assert losses.shape == (40, len(timesteps)) and len(set(timesteps)) > 1
     assert replay.main([str(ci_run)]) == 0
+
+
+def test_every_step_records_its_update_and_the_saved_weights_agree(ci_run):
+    """The update statistics (Pflug's diagnostic reads them) are the saved weights' own: |w_s - w_0|^2 at each
+    saved step s equals the recorded displacement, and each step's |u_t|^2 adds up with the cross terms."""
+    for trace in load_traces(ci_run):
+        updates, budget = trace["updates"], trace["max_train_steps"]
+        assert [len(updates[k]) for k in ("sq", "dot_previous", "displacement_sq")] == [budget] * 3
+        assert updates["dot_previous"][0] is None and all(x is not None for x in updates["dot_previous"][1:])
+        assert updates["displacement_sq"][0] == pytest.approx(updates["sq"][0]) and max(updates["sq"]) > 0
+        # |w_2 - w_0|^2 = |u_1|^2 + |u_2|^2 + 2 u_1.u_2
+        two = updates["sq"][0] + updates["sq"][1] + 2 * updates["dot_previous"][1]
+        assert updates["displacement_sq"][1] == pytest.approx(two, rel=1e-9, abs=1e-30)
+        folder = ci_run / trace["weights"]["folder"]
+        start = load_file(str(folder / "step_00000.safetensors"))
+        for step in trace["weights"]["steps"][1:]:
+            weights = load_file(str(folder / f"step_{step:05d}.safetensors"))
+            moved = sum(float(((weights[k].double() - start[k].double()) ** 2).sum()) for k in start)
+            assert updates["displacement_sq"][step - 1] == pytest.approx(moved, rel=1e-9, abs=1e-30), (trace["method"], step)
 
 
 def test_weights_are_kept_at_every_check_and_every_stop(ci_run):

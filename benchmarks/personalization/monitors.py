@@ -6,7 +6,8 @@ samplers use private generators; attaching the stopper leaves the weights bitwis
 as tests/test_callback.py checks). It records when each rule fires, keeps a copy of the
 learned weights at that step and at every identity check (written as safetensors, so that
 any step can be scored again later: :mod:`.rescore`), each frozen example's loss at every step
-(so that any rule can be replayed: :mod:`.replay`), and times every part, so each variant's cost
+and the size and direction of every update of the learned weights (:class:`UpdateStatistics`; so that any
+rule can be replayed: :mod:`.replay`), and times every part, so each variant's cost
 is the training time up to its stop plus the time its own rule spent.
 """
 
@@ -53,6 +54,44 @@ class Sampler:
                 num_inference_steps=self.sampling.num_inference_steps, guidance_scale=self.sampling.guidance_scale,
                 height=self.trainer.args.resolution, width=self.trainer.args.resolution,
             ).images
+
+
+class UpdateStatistics:
+    """Per optimizer step, from the learned weights alone (no extra forward pass), what optimisation diagnostics read:
+    ``sq`` = |u_t|^2 for the step's update u_t = w_t - w_(t-1); ``dot_previous`` = u_t . u_(t-1), whose running sum is
+    Pflug's stationarity statistic (Chee and Toulis 2018; None at the first step); ``displacement_sq`` = |w_t - w_0|^2.
+    Sums in float64 over every learned tensor (the new token rows, the LoRA or Custom Diffusion weights).
+
+    >>> stats = UpdateStatistics({"w": torch.tensor([0.0, 0.0])})
+    >>> for w in ([1.0, 0.0], [2.0, 1.0]):
+    ...     stats.update({"w": torch.tensor(w)})
+    >>> stats.to_json()
+    {'sq': [1.0, 2.0], 'dot_previous': [None, 1.0], 'displacement_sq': [1.0, 5.0]}
+    """
+
+    def __init__(self, start: Dict[str, torch.Tensor]) -> None:
+        self.start = self.previous = self._flat(start)
+        self.previous_update: Optional[torch.Tensor] = None
+        self.sq: List[float] = []
+        self.dot_previous: List[Optional[float]] = []
+        self.displacement_sq: List[float] = []
+
+    @staticmethod
+    def _flat(state: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([state[name].detach().reshape(-1).to("cpu", torch.float64) for name in sorted(state)])
+
+    def update(self, state: Dict[str, torch.Tensor]) -> None:
+        """Record the step that led to ``state`` (the learned weights after it)."""
+        current = self._flat(state)
+        step = current - self.previous
+        self.sq.append(float(step @ step))
+        self.dot_previous.append(None if self.previous_update is None else float(step @ self.previous_update))
+        displacement = current - self.start
+        self.displacement_sq.append(float(displacement @ displacement))
+        self.previous, self.previous_update = current, step
+
+    def to_json(self) -> Dict[str, list]:
+        return {"sq": self.sq, "dot_previous": self.dot_previous, "displacement_sq": self.displacement_sq}
 
 
 def score_current_weights(sampler: Sampler, scorer: Any, concept: ConceptSpec, phrase: str,
@@ -252,6 +291,7 @@ class TrajectoryMonitor(TrainingObserver):
         self.scorer.references(self.concept)
         self.clip_rule = PatienceCriterion(self.settings.clip_s_eps, self.settings.clip_s_patience)
         self.clip_setup_s = time.perf_counter() - clip_started
+        self.updates = UpdateStatistics(trainer.method.learned_state(trainer.parts, trainer.accelerator))
         self._keep_premature(0)
         if self.checks_to_budget:  # where the curve starts: the untrained token / adapters (not part of any rule)
             self._identity_check(0, feed_rule=False)
@@ -271,6 +311,7 @@ class TrajectoryMonitor(TrainingObserver):
                 self._snapshot(name, global_step)
         for watch in self.ablation_watches.values():
             watch(global_step, loss)
+        self.updates.update(self.trainer.method.learned_state(self.trainer.parts, self.trainer.accelerator))
         self._keep_premature(global_step)
         every = self.settings.check_every
         if global_step % every == 0 and (self.checks_to_budget or self._clip_s_wants(global_step)):

@@ -194,6 +194,7 @@ class Benchmark:
             "seed": self.cfg.seed, "informative": traced,
             "setup_s": round(monitor.setup_s, 3), "save_s": round(save_s, 3),
             "train_step_s": [round(s, 5) for s in monitor.train_step_s], "train_loss": monitor.train_loss,
+            "updates": monitor.updates.to_json(),
             "dvar": monitor.dvar_watches["dvar"].to_json(),
             "dvar_variants": {name: w.to_json() for name, w in monitor.dvar_watches.items() if name != "dvar"},
             "identity_checks": {**monitor.identity_trace, "every": settings.check_every, "stop_step": monitor.clip_s_stop,
@@ -313,8 +314,9 @@ class Benchmark:
         )
 
 
-#: 2: per-example frozen losses, weights at every check (OUT/weights), ``auto``, CLIP-s at its own cadence.
-TRACE_FORMAT = 2
+#: 2: per-example frozen losses, weights at every check (OUT/weights), ``auto``, CLIP-s at its own cadence;
+#: 3: and every step's update statistics (``updates``: :class:`.monitors.UpdateStatistics`).
+TRACE_FORMAT = 3
 SCORE_KEYS = ("identity", "identity_embedding", "identity_images", "alignment", "alignment_by_attribute", "images_scored")
 RETEST_KEYS = ("identity_retest", "identity_embedding_retest")
 
