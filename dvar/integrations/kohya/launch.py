@@ -329,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"error: {argv[0]!r} is not a kohya script the DVAR plugin supports; choose one of {', '.join(SCRIPTS)}.",
             file=sys.stderr,
         )
-        return 2
+        return EXIT_USAGE
     given, rest = _pop_option(argv[1:], "--sd_scripts")
     module_name, class_name, family = SCRIPTS[script]
     try:
@@ -339,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         module = import_script(root, script)
     except KohyaPluginError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
     parser = add_early_stop_arguments(module.setup_parser())
     sys.argv = [str(root / f"{script}.py"), *rest]  # kohya's read_config_from_file parses sys.argv again
@@ -352,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trainer.train(args)
     except KohyaPluginError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except KohyaTrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_DIVERGED
