@@ -223,7 +223,9 @@ def test_checkpoints_hold_the_small_files_and_resume_to_the_same_stop(tmp_path, 
     shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
     code, _ = run(tmp_path, "resumed", tiny_pipeline_dir, concept_dir, *flags, "--resume_from_checkpoint", "checkpoint-4")
     assert code == 0
-    assert json.loads((resumed / "dvar_summary.json").read_text())["stop_step"] == 8
+    stop = json.loads((full / "dvar_summary.json").read_text())["stop_step"]
+    assert stop is not None and stop > 4, "the uninterrupted run must stop after the checkpoint"
+    assert json.loads((resumed / "dvar_summary.json").read_text())["stop_step"] == stop  # 8 or 9, by library versions
     assert (resumed / "dvar_history.csv").read_text() == (full / "dvar_history.csv").read_text()
     for name in (WEIGHT_NAME, "<new1>.safetensors"):
         assert (resumed / name).read_bytes() == (full / name).read_bytes(), name
