@@ -308,3 +308,20 @@ def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(mini_sd(), safety_checker=None)
     pipe.load_textual_inversion(out)
     assert "<concept>" in pipe.tokenizer.get_added_vocab()
+
+
+@pytest.mark.parametrize("environment, pinned", [
+    ({}, True),  # glibc's dynamic thresholds pinned (docs/dreambooth-slowdown.md)
+    ({"MALLOC_TRIM_THRESHOLD_": "1048576"}, False),  # the user's own setting wins
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}, False),
+])
+def test_malloc_thresholds_are_pinned_unless_the_user_set_them(monkeypatch, environment, pinned):
+    from dvar.integrations.trainer import pin_malloc_thresholds
+
+    if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        pytest.skip("glibc only")
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert pin_malloc_thresholds() is pinned
