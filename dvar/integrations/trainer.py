@@ -197,7 +197,10 @@ class Trainer:
         parts.vae.requires_grad_(False)
         for module in (parts.vae, parts.unet, parts.text_encoder):  # frozen parts in the compute dtype
             frozen = not any(p.requires_grad for p in module.parameters())
-            module.to(accelerator.device, dtype=weight_dtype if frozen and weight_dtype != torch.float32 else None)
+            if frozen and weight_dtype != torch.float32:
+                module.to(accelerator.device, dtype=weight_dtype)
+            else:  # no dtype argument at all: diffusers 0.42 warns about any, even None
+                module.to(accelerator.device)
         if args.scale_lr:
             args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
 
