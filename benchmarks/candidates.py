@@ -231,3 +231,65 @@ def settled_stop_step(trace: Sequence[float], eval_every: int, **settings: Any) 
     """The slope rule's stop (optimizer steps) evaluating every ``eval_every`` steps, replayed on an every-step
     trace; None if it never fires."""
     return replay_stop_step(SettledCriterion(**settings), trace, eval_every)
+
+
+class PflugCriterion:
+    """Pflug's stationarity diagnostic on the optimizer's updates (Chee and Toulis 2018): from a burn-in step on,
+    sum u_t . u_(t-1), the inner product of successive updates; while the weights still travel, successive updates
+    agree (positive sum); around a stationary point the noise makes them disagree. Stop at the first step at least
+    ``min_steps`` after the burn-in whose running sum is negative. Reads only the trained weights: no forward pass.
+
+    ``update(dot)`` takes u_t . u_(t-1) of one optimizer step (None at the first step, which has no previous update).
+
+    Example:
+        >>> rule = PflugCriterion(burn_in=2, min_steps=2)
+        >>> [rule.update(d) for d in (None, 1.0, 0.5, -1.0, -1.0, 2.0)]
+        [False, False, False, False, True, True]
+        >>> rule.stop_step, rule.reason
+        (5, 'stationary: the running sum of successive-update inner products since step 2 is -0.5 at step 5')
+    """
+
+    def __init__(self, burn_in: int, min_steps: int) -> None:
+        if burn_in < 1 or min_steps < 1:
+            raise ValueError(f"burn_in and min_steps must be >= 1 (got {burn_in}, {min_steps}).")
+        self.burn_in, self.min_steps = int(burn_in), int(min_steps)
+        self.steps, self.running_sum = 0, 0.0
+        self.stopped, self.stop_step, self.reason = False, None, None
+
+    def update(self, dot: Optional[float]) -> bool:
+        self.steps += 1
+        if self.stopped:
+            return True
+        if self.steps >= self.burn_in and dot is not None:
+            self.running_sum += float(dot)
+        if self.steps >= self.burn_in + self.min_steps and self.running_sum < 0:
+            self.stopped, self.stop_step = True, self.steps
+            self.reason = (f"stationary: the running sum of successive-update inner products since step {self.burn_in} "
+                           f"is {self.running_sum:.3g} at step {self.steps}")
+        return self.stopped
+
+
+class AllSettled:
+    """Several rules, one per signal (e.g. timestep bands of the frozen batch): stop once every one has fired
+    (each stays fired). ``update(values)`` feeds ``values[i]`` to rule i.
+
+    Example:
+        >>> from dvar.rules import DVARCriterion
+        >>> rule = AllSettled([DVARCriterion(window=2, threshold=0.3), DVARCriterion(window=2, threshold=0.3)])
+        >>> [rule.update(v) for v in ([4, 4], [1, 3], [1, 2], [1, 1.5], [1, 1.5])]
+        [False, False, False, True, True]
+        >>> rule.fired  # the step each band's rule fired at
+        [3, 4]
+    """
+
+    def __init__(self, rules: Sequence[Any]) -> None:
+        self.rules = list(rules)
+        self.fired: List[Optional[int]] = [None] * len(self.rules)
+        self.steps = 0
+
+    def update(self, values: Sequence[float]) -> bool:
+        self.steps += 1
+        for i, (rule, value) in enumerate(zip(self.rules, values)):
+            if rule.update(float(value)) and self.fired[i] is None:
+                self.fired[i] = self.steps
+        return all(step is not None for step in self.fired)

@@ -30,7 +30,7 @@ import argparse
 import csv
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -39,7 +39,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.candidates import replay_stop_step, settled_stop_step  # noqa: E402
+from benchmarks.candidates import AllSettled, PflugCriterion, replay_stop_step, settled_stop_step  # noqa: E402
 from benchmarks.personalization.config import METHOD_ORDER  # noqa: E402
 from benchmarks.personalization.noninferiority import MARGIN, noninferiority_row  # noqa: E402
 from benchmarks.personalization.report import load_meta, load_records, load_traces  # noqa: E402
@@ -72,6 +72,13 @@ class Trajectory:
     saturation: Saturation
     train_step_s: List[float]
     eval_s: float  # one frozen-batch evaluation (median over the run)
+    model: str = "mini-sd"
+    #: format 3: each frozen example's loss every step ([budget, examples]) and its timestep ([examples])
+    per_example: Optional[np.ndarray] = field(default=None, repr=False)
+    timesteps: Optional[np.ndarray] = field(default=None, repr=False)
+    #: format 3: per step, u_t . u_(t-1) of the trained weights' updates (None at step 1) and |w_t - w_0|^2
+    dot_previous: Optional[List[Optional[float]]] = field(default=None, repr=False)
+    displacement_sq: Optional[List[float]] = field(default=None, repr=False)
 
     def identity_at(self, step: int) -> float:
         """Check identity at ``step``, linear between the checks around it."""
@@ -88,10 +95,19 @@ def _every_step_watch(trace: dict) -> Optional[dict]:
     return None
 
 
+def model_name(meta: dict) -> str:
+    """``mini-sd`` / ``mini-flow`` for the embedded models, else the model as the run recorded it."""
+    recorded = str(meta.get("model", "mini-SD (embedded)"))
+    for name in ("mini-sd", "mini-flow"):
+        if recorded.lower().startswith(name):
+            return name
+    return recorded
+
+
 def load_trajectories(folder: Path) -> List[Trajectory]:
     """The trajectories of one benchmark folder that can be replayed and judged (loss and checks to the budget)."""
     meta, traces, records = load_meta(folder), load_traces(folder), load_records(folder)
-    lr_scale = float(meta.get("lr_scale", 1.0))
+    lr_scale, model = float(meta.get("lr_scale", 1.0)), model_name(meta)
     noise = check_noise_sd(records, traces)
     if set(noise) != {t["method"] for t in traces}:  # a method with under 2 retests: the methods' pooled noise
         pooled = check_noise_sd([{**r, "method": "all"} for r in records], [{**t, "method": "all"} for t in traces])
@@ -107,10 +123,15 @@ def load_trajectories(folder: Path) -> List[Trajectory]:
             continue
         names = order.get(method, [])
         position = names.index(trace["concept"]) if trace["concept"] in names else 0
+        per_example = watch.get("per_example") or {}
+        updates = trace.get("updates") or {}
         out.append(Trajectory(
             method, trace["concept"], HALVES[position % 2], lr_scale, budget, watch["eval_loss"][:budget],
             steps, checks["identity"], oracle_saturation(steps, checks["identity"], noise[method]),
-            trace["train_step_s"], float(np.median(watch["eval_s"])),
+            trace["train_step_s"], float(np.median(watch["eval_s"])), model,
+            np.asarray(per_example["losses"][:budget], dtype=np.float64) if per_example.get("losses") else None,
+            np.asarray(per_example["timesteps"], dtype=np.float64) if per_example.get("timesteps") else None,
+            updates.get("dot_previous", [])[:budget] or None, updates.get("displacement_sq", [])[:budget] or None,
         ))
     return out
 
@@ -173,7 +194,122 @@ def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_eval
     return rule
 
 
-def candidates() -> Dict[str, Rule]:
+def _require(t: Trajectory, name: str) -> np.ndarray:
+    value = getattr(t, name)
+    if value is None:
+        raise ValueError(f"{t.method} {t.concept}: the trace has no {name} (a trace before format 3); rerun the "
+                         "benchmark to replay this candidate")
+    return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float64)
+
+
+def normalized_examples(t: Trajectory, k: int) -> np.ndarray:
+    """Each frozen example's loss at steps k, 2k, ... divided by its own first value there ([evaluations, examples])."""
+    seen = _require(t, "per_example")[k - 1::k]
+    return seen / seen[0]
+
+
+def timestep_bands(timesteps: np.ndarray, bands: int = 3) -> List[np.ndarray]:
+    """The frozen examples split by timestep into ``bands`` groups, lowest first (sizes differ by at most one).
+
+    >>> [b.tolist() for b in timestep_bands(np.array([674.0, 474.0, 810.0, 289.0]))]
+    [[3, 1], [0], [2]]
+    """
+    return [band for band in np.array_split(np.argsort(timesteps, kind="stable"), bands) if band.size]
+
+
+def normalized_settling(multiple: float, level: float) -> Rule:
+    """N: the settling-time rule on the mean over examples of each one's loss / its first value, so that the mid
+    and high-noise examples (small losses that move little in absolute terms) weigh as much as the low-noise ones."""
+
+    def rule(t: Trajectory) -> tuple:
+        k = budget_stride(t.budget)
+        values = normalized_examples(t, k).mean(axis=1)
+        stop = replay_stop_step(SettlingTimeCriterion(multiple=multiple, level=level), values, 1)
+        return (None if stop is None else stop * k), stop or values.size
+
+    return rule
+
+
+def band_settling(multiple: float, level: float, bands: int = 3) -> Rule:
+    """B: the frozen examples in ``bands`` timestep bands, each normalised as N; the settling-time rule on each,
+    stopping once every band has settled."""
+
+    def rule(t: Trajectory) -> tuple:
+        k = budget_stride(t.budget)
+        normalized = normalized_examples(t, k)
+        groups = timestep_bands(_require(t, "timesteps"), bands)
+        signals = np.stack([normalized[:, g].mean(axis=1) for g in groups], axis=1)
+        watcher = AllSettled([SettlingTimeCriterion(multiple=multiple, level=level) for _ in groups])
+        stop = replay_stop_step(watcher, list(signals), 1)
+        return (None if stop is None else stop * k), stop or signals.shape[0]
+
+    return rule
+
+
+def pflug(burn_in_share: float, min_steps: int) -> Rule:
+    """F: Pflug's diagnostic (:class:`benchmarks.candidates.PflugCriterion`) on every step's update; no forward pass."""
+
+    def rule(t: Trajectory) -> tuple:
+        dots = t.dot_previous if t.dot_previous is not None else _require(t, "dot_previous")
+        criterion = PflugCriterion(max(1, round(burn_in_share * t.budget)), min_steps)
+        return replay_stop_step(criterion, dots, 1), 0
+
+    return rule
+
+
+def displacement_settling(multiple: float, level: float) -> Rule:
+    """D: the settling-time rule on minus the squared distance the trained weights travelled from the start (it
+    rises, the rule watches falls), at the budget's stride; no forward pass."""
+
+    def rule(t: Trajectory) -> tuple:
+        k = budget_stride(t.budget)
+        values = -_require(t, "displacement_sq")
+        stop = replay_stop_step(SettlingTimeCriterion(multiple=multiple, level=level), values, k)
+        return stop, 0
+
+    return rule
+
+
+def guarded(main: Rule, guard: Rule) -> Rule:
+    """G: ``main``'s stop, but not before ``guard`` has fired; never when either never fires. The guard's
+    evaluations come from the same forward passes (B) or none (F), so the count is ``main``'s."""
+
+    def rule(t: Trajectory) -> tuple:
+        (stop, evaluations), (guard_stop, _) = main(t), guard(t)
+        if stop is None or guard_stop is None:
+            return None, evaluations
+        final = max(stop, guard_stop)
+        return final, final // budget_stride(t.budget)
+
+    return rule
+
+
+def default_candidates() -> Dict[str, Rule]:
+    """Issue 23's candidates for the default rule, as written down before any replay
+    (``benchmarks/results/rules/default-candidates.md``); ``paper`` is the reference."""
+    rules: Dict[str, Rule] = {"paper": paper_preset}
+    for level in (0.8, 0.9):
+        for multiple in (1.5, 2.0, 3.0):
+            rules[f"S level={level:g} x{multiple:g}"] = settling_time(multiple, level)
+    for level in (0.8, 0.9):
+        for multiple in (1.5, 2.0):
+            rules[f"N level={level:g} x{multiple:g}"] = normalized_settling(multiple, level)
+    for multiple in (1.5, 2.0):
+        rules[f"B level=0.8 x{multiple:g}"] = band_settling(multiple, 0.8)
+    for share in (0.05, 0.1):
+        for steps in (10, 50):
+            rules[f"F b={share:.0%} m={steps}"] = pflug(share, steps)
+    for level in (0.8, 0.9):
+        for multiple in (1.5, 2.0):
+            rules[f"D level={level:g} x{multiple:g}"] = displacement_settling(multiple, level)
+    for multiple in (1.5, 2.0):
+        main = settling_time(multiple, 0.8)
+        rules[f"G S x{multiple:g} guard F"] = guarded(main, pflug(0.1, 10))
+        rules[f"G S x{multiple:g} guard B"] = guarded(main, band_settling(1.5, 0.8))
+    return rules
+
+
+def issue12_candidates() -> Dict[str, Rule]:
     """The paper's presets, the shipped ``auto`` and its neighbours, fraction-of-the-run windows and windows from
     the loss's settling time."""
     rules: Dict[str, Rule] = {"paper": paper_preset}
@@ -190,6 +326,7 @@ def candidates() -> Dict[str, Rule]:
     return rules
 
 
+CANDIDATE_LISTS = {"default": default_candidates, "issue12": issue12_candidates}
 AUTO = "settling-time level=0.8 x2"  # what preset="auto" ships (dvar.rules.AUTO_LEVEL / AUTO_MULTIPLE)
 
 
@@ -202,7 +339,8 @@ def judge(t: Trajectory, rule: Rule) -> dict:
     sat = t.saturation
     judged_at = censored_saturation(sat, t.budget)
     return {
-        "method": t.method, "concept": t.concept, "half": t.half, "lr_scale": t.lr_scale, "budget": t.budget,
+        "model": t.model, "method": t.method, "concept": t.concept, "half": t.half, "lr_scale": t.lr_scale,
+        "budget": t.budget,
         "stop": stop, "saturation_step": sat.step, "saturation_status": sat.status,
         "ratio": at / judged_at if judged_at else None,
         "saving_captured": saving_captured(at, judged_at, t.budget),
@@ -239,11 +377,12 @@ def compare(trajectories: Sequence[Trajectory], rules: Dict[str, Rule]) -> List[
     judged = {name: [judge(t, rule) for t in trajectories] for name, rule in rules.items()}
     cells = []
     for name, rows in judged.items():
-        keys = sorted({(r["method"], r["lr_scale"], r["half"]) for r in rows},
-                      key=lambda key: (METHOD_ORDER.index(key[0]) if key[0] in METHOD_ORDER else 99, key[1], key[2]))
-        for method, scale, half in keys:
-            mine = [r for r in rows if (r["method"], r["lr_scale"], r["half"]) == (method, scale, half)]
-            cells.append({"rule": name, "method": method, "lr_scale": scale, "half": half, **summarize(mine)})
+        keys = sorted({(r["model"], r["method"], r["lr_scale"], r["half"]) for r in rows},
+                      key=lambda key: (key[0], METHOD_ORDER.index(key[1]) if key[1] in METHOD_ORDER else 99, *key[2:]))
+        for model, method, scale, half in keys:
+            mine = [r for r in rows if (r["model"], r["method"], r["lr_scale"], r["half"]) == (model, method, scale, half)]
+            cells.append({"rule": name, "model": model, "method": method, "lr_scale": scale, "half": half,
+                          **summarize(mine)})
     return cells
 
 
@@ -259,15 +398,62 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
     return min(scores, key=scores.get) if scores else None
 
 
+def choose_default(cells: List[dict], half: str = "selection", reference: str = "paper") -> Optional[str]:
+    """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
+    rate cell (if none is, those non-inferior in the most cells), the highest smallest-over-methods median saving
+    captured at 1x; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets) is not a candidate.
+
+    >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
+    ...           "saving_captured_median": s} for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
+    ...          ("b", "ti", "yes", 0.9), ("b", "cd", "no", 0.9), ("c", "ti", "yes", 0.6), ("c", "cd", "yes", 0.6)]]
+    >>> choose_default(cells)
+    'c'
+    """
+    names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] != reference and c["half"] == half))
+    if not names:
+        return None
+
+    def score(name: str) -> tuple:
+        mine = [c for c in cells if c["rule"] == name and c["half"] == half]
+        passed = sum(c["noninferior"] == "yes" for c in mine)
+        savings = [c["saving_captured_median"] for c in mine if c["lr_scale"] == 1.0]
+        worst = min((x if x is not None else -math.inf) for x in savings) if savings else -math.inf
+        return passed - len(mine), worst, -names.index(name)
+
+    return max(names, key=score)
+
+
 def meets_target(cell: dict) -> bool:
     """Issue 12's bar for ``auto`` in one cell: median stop / saturation in [0.8, 1.5], non-inferior to the budget."""
     return (cell["ratio_median"] is not None and 0.8 <= cell["ratio_median"] <= 1.5
             and cell["noninferior"] == "yes")
 
 
+#: Issue 23's bar at 1x: the median share of the oracle saving captured, per method.
+SAVING_BAR = 0.6
+
+
+def meets_default_bar(cells: List[dict], half: str = "held_out") -> bool:
+    """Issue 23's bar for one rule on ``half``: non-inferior in every cell, median saving captured >= 0.6 at 1x."""
+    mine = [c for c in cells if c["half"] == half]
+    return bool(mine) and all(c["noninferior"] == "yes" for c in mine) and all(
+        c["saving_captured_median"] is not None and c["saving_captured_median"] >= SAVING_BAR
+        for c in mine if c["lr_scale"] == 1.0)
+
+
+DEFAULT_COLUMNS = ("model", "method", "lr_scale", "half", "n", "mean_delta", "ci_low", "ci_high", "margin",
+                   "saving_captured", "stop_over_saturation")
+
+
+def default_rows(cells: List[dict], rule: str) -> List[dict]:
+    """``default.csv``: the chosen rule's cells, both halves."""
+    return [{**{k: c[k] for k in DEFAULT_COLUMNS if k in c}, "saving_captured": c["saving_captured_median"],
+             "stop_over_saturation": c["ratio_median"]} for c in cells if c["rule"] == rule]
+
+
 # ------------------------------------------------------------------------------------------ output
 
-COLUMNS = ("rule", "method", "lr_scale", "half", "n", "saturated", "ratio_median", "ratio_iqr", "abs_error_median",
+COLUMNS = ("rule", "model", "method", "lr_scale", "half", "n", "saturated", "ratio_median", "ratio_iqr", "abs_error_median",
            "saving_captured_median", "regret_median", "too_early", "too_late", "step_speedup_median", "speedup_median",
            "mean_delta", "ci_low", "ci_high", "margin", "noninferior", "identity_change_median", "identity_p")
 
@@ -280,20 +466,20 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Trajectory]) -> str:
+def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Trajectory], how: str = "") -> str:
     lines = [f"{len(trajectories)} trajectories: " + ", ".join(
-        f"{m} x{s:g}: {sum(t.method == m and t.lr_scale == s for t in trajectories)}"
-        for m, s in sorted({(t.method, t.lr_scale) for t in trajectories}))]
-    lines.append(f"\nChosen on the selection half (even positions): **{chosen or 'none qualifies'}**; "
+        f"{model} {m} x{s:g}: {sum((t.model, t.method, t.lr_scale) == (model, m, s) for t in trajectories)}"
+        for model, m, s in sorted({(t.model, t.method, t.lr_scale) for t in trajectories}))]
+    lines.append(f"\n{how or 'Chosen on the selection half (even positions)'}: **{chosen or 'none qualifies'}**; "
                  f"shipped as preset='auto': `{AUTO}`.\n")
-    head = ("| rule | method | lr x | n (judged) | stop / saturation, median (IQR) | saving captured | regret | "
+    head = ("| rule | model | method | lr x | n (judged) | stop / saturation, median (IQR) | saving captured | regret | "
             "too early | too late | step speedup | speedup | mean Δ identity [95% CI] | non-inferior |")
     for half in HALVES:
         shown = [c for c in cells if c["half"] == half and (half == "selection" or c["rule"] in {"paper", AUTO, chosen})]
-        lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 13]
+        lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 14]
         for c in shown:
             lines.append(
-                f"| {c['rule']} | {c['method']} | {c['lr_scale']:g} | {c['n']} ({c['saturated']}) | "
+                f"| {c['rule']} | {c['model']} | {c['method']} | {c['lr_scale']:g} | {c['n']} ({c['saturated']}) | "
                 f"{_fmt(c['ratio_median'])} ({_fmt(c['ratio_iqr'])}) | {_fmt(c['saving_captured_median'])} | "
                 f"{_fmt(c['regret_median'])} | {_fmt(c['too_early'])} | {_fmt(c['too_late'])} | "
                 f"{_fmt(c['step_speedup_median'])} | {_fmt(c['speedup_median'])} | "
@@ -303,8 +489,11 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
         mine = [c for c in held if c["rule"] == name]
         if name and mine:
             errors = [c["abs_error_median"] for c in mine if c["abs_error_median"] is not None]
-            lines.append(f"\nheld-out, {name}: target met in {sum(map(meets_target, mine))} of {len(mine)} cells; "
-                         f"median over cells of median |stop / saturation - 1|: {_fmt(median(errors))}")
+            lines.append(f"\nheld-out, {name}: non-inferior in {sum(c['noninferior'] == 'yes' for c in mine)} of "
+                         f"{len(mine)} cells; issue 12's target (stop / saturation in [0.8, 1.5] and non-inferior) met "
+                         f"in {sum(map(meets_target, mine))}; issue 23's bar (non-inferior everywhere, saving captured "
+                         f">= {SAVING_BAR:g} at 1x): {'met' if meets_default_bar(mine) else 'not met'}; median over "
+                         f"cells of median |stop / saturation - 1|: {_fmt(median(errors))}")
     return "\n".join(lines) + "\n"
 
 
@@ -313,15 +502,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="Benchmark result folders (full, --lr-scale runs).")
     parser.add_argument("--markdown", type=Path, default=None, help="Also write the tables here.")
     parser.add_argument("--csv", type=Path, default=None, help="Write every cell here.")
+    parser.add_argument("--candidates", choices=sorted(CANDIDATE_LISTS), default="default",
+                        help="default: issue 23's pre-registered list (default-candidates.md); issue12: issue 12's.")
+    parser.add_argument("--rule", default=None,
+                        help="Report this candidate as the chosen one instead of choosing (a held-out model or axis).")
+    parser.add_argument("--default-csv", type=Path, default=None,
+                        help="Write the chosen rule's cells here (issue 23's default.csv columns).")
     args = parser.parse_args(argv)
     trajectories = [t for folder in args.folders for t in load_trajectories(folder)]
     if not trajectories:
         print("error: no trajectory with its every-step loss and identity checks up to the budget under "
               f"{[str(f) for f in args.folders]} (run the benchmark's full preset first)", file=sys.stderr)
         return 2
-    cells = compare(trajectories, candidates())
-    chosen = choose(cells)
-    text = markdown(cells, chosen, trajectories)
+    rules = CANDIDATE_LISTS[args.candidates]()
+    if args.rule is not None and args.rule not in rules:
+        print(f"error: --rule {args.rule!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
+              file=sys.stderr)
+        return 2
+    cells = compare(trajectories, rules)
+    if args.rule is not None:
+        chosen, how = args.rule, "Given (--rule, not chosen on this data)"
+    else:
+        chosen = choose_default(cells) if args.candidates == "default" else choose(cells)
+        how = "Chosen on the selection half (even positions)"
+    text = markdown(cells, chosen, trajectories, how)
     print(text)
     if args.markdown:
         args.markdown.write_text(text)
@@ -330,6 +534,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows({k: c[k] for k in COLUMNS} for c in cells)
+    if args.default_csv and chosen:
+        with open(args.default_csv, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=DEFAULT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(default_rows(cells, chosen))
     return 0
 
 

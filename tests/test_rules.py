@@ -28,7 +28,7 @@ def test_identity_between_checks_is_interpolated_and_time_counts_evaluations():
 @pytest.mark.parametrize("tau, saturation", [(60, 200), (100, 300), (200, 600)])
 def test_the_shipped_auto_rule_stops_near_saturation_when_identity_tracks_the_loss(tau, saturation):
     # identity saturates at 3 tau; the rule stops near 3 tau: stop / saturation within [0.8, 1.5]
-    row = rules.judge(planted("a", tau, saturation), rules.candidates()[rules.AUTO])
+    row = rules.judge(planted("a", tau, saturation), rules.issue12_candidates()[rules.AUTO])
     assert abs(row["saturation_step"] - saturation) <= 50 and 0.8 <= row["ratio"] <= 1.5
     assert row["speedup"] > 1 and row["regret"] == pytest.approx(0)
 
@@ -44,7 +44,7 @@ def test_choose_prefers_the_closest_rule_that_is_non_inferior():
     trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
     early = lambda t: (50, 1)  # noqa: E731  far too early: identity drops on every concept
     late = lambda t: (t.budget, 1)  # noqa: E731  safe but far past saturation
-    cells = rules.compare(trajectories, {"paper": late, "early": early, "late": late, rules.AUTO: rules.candidates()[rules.AUTO]})
+    cells = rules.compare(trajectories, {"paper": late, "early": early, "late": late, rules.AUTO: rules.issue12_candidates()[rules.AUTO]})
     by_rule = {c["rule"]: c for c in cells}
     assert by_rule["early"]["noninferior"] == "no" and by_rule["early"]["ci_high"] < -by_rule["early"]["margin"]
     assert by_rule["late"]["noninferior"] == "yes" and by_rule["late"]["too_late"] > 0.5
@@ -105,3 +105,79 @@ def test_the_settling_time_rule_never_stops_a_loss_that_has_not_settled(trace):
     t = planted("a", 50, 250)
     t.losses = trace
     assert rules.settling_time(1.5, 0.8)(t)[0] is None
+
+
+# ---- issue 23's candidates: per-example losses, timestep bands, update diagnostics --------------------------------
+
+
+def with_signals(t, taus, timesteps, budget=1000, pflug_turns=None, displacement_tau=None):
+    """Give a planted trajectory format-3 signals: example e's loss exp(-t / taus[e]) (plus a floor), the updates'
+    successive inner products positive until ``pflug_turns`` and negative after, |w_t - w_0|^2 = 1 - exp(-t / tau)."""
+    steps = np.arange(1, budget + 1)[:, None]
+    t.per_example = 0.1 + np.exp(-steps / np.asarray(taus, dtype=float)[None, :])
+    t.timesteps = np.asarray(timesteps, dtype=float)
+    turns = pflug_turns or budget + 1
+    t.dot_previous = [None] + [1.0 if s < turns else -3.0 for s in range(2, budget + 1)]
+    t.displacement_sq = list(1 - np.exp(-np.arange(1, budget + 1) / (displacement_tau or 50)))
+    return t
+
+
+def test_normalized_examples_weigh_a_small_loss_like_a_large_one():
+    t = with_signals(planted("a", 50, 250), taus=[20, 20, 20, 20], timesteps=[100, 300, 600, 900])
+    t.per_example[:, 0] *= 100  # one example's loss is 100x the others': normalising removes the scale
+    values = rules.normalized_examples(t, 10)
+    assert values.shape == (100, 4) and np.allclose(values[0], 1.0) and np.allclose(values[:, 0], values[:, 1])
+
+
+@pytest.mark.parametrize("taus, slowest", [
+    ([20, 20, 20, 20], 20),
+    ([20, 20, 20, 150], 150),  # the highest-timestep example settles last: B waits for it, N does not
+])
+def test_bands_stop_when_the_slowest_band_has_settled(taus, slowest):
+    t = with_signals(planted("a", 50, 250), taus, timesteps=[100, 300, 600, 900])
+    band_stop, _ = rules.band_settling(2.0, 0.8)(t)
+    alone = with_signals(planted("b", 50, 250), [slowest] * 4, timesteps=[100, 300, 600, 900])
+    assert band_stop == rules.normalized_settling(2.0, 0.8)(alone)[0]
+    if slowest > 20:
+        assert rules.normalized_settling(2.0, 0.8)(t)[0] < band_stop
+
+
+@pytest.mark.parametrize("turns, burn_in, min_steps, stop", [
+    (None, 0.1, 10, None),  # successive updates always agree: still travelling, never stationary
+    (300, 0.1, 10, 366),  # sum from step 100: +200 over steps 100-299, then -3 a step: negative at the 67th, 366
+    (50, 0.1, 10, 110),  # negative from the start of the sum at 100: the first step allowed, 100 + 10
+])
+def test_pflug_stops_once_successive_updates_disagree_on_balance(turns, burn_in, min_steps, stop):
+    t = with_signals(planted("a", 50, 250), [20] * 4, [1, 2, 3, 4], pflug_turns=turns)
+    assert rules.pflug(burn_in, min_steps)(t) == (stop, 0)
+
+
+@pytest.mark.parametrize("tau", [80, 120, 160])
+def test_the_distance_travelled_settles_at_a_multiple_of_its_time_constant(tau):
+    t = with_signals(planted("a", 50, 250), [20] * 4, [1, 2, 3, 4], displacement_tau=tau)
+    stop, evaluations = rules.displacement_settling(2.0, 0.8)(t)
+    settling = 1.61 * tau  # 1 - exp(-T / tau) = 0.8 at T = tau ln 5; smoothing adds up to 50 steps, the stride 10
+    assert evaluations == 0 and 2 * settling <= stop <= 2 * (settling + 50) + 10
+
+
+def test_a_guard_only_delays_a_stop():
+    t = planted("a", 50, 250)
+    early, late, never = (lambda t: (100, 10)), (lambda t: (400, 0)), (lambda t: (None, 0))  # noqa: E731
+    assert rules.guarded(early, late)(t) == (400, 40) and rules.guarded(late, early)(t)[0] == 400
+    assert rules.guarded(early, never)(t) == (None, 10)
+
+
+def test_a_candidate_needing_format_3_signals_names_what_is_missing():
+    with pytest.raises(ValueError, match="per_example.*format 3"):
+        rules.normalized_settling(2.0, 0.8)(planted("a", 50, 250))
+
+
+def test_default_csv_holds_the_chosen_rules_cells():
+    trajectories = [with_signals(planted(f"c{i}", tau, 4 * tau, half=rules.HALVES[i % 2]), [tau] * 4, [1, 2, 3, 4])
+                    for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    cells = rules.compare(trajectories, rules.default_candidates())
+    chosen = rules.choose_default(cells)
+    assert chosen in rules.default_candidates() and chosen != "paper"
+    rows = rules.default_rows(cells, chosen)
+    assert [r["half"] for r in rows] == ["held_out", "selection"]
+    assert all(set(r) == set(rules.DEFAULT_COLUMNS) and r["model"] == "mini-sd" for r in rows)
