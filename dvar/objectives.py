@@ -221,7 +221,7 @@ def _predict_flux(
     param = next(denoiser.parameters())
     batch_size, channels, height, width = noisy.shape
     guidance = None
-    if denoiser.config.guidance_embeds:
+    if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # (DDP-wrapped in a trainer's loss)
         if guidance_scale is None:
             raise ValueError(
                 "This Flux transformer embeds the guidance scale: pass loss=LossConfig.from_args(args) (or "

@@ -41,7 +41,7 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     add("--output_dir", default=None, help="Where weights, samples and the DVAR history go (default: outputs/<method>).")
     add("--overwrite_output_dir", action="store_true", help="Replace what --output_dir holds.")
     add("--seed", type=int, default=0)
-    add("--resolution", type=int, default=None, help="Training resolution (default: the model's native size).")
+    add("--resolution", type=int, default=None, help="Training resolution (default: the model's native size; 512 for Flux).")
     add("--center_crop", action=argparse.BooleanOptionalAction, default=True, help="Crop the center square after resizing.")
     add("--random_flip", action="store_true", help="Also train on horizontally flipped images.")
     add("--train_batch_size", type=int, default=1)
@@ -112,6 +112,8 @@ def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
     if args.pretrained_model_name_or_path is None:
         args.pretrained_model_name_or_path = default_model_path()
     budget = method.mini_sd_budget if is_embedded_model(args.pretrained_model_name_or_path) else method.sd_budget
+    if method.flux_budget is not None and known_model_family(args.pretrained_model_name_or_path) == "flux":
+        budget = method.flux_budget
     if args.max_train_steps is None:
         args.max_train_steps = budget.max_train_steps
     if args.learning_rate is None:
@@ -212,6 +214,24 @@ def resolve_model(name: str) -> str:
         ) from None
 
 
+def known_model_family(name: str) -> Optional[str]:
+    """The family (``"sd"``/``"flux"``) of a local folder or of a Hub id already in the local cache, without
+    downloading anything; None when it is not known yet."""
+    from .flux import model_family
+
+    if Path(name).is_dir():
+        return model_family(name)
+    if not is_hub_id(name):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(name, "model_index.json")
+    except Exception:  # an id the cache cannot hold
+        return None
+    return model_family(str(Path(index).parent)) if isinstance(index, str) else None
+
+
 def training_device() -> torch.device:
     """The device accelerate will train on (before the Accelerator exists)."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
@@ -305,11 +325,16 @@ def find_checkpoint(args: argparse.Namespace) -> Optional[Path]:
 
 
 def load_components(path: str) -> Components:
+    """The parts of a Stable Diffusion folder, or of a FluxPipeline folder (``Components.family``)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from dvar.models import load_exactly  # fails loudly where from_pretrained would leave random weights
 
+    from .flux import load_flux_components, model_family
+
+    if model_family(path) == "flux":
+        return load_flux_components(path)
     return Components(
         tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
         text_encoder=load_exactly(CLIPTextModel, path, "text_encoder").float(),

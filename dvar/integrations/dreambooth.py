@@ -193,28 +193,39 @@ def generate_class_images(args: argparse.Namespace, folder: Path, start: int, co
     Image ``i`` uses seed ``--seed + i`` whatever the batch size, so a partly filled folder
     is completed with the images a fresh run would have made.
     """
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, FluxPipeline, StableDiffusionPipeline
     from tqdm.auto import tqdm
+
+    from .flux import model_family, sampling_kwargs
 
     cuda = torch.device(device).type == "cuda"
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, torch.float16 if cuda else torch.float32
     )
     logger.info(f"Generating {count} class images of '{args.class_prompt}' in {folder}")
-    pipe = StableDiffusionPipeline.from_pretrained(
-        getattr(args, "model_folder", args.pretrained_model_name_or_path), safety_checker=None,
-        requires_safety_checker=False,
-    ).to(device, dtype)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    model = getattr(args, "model_folder", args.pretrained_model_name_or_path)
+    flux = model_family(model) == "flux"
+    if flux:  # its own flow-matching scheduler, at the training resolution
+        pipe = FluxPipeline.from_pretrained(model).to(device, dtype)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            model, safety_checker=None, requires_safety_checker=False
+        ).to(device, dtype)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     folder.mkdir(parents=True, exist_ok=True)
     indices = list(range(start, start + count))
     batches = [indices[i : i + args.sample_batch_size] for i in range(0, count, args.sample_batch_size)]
     for batch in tqdm(batches, desc="Generating class images"):
         generators = [torch.Generator(device="cpu").manual_seed(args.seed + i) for i in batch]
+        extra = {}
+        if flux:
+            extra = dict(sampling_kwargs(args, pipe.transformer, len(batch)), height=args.resolution,
+                         width=args.resolution)
         with torch.no_grad():
             images = pipe(
-                [args.class_prompt] * len(batch), num_inference_steps=CLASS_SAMPLING_STEPS, generator=generators
+                [args.class_prompt] * len(batch), num_inference_steps=CLASS_SAMPLING_STEPS, generator=generators,
+                **extra,
             ).images
         for i, image in zip(batch, images):
             digest = hashlib.sha1(image.tobytes()).hexdigest()[:16]

@@ -1,5 +1,5 @@
 """What a personalization method is to the shared loop: ``Method`` (what trains, how it is saved),
-the Stable Diffusion parts it works on, and the default diffusion loss."""
+the Stable Diffusion (or Flux) parts it works on, and the default diffusion loss."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,9 @@ logger = logging.getLogger("dvar.integrations")
 
 @dataclass
 class Components:
-    """The Stable Diffusion parts a method trains or uses."""
+    """The parts a method trains or uses. ``unet`` is the denoiser of either family: the
+    UNet2DConditionModel (``family="sd"``) or the FluxTransformer2DModel (``family="flux"``, which also
+    has the T5 ``text_encoder_2``/``tokenizer_2``; ``text_encoder`` is its CLIP)."""
 
     tokenizer: Any
     text_encoder: torch.nn.Module
@@ -28,6 +30,9 @@ class Components:
     unet: torch.nn.Module
     noise_scheduler: Any
     model_path: str
+    text_encoder_2: Optional[torch.nn.Module] = None
+    tokenizer_2: Any = None
+    family: str = "sd"
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Method:
     preset: str = ""
     sd_budget: Budget  # the paper's settings on Stable Diffusion
     mini_sd_budget: Budget  # measured for the embedded mini-SD (see docs/trainers.md)
+    flux_budget: Optional[Budget] = None  # for FluxPipeline folders, where the method trains them
+    families: Tuple[str, ...] = ("sd",)  # the model families it trains (Components.family)
     data_flag: str = "--instance_data_dir"
     # Keep a CPU copy of learned_state() at the last good step, to save instead of NaN/inf weights.
     keeps_finite_copy: bool = True
@@ -94,6 +101,10 @@ class Method:
         """A pipeline with the learned weights, for the validation samples."""
         from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
+        if parts.family == "flux":
+            from .flux import flux_pipeline
+
+            return flux_pipeline(parts, accelerator)
         pipe = StableDiffusionPipeline.from_pretrained(
             parts.model_path,
             unet=accelerator.unwrap_model(parts.unet),
@@ -173,7 +184,8 @@ class Method:
         rows = list(getattr(self, "token_ids", []) or [])
         text_encoder = accelerator.unwrap_model(parts.text_encoder)
         table = text_encoder.get_input_embeddings().weight if rows else None
-        return [("unet", accelerator.unwrap_model(parts.unet), None, rows), ("text_encoder", text_encoder, table, rows)]
+        name = "transformer" if parts.family == "flux" else "unet"
+        return [(name, accelerator.unwrap_model(parts.unet), None, rows), ("text_encoder", text_encoder, table, rows)]
 
 
 def diffusion_loss(

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from dvar import DVAREarlyStopping
+from dvar import DVAREarlyStopping, LossConfig
 from dvar.reporting import write_atomically
 
 from .data import UsageError, collate, load_image_folder
@@ -43,6 +43,7 @@ from .cli import (
     validate_settings,
     warn_photos_on_embedded_model,
 )
+from .flux import model_family, resolve_flux_settings, sampling_kwargs, unsupported_model
 from .method import Components, Method
 from .run_end import (
     DIVERGED_FIX,
@@ -82,6 +83,13 @@ def restore_rng_state(path: Path, device: Any) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def keep_trained_in_fp32(module: torch.nn.Module) -> None:
+    """The trained parameters of a module cast to a half dtype back in float32 (diffusers' ``cast_training_params``)."""
+    for param in module.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
 
 
 class TrainingObserver:
@@ -155,12 +163,16 @@ class Trainer:
             verbose=False,  # the stop line is printed by finish(), after the progress bar
         )
         settings.update(overrides)
+        family: Dict[str, Any] = {"unet": parts.unet}
+        if parts.family == "flux":  # the loss it trains on: --weighting_scheme, --guidance_scale, ...
+            family = dict(transformer=parts.unet, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                          loss=LossConfig.from_args(args))
         with warnings.catch_warnings():  # the trainer says it in its own words, naming the flag (run())
             warnings.filterwarnings("ignore", message="The frozen DVAR batch asks")
             return DVAREarlyStopping(
-                unet=parts.unet, vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
                 noise_scheduler=parts.noise_scheduler, train_dataset=self.eval_dataset, accelerator=self.accelerator,
-                **settings,
+                **family, **settings,
             )
 
     def run(self) -> int:
@@ -170,7 +182,12 @@ class Trainer:
 
         args, method = self.args, self.method
         args.model_folder = resolve_model(args.pretrained_model_name_or_path)  # a Hub id: its cached snapshot
+        args.model_family = model_family(args.model_folder)
+        if args.model_family not in method.families:
+            raise unsupported_model(method.name, args.pretrained_model_name_or_path)
         parts = load_components(args.model_folder)
+        if parts.family == "flux":
+            resolve_flux_settings(args, parts)
         method.validate(args, parts.tokenizer)  # e.g. tokens that already exist: before any write
         if args.resolution is None:
             args.resolution = parts.unet.config.sample_size * 2 ** (len(parts.vae.config.block_out_channels) - 1)
@@ -195,10 +212,14 @@ class Trainer:
 
         trainable = method.setup(args, parts, accelerator)
         parts.vae.requires_grad_(False)
-        for module in (parts.vae, parts.unet, parts.text_encoder):  # frozen parts in the compute dtype
+        # frozen parts in the compute dtype; for Flux also the frozen base of a trained one, as its script
+        for module in (parts.vae, parts.unet, parts.text_encoder, parts.text_encoder_2):
+            if module is None:
+                continue
             frozen = not any(p.requires_grad for p in module.parameters())
-            if frozen and weight_dtype != torch.float32:
+            if weight_dtype != torch.float32 and (frozen or parts.family == "flux"):
                 module.to(accelerator.device, dtype=weight_dtype)
+                keep_trained_in_fp32(module)
             else:  # no dtype argument at all: diffusers 0.42 warns about any, even None
                 module.to(accelerator.device)
         if args.scale_lr:
@@ -511,10 +532,11 @@ class Trainer:
         pipe = self.method.pipeline(parts, accelerator, weight_dtype).to(accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        extra = sampling_kwargs(args, pipe.transformer, args.num_validation_images) if parts.family == "flux" else {}
         with torch.no_grad(), accelerator.autocast():  # frozen parts may be fp16/bf16, trained ones fp32
             images = pipe(
                 [prompt] * args.num_validation_images, num_inference_steps=args.num_inference_steps,
-                generator=generator, height=args.resolution, width=args.resolution,
+                generator=generator, height=args.resolution, width=args.resolution, **extra,
             ).images
         with staged_files(args.output_dir) as stage:
             (stage / "samples").mkdir()
