@@ -268,7 +268,7 @@ def test_bf16_trains_a_bf16_transformer_and_saves_fp32_adapters(cli, tmp_path, f
 
 OTHER_METHODS = [
     (textual_inversion, "Textual Inversion", "--train_data_dir"),
-    (dreambooth, "Dreambooth", "--instance_data_dir"),
+    (dreambooth, "DreamBooth", "--instance_data_dir"),
     (custom_diffusion, "Custom Diffusion", "--instance_data_dir"),
 ]
 

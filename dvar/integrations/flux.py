@@ -58,6 +58,10 @@ def is_embedded_flow(path: str) -> bool:
         return False
 
 
+METHOD_TITLES = {"textual_inversion": "Textual Inversion", "dreambooth": "DreamBooth",
+                 "custom_diffusion": "Custom Diffusion", "dreambooth_lora": "DreamBooth-LoRA"}
+
+
 def unsupported_model(method_name: str, name: str) -> UsageError:
     """The refusal of a method that trains Stable Diffusion only, given a Flux folder.
 
@@ -65,7 +69,7 @@ def unsupported_model(method_name: str, name: str) -> UsageError:
     'Textual Inversion does not train Flux models'
     """
     return UsageError(
-        f"{method_name.replace('_', ' ').title()} does not train Flux models: --pretrained_model_name_or_path {name} "
+        f"{METHOD_TITLES.get(method_name, method_name)} does not train Flux models: --pretrained_model_name_or_path {name} "
         f"is a {FLUX_PIPELINE} (a FluxTransformer2DModel with CLIP and T5 text encoders), and "
         f"integrations/{method_name}.py trains Stable Diffusion UNets. DreamBooth-LoRA "
         "(integrations/dreambooth_lora.py) supports Flux."
