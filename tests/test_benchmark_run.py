@@ -365,3 +365,34 @@ def test_a_signal_stops_the_benchmark_and_says_how_to_resume(tmp_path, monkeypat
     assert bench.main(["--preset", "ci", "--out", str(tmp_path / "out"), "--methods", "textual_inversion"]) == 143
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not list((tmp_path / "out").glob("records/*/*/dvar.json")), "nothing marks the job done"
+
+
+# ---- the benchmark on a Flux model (issue 24): mini-flow's path, on a tiny random Flux pipeline -------------------
+
+
+@pytest.fixture(scope="module")
+def flow_ci_run(tmp_path_factory, unguided_flux_pipeline_dir):
+    out = tmp_path_factory.mktemp("bench") / "ci-flow"
+    assert bench.main(["--preset", "ci", "--model", str(unguided_flux_pipeline_dir), "--out", str(out), "--no-report"]) == 0
+    return out
+
+
+def test_a_flux_model_runs_dreambooth_lora_with_every_variant(flow_ci_run, unguided_flux_pipeline_dir):
+    meta = json.loads((flow_ci_run / "benchmark.json").read_text())
+    assert meta["preset"] == "ci-flow" and meta["model"] == str(unguided_flux_pipeline_dir)
+    records = load_records(flow_ci_run)
+    assert sorted(r["variant"] for r in records) == sorted(VARIANTS)
+    assert {r["method"] for r in records} == {"dreambooth_lora"}
+    (trace,) = load_traces(flow_ci_run)
+    assert trace["identity_checks"]["steps"][-1] == trace["max_train_steps"]  # checks drawn by the Flux pipeline
+    rows = replay.check_live_stops(trace)  # the flow loss replays to the live stops, as on mini-SD
+    assert rows and all(row["match"] for row in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "textual_inversion"], "only DreamBooth-LoRA trains"),
+])
+def test_a_flux_model_refuses_the_methods_that_cannot_train_it(tmp_path, capsys, unguided_flux_pipeline_dir, argv, message):
+    out = tmp_path / "refused"
+    assert bench.main(["--preset", "ci", "--model", str(unguided_flux_pipeline_dir), "--out", str(out), *argv]) == 2
+    assert message in capsys.readouterr().err and not out.exists()

@@ -23,24 +23,6 @@ INSTANCE_PROMPT = "a photo of sks circle"  # the default for the bundled concept
 EARLY = ["--early-stop", "--early-stop-window", "3", "--early-stop-threshold", "0.5", "--early-stop-eval-every", "1"]
 
 
-@pytest.fixture(scope="session")
-def unguided_flux_pipeline_dir(tmp_path_factory):
-    """A tiny random Flux pipeline whose transformer has no guidance embedding (FLUX.1-schnell, mini-flow)."""
-    from diffusers import FluxPipeline
-
-    from dvar_lab.tiny import tiny_flux
-
-    parts = tiny_flux(seed=0, resolution=16, guidance_embeds=False)
-    pipe = FluxPipeline(
-        scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
-        transformer=parts["transformer"],
-    )
-    path = tmp_path_factory.mktemp("tiny-flux-unguided")
-    pipe.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def models(tiny_flux_pipeline_dir, unguided_flux_pipeline_dir):
     return {"guided": tiny_flux_pipeline_dir, "unguided": unguided_flux_pipeline_dir}

@@ -184,6 +184,31 @@ def mini_sd_methods() -> List[MethodSettings]:
     ]
 
 
+#: DreamBooth-LoRA on the embedded mini-flow (issue 24): the budget and learning rate under which a seen concept
+#: is learned and levels off inside the budget, and its sampler (flow-matching Euler steps, true classifier-free
+#: guidance). How they were chosen: benchmarks/results/full-flow/README.md.
+MINI_FLOW_LORA = dict(max_train_steps=1000, learning_rate=1e-3)
+MINI_FLOW_SAMPLING = dict(num_inference_steps=20, guidance_scale=5.0)
+
+
+def for_flow_model(cfg: BenchmarkConfig) -> BenchmarkConfig:
+    """``cfg`` on a Flux model: DreamBooth-LoRA only (the trainer that trains Flux), no ablation (it is Textual
+    Inversion's); ``quick`` and ``full`` take mini-flow's budget, learning rate and sampler, ``ci`` keeps its own.
+
+    >>> cfg = for_flow_model(preset("full"))
+    >>> cfg.name, [m.method for m in cfg.methods], cfg.sampling.guidance_scale
+    ('full-flow', ['dreambooth_lora'], 5.0)
+    """
+    lora = [m for m in cfg.methods if m.method == "dreambooth_lora"]
+    if not lora:
+        raise ValueError("a Flux model trains only DreamBooth-LoRA: include dreambooth_lora in --methods")
+    if cfg.name in ("quick", "full"):
+        lora = [dataclasses.replace(lora[0], **MINI_FLOW_LORA)]
+        cfg.sampling = dataclasses.replace(cfg.sampling, **MINI_FLOW_SAMPLING)
+    cfg.methods, cfg.ablation_methods, cfg.name = lora, (), f"{cfg.name}-flow"
+    return cfg
+
+
 def preset(name: str) -> BenchmarkConfig:
     """``ci`` (minutes, a smoke test), ``quick`` (2 concepts per method, <= 30 min) or ``full``
     (all 48 concepts x 3 methods on mini-SD)."""

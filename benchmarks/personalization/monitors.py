@@ -48,10 +48,17 @@ class Sampler:
             return []
         parts, accelerator = self.trainer.parts, self.trainer.accelerator
         generator = torch.Generator(device="cpu").manual_seed(self.sampling.seed if seed is None else seed)
+        guidance: Dict[str, Any] = {"guidance_scale": self.sampling.guidance_scale}
+        if getattr(parts, "family", "sd") == "flux":
+            from dvar.integrations.flux import sampling_kwargs
+
+            guidance = sampling_kwargs(self.trainer.args, accelerator.unwrap_model(parts.unet), len(prompts))
+            if "true_cfg_scale" in guidance:  # no guidance embedding: the benchmark's guidance is true CFG
+                guidance["true_cfg_scale"] = self.sampling.guidance_scale
         with isolated_global_rng(), eval_mode([parts.unet, parts.text_encoder]), accelerator.autocast():
             return self.pipe(
                 list(prompts), num_images_per_prompt=per_prompt, generator=generator,
-                num_inference_steps=self.sampling.num_inference_steps, guidance_scale=self.sampling.guidance_scale,
+                num_inference_steps=self.sampling.num_inference_steps, **guidance,
                 height=self.trainer.args.resolution, width=self.trainer.args.resolution,
             ).images
 

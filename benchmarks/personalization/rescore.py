@@ -150,6 +150,18 @@ def _steps_for(selection: str, weights_dir: Path, checks: Sequence[int], variant
         raise ValueError(f"--steps {selection!r}: expected all, checks, variants or steps such as 50,100") from None
 
 
+def embedded_model_path(recorded: str) -> Optional[str]:
+    """The model folder a benchmark recorded: None for mini-SD (the trainers' default), mini-flow's folder,
+    else the path as recorded."""
+    if recorded.startswith("mini-SD") or not recorded:
+        return None
+    if recorded.startswith("mini-flow"):
+        from dvar.models import mini_flow
+
+        return str(mini_flow())
+    return recorded
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .report import load_meta
     from .run import concepts_from_meta, quiet_libraries, write_json
@@ -186,7 +198,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .scoring import ClipScorer, WorldScorer
 
     scorer = ClipScorer(args.clip) if args.clip else WorldScorer()
-    model = args.model or (None if str(meta.get("model", "")).startswith("mini-SD") else meta.get("model"))
+    model = args.model or embedded_model_path(str(meta.get("model", "")))
     index, count = args.shard
     done = skipped = 0
     for number, (settings, concept) in enumerate(jobs):

@@ -46,10 +46,12 @@ from .config import (  # noqa: E402
     PREMATURE_STOPS,
     BenchmarkConfig,
     MethodSettings,
+    for_flow_model,
     load_config,
     preset,
 )
 from .scoring import ConceptSpec, bundled_concepts, folder_concepts  # noqa: E402
+from dvar.integrations.flux import model_family  # noqa: E402
 
 EXIT_USAGE = 2
 #: The trainer's exit codes for Ctrl-C and SIGTERM (128 + the signal).
@@ -375,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Multiply every method's learning rate (the learning-rate axis, e.g. 0.5 or 2; use its own --out).")
     parser.add_argument("--world-concepts", type=Path, default=None,
                         help="Another synthetic concept set (python -m dvar_lab.world.concepts --out DIR --seed S).")
-    parser.add_argument("--model", default=None, help="Local diffusers model folder (default: the embedded mini-SD).")
+    parser.add_argument("--model", default=None,
+                        help="Local diffusers model folder, or mini-flow (the embedded Flux-format model: "
+                             "DreamBooth-LoRA only; default: the embedded mini-SD).")
     parser.add_argument("--concepts", type=Path, default=None, help="Folder of concept photo folders (with --config).")
     parser.add_argument("--clip", default=None, help="Local CLIP folder (transformers format) to score with.")
     parser.add_argument("--skip-missing-concepts", action="store_true",
@@ -402,6 +406,15 @@ def resolve(args: argparse.Namespace) -> Tuple[BenchmarkConfig, Dict[str, List[C
         cfg = load_config(args.config)
     else:
         cfg = preset(args.preset or "quick")
+    if args.model == "mini-flow":
+        from dvar.models import mini_flow
+
+        args.model, args.model_label = str(mini_flow()), "mini-flow (embedded)"
+    if args.model and model_family(args.model) == "flux":
+        if args.methods and "dreambooth_lora" not in args.methods:
+            raise ValueError(f"--model {args.model} is a Flux model, which only DreamBooth-LoRA trains: "
+                             "pass --methods dreambooth_lora")
+        cfg = for_flow_model(cfg)
     if args.methods:
         cfg.methods = [m for m in cfg.methods if m.method in args.methods]
         if not cfg.methods:
@@ -490,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("photo concepts are scored with a local CLIP: pass --clip PATH")
         description = {
             "preset": cfg.name, "config": cfg.to_json(), "concepts": {m: [c.name for c in cs] for m, cs in concepts.items()},
-            "model": args.model or "mini-SD (embedded)", "scorer": "clip" if args.clip else "world",
+            "model": getattr(args, "model_label", None) or args.model or "mini-SD (embedded)", "scorer": "clip" if args.clip else "world",
             "command": "python -m benchmarks.personalization.run " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine_description(),
             "methods": {m.method: {"max_train_steps": m.max_train_steps, "learning_rate": m.learning_rate}

@@ -114,7 +114,10 @@ def add_flux_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_flux_settings(args: argparse.Namespace, parts: Components) -> None:
     """Fill the Flux defaults that depend on the model and refuse impossible values (UsageError)."""
-    resolution, max_sequence_length = UPSTREAM_RESOLUTION, UPSTREAM_MAX_SEQUENCE_LENGTH
+    # the script's 512, or less for a VAE built for smaller images (FLUX.1's says 1024)
+    vae_size = parts.vae.config.get("sample_size")
+    resolution = min(UPSTREAM_RESOLUTION, vae_size) if isinstance(vae_size, int) else UPSTREAM_RESOLUTION
+    max_sequence_length = UPSTREAM_MAX_SEQUENCE_LENGTH
     if is_embedded_flow(parts.model_path):
         from dvar_lab.models import MINI_FLOW_MAX_SEQUENCE_LENGTH, MINI_FLOW_RESOLUTION
 
