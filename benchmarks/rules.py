@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 from dataclasses import dataclass, field
@@ -104,9 +105,36 @@ def model_name(meta: dict) -> str:
     return recorded
 
 
-def load_trajectories(folder: Path) -> List[Trajectory]:
-    """The trajectories of one benchmark folder that can be replayed and judged (loss and checks to the budget)."""
+def pooled_checks(folder: Path, trace: dict, check_per_prompt: int, rescored: Sequence[str]) -> tuple:
+    """(identity per check, image factor): each check's identity pooled, image for image, with the same weights'
+    identity in each rescoring ``folder/rescored/NAME`` (``benchmarks.personalization.rescore``, another sampling
+    seed); the factor is the pooled images over the check's own, so the check noise falls by its square root.
+
+    A rescoring that lacks this trajectory or one of its checks is an error: a concept judged on fewer images
+    than the others would weigh differently without saying so."""
+    steps, identity = trace["identity_checks"]["steps"], list(trace["identity_checks"]["identity"])
+    total = float(check_per_prompt)
+    sums = [value * check_per_prompt for value in identity]
+    for name in rescored:
+        path = Path(folder) / "rescored" / name / trace["method"] / f"{trace['concept']}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: rescoring {name!r} has not scored {trace['method']} {trace['concept']} "
+                                    f"yet (python -m benchmarks.personalization.rescore {folder} --name {name} ...)")
+        data = json.loads(path.read_text())
+        per_prompt = int(data["settings"]["images_per_prompt"])
+        missing = [s for s in steps if str(s) not in data["steps"]]
+        if missing:
+            raise ValueError(f"{path}: no score for the checks at steps {missing[:5]} (rescore with --steps checks)")
+        sums = [acc + data["steps"][str(s)]["identity"] * per_prompt for acc, s in zip(sums, steps)]
+        total += per_prompt
+    return [acc / total for acc in sums], total / check_per_prompt
+
+
+def load_trajectories(folder: Path, rescored: Sequence[str] = ()) -> List[Trajectory]:
+    """The trajectories of one benchmark folder that can be replayed and judged (loss and checks to the budget),
+    their checks pooled with the rescorings named in ``rescored`` (:func:`pooled_checks`)."""
     meta, traces, records = load_meta(folder), load_traces(folder), load_records(folder)
+    check_per_prompt = int(meta.get("config", {}).get("sampling", {}).get("check_images_per_prompt", 8))
     lr_scale, model = float(meta.get("lr_scale", 1.0)), model_name(meta)
     noise = check_noise_sd(records, traces)
     if set(noise) != {t["method"] for t in traces}:  # a method with under 2 retests: the methods' pooled noise
@@ -125,9 +153,10 @@ def load_trajectories(folder: Path) -> List[Trajectory]:
         position = names.index(trace["concept"]) if trace["concept"] in names else 0
         per_example = watch.get("per_example") or {}
         updates = trace.get("updates") or {}
+        identity, factor = pooled_checks(folder, trace, check_per_prompt, rescored)
         out.append(Trajectory(
             method, trace["concept"], HALVES[position % 2], lr_scale, budget, watch["eval_loss"][:budget],
-            steps, checks["identity"], oracle_saturation(steps, checks["identity"], noise[method]),
+            steps, identity, oracle_saturation(steps, identity, noise[method] / math.sqrt(factor)),
             trace["train_step_s"], float(np.median(watch["eval_s"])), model,
             np.asarray(per_example["losses"][:budget], dtype=np.float64) if per_example.get("losses") else None,
             np.asarray(per_example["timesteps"], dtype=np.float64) if per_example.get("timesteps") else None,
@@ -502,6 +531,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("folders", nargs="+", type=Path, help="Benchmark result folders (full, --lr-scale runs).")
     parser.add_argument("--markdown", type=Path, default=None, help="Also write the tables here.")
     parser.add_argument("--csv", type=Path, default=None, help="Write every cell here.")
+    parser.add_argument("--rescored", nargs="*", default=[], metavar="NAME",
+                        help="Pool each identity check with these rescorings of its weights (OUT/rescored/NAME, "
+                             "another seed): less check noise, narrower intervals.")
     parser.add_argument("--candidates", choices=sorted(CANDIDATE_LISTS), default="default",
                         help="default: issue 23's pre-registered list (default-candidates.md); issue12: issue 12's.")
     parser.add_argument("--rule", default=None,
@@ -509,7 +541,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--default-csv", type=Path, default=None,
                         help="Write the chosen rule's cells here (issue 23's default.csv columns).")
     args = parser.parse_args(argv)
-    trajectories = [t for folder in args.folders for t in load_trajectories(folder)]
+    try:
+        trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)]
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not trajectories:
         print("error: no trajectory with its every-step loss and identity checks up to the budget under "
               f"{[str(f) for f in args.folders]} (run the benchmark's full preset first)", file=sys.stderr)

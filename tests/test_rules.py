@@ -1,6 +1,7 @@
 """benchmarks/rules.py judges a stopping rule by each concept's saturation step: planted trajectories whose
 loss settles and whose identity saturates at known steps."""
 
+import json
 import math
 
 import numpy as np
@@ -181,3 +182,19 @@ def test_default_csv_holds_the_chosen_rules_cells():
     rows = rules.default_rows(cells, chosen)
     assert [r["half"] for r in rows] == ["held_out", "selection"]
     assert all(set(r) == set(rules.DEFAULT_COLUMNS) and r["model"] == "mini-sd" for r in rows)
+
+
+def test_checks_pool_with_rescorings_image_for_image(tmp_path):
+    trace = {"method": "textual_inversion", "concept": "c", "identity_checks": {"steps": [0, 25], "identity": [0.4, 0.7]}}
+    folder = tmp_path / "rescored" / "seed1237" / "textual_inversion"
+    folder.mkdir(parents=True)
+    (folder / "c.json").write_text(json.dumps({"settings": {"images_per_prompt": 24},
+                                               "steps": {"0": {"identity": 0.5}, "25": {"identity": 0.9}}}))
+    identity, factor = rules.pooled_checks(tmp_path, trace, 8, ["seed1237"])
+    assert identity == pytest.approx([(0.4 * 8 + 0.5 * 24) / 32, (0.7 * 8 + 0.9 * 24) / 32]) and factor == 4
+    assert rules.pooled_checks(tmp_path, trace, 8, []) == ([0.4, 0.7], 1.0)
+    with pytest.raises(FileNotFoundError, match="rescoring 'other' has not scored textual_inversion c"):
+        rules.pooled_checks(tmp_path, trace, 8, ["other"])
+    trace["identity_checks"] = {"steps": [0, 25, 50], "identity": [0.4, 0.7, 0.7]}
+    with pytest.raises(ValueError, match="no score for the checks at steps \\[50\\]"):
+        rules.pooled_checks(tmp_path, trace, 8, ["seed1237"])
