@@ -243,6 +243,19 @@ def flow_loss(transformer, t5, batch: dict, img_ids: torch.Tensor) -> torch.Tens
     return (pred - (noise - x0)).pow(2).mean()
 
 
+def learning_rate(args, step: int) -> float:
+    """Linear warmup, then a cosine from ``--lr`` to 10% of it over ``--steps``. With ``--extended-from N`` the
+    steps before N follow an N-step cosine and the later ones the ``--steps`` cosine (a warm restart): exactly
+    what training to N steps and then rerunning the same command with a larger ``--steps`` does.
+
+    >>> args = argparse.Namespace(lr=1.0, warmup=1, steps=12, extended_from=8)
+    >>> [round(learning_rate(args, s), 3) for s in (0, 7, 8, 11)]
+    [1.0, 0.134, 0.325, 0.115]
+    """
+    total = args.extended_from if args.extended_from and step < args.extended_from else args.steps
+    return args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
 def make_batch(args, step: int, data: dict, lat: dict, text: TextCache, n_train: int) -> dict:
     """Step ``step``'s batch, every random draw from its own seeded generator."""
     long = args.long_every > 0 and (step + 1) % args.long_every == 0
@@ -327,7 +340,7 @@ def train_flow(args, work: Path, data: dict, lat: dict, text: TextCache, meta: d
             checkpoint(step, force=True)
             break
         batch = make_batch(args, step, data, lat, text, n_train)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        lr = learning_rate(args, step)
         for g in opt.param_groups:
             g["lr"] = lr
         loss = flow_loss(transformer, t5, batch, img_ids)
@@ -427,6 +440,8 @@ def main(argv=None) -> None:
     p.add_argument("--n-val", type=int, default=256, help="the last N images: held out (validation loss)")
     p.add_argument("--composite-prob", type=float, default=0.2)
     p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--extended-from", type=int, default=None,
+                   help="the steps before N follow an N-step cosine, the rest the --steps cosine (see learning_rate)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--max-sequence-length", type=int, default=32, help="T5 tokens of the ordinary steps")
     p.add_argument("--long-every", type=int, default=8, help="every Nth step uses 512 T5 tokens (0: never)")
@@ -453,6 +468,8 @@ def main(argv=None) -> None:
                 "(the bundled folder only ever gets a finished run)")
     if args.export_only and not (args.work / "flow_ckpt.pt").exists():
         p.error(f"--export-only: no checkpoint in {args.work} (flow_ckpt.pt); start the run without --export-only first")
+    if args.extended_from is not None and not 0 < args.extended_from < args.steps:
+        p.error(f"--extended-from {args.extended_from} must be between 0 and --steps {args.steps}")
     if args.n_val >= args.n_images:
         p.error(f"--n-val {args.n_val} leaves no training images of --n-images {args.n_images}")
 
