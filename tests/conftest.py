@@ -69,37 +69,30 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_flux_pipeline_dir(tmp_path_factory):
-    """A randomly initialised Flux pipeline folder (16x16 images; CLIP + T5, guidance-embedding transformer)."""
+def save_tiny_flux(tmp_path_factory, name: str, guidance_embeds: bool):
+    """A tiny random Flux pipeline (16x16 images; CLIP + T5) saved as a folder."""
     from diffusers import FluxPipeline
 
     from dvar_lab.tiny import tiny_flux
 
-    parts = tiny_flux(seed=0, resolution=16)
+    parts = tiny_flux(seed=0, resolution=16, guidance_embeds=guidance_embeds)
     pipe = FluxPipeline(
         scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
         transformer=parts["transformer"],
     )
-    path = tmp_path_factory.mktemp("tiny-flux")
+    path = tmp_path_factory.mktemp(name)
     pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A randomly initialised Flux pipeline folder (16x16 images; CLIP + T5, guidance-embedding transformer)."""
+    return save_tiny_flux(tmp_path_factory, "tiny-flux", guidance_embeds=True)
 
 
 @pytest.fixture(scope="session")
 def unguided_flux_pipeline_dir(tmp_path_factory):
     """A tiny random Flux pipeline whose transformer has no guidance embedding (FLUX.1-schnell, mini-flow)."""
-    from diffusers import FluxPipeline
-
-    from dvar_lab.tiny import tiny_flux
-
-    parts = tiny_flux(seed=0, resolution=16, guidance_embeds=False)
-    pipe = FluxPipeline(
-        scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
-        transformer=parts["transformer"],
-    )
-    path = tmp_path_factory.mktemp("tiny-flux-unguided")
-    pipe.save_pretrained(path)
-    return path
+    return save_tiny_flux(tmp_path_factory, "tiny-flux-unguided", guidance_embeds=False)
