@@ -180,6 +180,54 @@ def test_bad_settings_exit_2_with_the_fix(ci_run, capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def _described(methods, lr=None, seed=0, lr_scale=1.0):
+    """The part of a benchmark.json that check_same_benchmark compares, for the named methods."""
+    cfg = preset("full")
+    cfg.methods = [m for m in cfg.methods if m.method in methods]
+    if lr is not None:
+        cfg.methods[0].learning_rate = lr
+    cfg.seed = seed
+    return {"config": cfg.to_json(), "concepts": {m: [f"{m}-concept"] for m in methods},
+            "methods": {m: {} for m in methods}, "lr_scale": lr_scale, "traces_only": False}
+
+
+@pytest.mark.parametrize(
+    "first, then, stored",
+    [
+        # one method's shards, then another's: the folder holds their union, in METHOD_ORDER
+        (["dreambooth_lora"], ["textual_inversion"], ["textual_inversion", "dreambooth_lora"]),
+        (["textual_inversion"], ["textual_inversion", "custom_diffusion"], ["textual_inversion", "custom_diffusion"]),
+        # the final run with every method resumes a folder built method by method
+        (["textual_inversion", "dreambooth_lora", "custom_diffusion"], ["dreambooth_lora"],
+         ["textual_inversion", "dreambooth_lora", "custom_diffusion"]),
+    ],
+)
+def test_methods_run_one_at_a_time_share_one_benchmark(tmp_path, first, then, stored):
+    bench.check_same_benchmark(tmp_path, _described(first))
+    bench.check_same_benchmark(tmp_path, _described(then))
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert [m["method"] for m in saved["config"]["methods"]] == stored
+    assert list(saved["concepts"]) == stored
+    bench.check_same_benchmark(tmp_path, _described(stored))  # and the union is the same benchmark
+
+
+@pytest.mark.parametrize(
+    "then",
+    [
+        _described(["textual_inversion"], lr=1e-2),  # a shared method with other settings
+        _described(["dreambooth_lora"], seed=1),  # another benchmark-wide setting
+        _described(["dreambooth_lora"], lr_scale=2.0),  # another learning-rate scale
+    ],
+    ids=["method-settings", "seed", "lr-scale"],
+)
+def test_methods_of_another_benchmark_are_refused(tmp_path, then):
+    bench.check_same_benchmark(tmp_path, _described(["textual_inversion"]))
+    before = (tmp_path / "benchmark.json").read_text()
+    with pytest.raises(ValueError, match="other settings"):
+        bench.check_same_benchmark(tmp_path, then)
+    assert (tmp_path / "benchmark.json").read_text() == before
+
+
 def test_a_bad_shard_is_refused():
     with pytest.raises(SystemExit) as error:
         bench.main(["--preset", "ci", "--out", "unused", "--shard", "3/2"])

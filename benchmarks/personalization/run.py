@@ -478,16 +478,56 @@ def ensure_world_concepts(folder: Path, seed: int, objects: str) -> Path:
     return folder
 
 
+def merged_description(previous: Dict[str, Any], description: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """``previous`` with ``description``'s methods added, or None when they are different benchmarks.
+
+    ``--methods`` runs one benchmark a few methods at a time (e.g. one method's shards, then the next), so two
+    descriptions belong together when every setting other than the method list is equal and every method they share
+    has equal settings and concepts. The union lists methods in ``METHOD_ORDER``.
+
+    >>> a = {"config": {"methods": [{"method": "textual_inversion"}], "seed": 1}, "concepts": {"textual_inversion": ["x"]}}
+    >>> b = {"config": {"methods": [{"method": "dreambooth_lora"}], "seed": 1}, "concepts": {"dreambooth_lora": ["y"]}}
+    >>> [m["method"] for m in merged_description(b, a)["config"]["methods"]]
+    ['textual_inversion', 'dreambooth_lora']
+    """
+    old_config, new_config = previous.get("config", {}), description["config"]
+    if {k: v for k, v in old_config.items() if k != "methods"} != {k: v for k, v in new_config.items() if k != "methods"}:
+        return None
+    for key in ("lr_scale", "model", "scorer"):
+        if key in previous and key in description and previous[key] != description[key]:
+            return None
+    if previous.get("traces_only", False) != description.get("traces_only", False):
+        return None
+    methods = {m["method"]: m for m in old_config.get("methods", [])}
+    concepts = dict(previous.get("concepts", {}))
+    for settings in new_config["methods"]:
+        name = settings["method"]
+        if name in methods and (methods[name] != settings or concepts.get(name) != description["concepts"].get(name)):
+            return None
+        methods[name] = settings
+        concepts[name] = description["concepts"][name]
+    order = sorted(methods, key=lambda name: METHOD_ORDER.index(name) if name in METHOD_ORDER else len(METHOD_ORDER))
+    merged = dict(previous)
+    merged["config"] = {**old_config, "methods": [methods[name] for name in order]}
+    merged["concepts"] = {name: concepts[name] for name in order}
+    merged["methods"] = {**previous.get("methods", {}), **description.get("methods", {})}
+    merged["methods"] = {name: merged["methods"][name] for name in order if name in merged["methods"]}
+    return merged
+
+
 def check_same_benchmark(out: Path, description: Dict[str, Any]) -> None:
+    """Write ``out/benchmark.json``, or check that ``out`` holds this benchmark (adding methods run with ``--methods``)."""
     path = out / "benchmark.json"
     description = json.loads(json.dumps(description))  # tuples -> lists, as stored
-    if path.is_file():
-        previous = json.loads(path.read_text())
-        if (previous.get("config") != description["config"] or previous.get("concepts") != description["concepts"]
-                or previous.get("traces_only", False) != description.get("traces_only", False)):
-            raise ValueError(f"{out} holds a benchmark with other settings; resume it with the same flags or use another --out")
-    else:
+    if not path.is_file():
         write_json(path, description)
+        return
+    previous = json.loads(path.read_text())
+    merged = merged_description(previous, description)
+    if merged is None:
+        raise ValueError(f"{out} holds a benchmark with other settings; resume it with the same flags or use another --out")
+    if merged != previous:
+        write_json(path, merged)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
