@@ -96,3 +96,27 @@ def tiny_flux_pipeline_dir(tmp_path_factory):
 def unguided_flux_pipeline_dir(tmp_path_factory):
     """A tiny random Flux pipeline whose transformer has no guidance embedding (FLUX.1-schnell, mini-flow)."""
     return save_tiny_flux(tmp_path_factory, "tiny-flux-unguided", guidance_embeds=False)
+
+
+@pytest.fixture
+def ctrl_c_after_step(monkeypatch):
+    """Press Ctrl-C (raise KeyboardInterrupt) once, right after a method's ``step``-th optimizer step.
+
+    ``ctrl_c_after_step(textual_inversion.TextualInversion, 5)`` makes the next run of that method stop as a user's
+    Ctrl-C would, after its weights were updated 5 times, so that resume tests interrupt a run at a known step; later
+    runs in the test (the resumed one) go on undisturbed.
+    """
+    def patch(method_class: type, step: int) -> None:
+        calls = 0
+        original = method_class.after_optimizer_step
+
+        def interrupt(self, parts, accelerator):
+            nonlocal calls
+            original(self, parts, accelerator)
+            calls += 1
+            if calls == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(method_class, "after_optimizer_step", interrupt)
+
+    return patch

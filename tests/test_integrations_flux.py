@@ -144,24 +144,14 @@ def test_dvar_scores_the_loss_the_trainer_trains_on(cli, scheme, model):
 # -- checkpoints and resume ------------------------------------------------------------------
 
 
-def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_path):
+def test_resume_from_latest_ends_bit_identical_to_an_uninterrupted_run(cli, tmp_path, ctrl_c_after_step):
     flags = [*EARLY, "--train_text_encoder", "--checkpointing_steps", "2", "--num_validation_images", "0"]
     assert dreambooth_lora.main(cli(*flags, out="full", steps=12)) == 0
     full = summary(tmp_path / "full")
     assert full["outcome"] == "early_stop" and full["stop_step"] >= 4
 
-    with pytest.MonkeyPatch.context() as patch:
-        calls = {"n": 0}
-        original = dreambooth_lora.DreamBoothLoRA.after_optimizer_step
-
-        def interrupt(self, parts, accelerator):
-            original(self, parts, accelerator)
-            calls["n"] += 1
-            if calls["n"] == full["stop_step"] - 1:
-                raise KeyboardInterrupt
-
-        patch.setattr(dreambooth_lora.DreamBoothLoRA, "after_optimizer_step", interrupt)
-        assert dreambooth_lora.main(cli(*flags, out="resumed", steps=12)) == 130
+    ctrl_c_after_step(dreambooth_lora.DreamBoothLoRA, full["stop_step"] - 1)
+    assert dreambooth_lora.main(cli(*flags, out="resumed", steps=12)) == 130
     latest = max((tmp_path / "resumed").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     names = {p.name for p in latest.iterdir()}
     assert LORA in names and not any(n.startswith("model") for n in names)  # the adapters, not the transformer

@@ -68,25 +68,15 @@ def test_early_stop_writes_weights_history_and_summary(ti_args, tiny_pipeline_di
 
 
 @pytest.mark.parametrize("rule", [EARLY, AUTO], ids=["window", "auto"])
-def test_resume_reaches_the_same_stop_step(ti_args, tiny_pipeline_dir, tmp_path, rule):
+def test_resume_reaches_the_same_stop_step(ti_args, tiny_pipeline_dir, tmp_path, rule, ctrl_c_after_step):
     EARLY = rule
     assert textual_inversion.main(ti_args(*EARLY, out="full", steps=60)) == 0
     full = summary(tmp_path / "full")
 
     interrupted_at = full["stop_step"] - 3
-    with pytest.MonkeyPatch.context() as patch:
-        calls = {"n": 0}
-        original = textual_inversion.TextualInversion.after_optimizer_step
-
-        def interrupt(self, parts, accelerator):
-            original(self, parts, accelerator)
-            calls["n"] += 1
-            if calls["n"] == interrupted_at:
-                raise KeyboardInterrupt
-
-        patch.setattr(textual_inversion.TextualInversion, "after_optimizer_step", interrupt)
-        args = ti_args(*EARLY, "--checkpointing_steps", "2", out="resumed", steps=60)
-        assert textual_inversion.main(args) == 130  # Ctrl-C: exit 130, weights saved
+    ctrl_c_after_step(textual_inversion.TextualInversion, interrupted_at)
+    args = ti_args(*EARLY, "--checkpointing_steps", "2", out="resumed", steps=60)
+    assert textual_inversion.main(args) == 130  # Ctrl-C: exit 130, weights saved
     partial = summary(tmp_path / "resumed")
     assert partial["outcome"] == "interrupted" and (tmp_path / "resumed" / "learned_embeds.safetensors").exists()
 
