@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from PIL import Image
 
@@ -178,6 +179,21 @@ def test_a_finished_benchmark_resumes_to_nothing_and_writes_the_report(ci_run, c
 def test_bad_settings_exit_2_with_the_fix(ci_run, capsys, argv, message):
     assert bench.main([*argv, "--out", str(ci_run)]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "enabled, parameters, cap, kept",
+    [
+        (True, 10, 10, True),  # at the cap: kept
+        (True, 11, 10, False),  # above it (a full DreamBooth UNet): three float64 copies would not fit
+        (False, 1, 10, False),  # --no-update-statistics
+    ],
+)
+def test_update_statistics_are_kept_up_to_a_size(enabled, parameters, cap, kept):
+    from benchmarks.personalization.monitors import update_statistics
+
+    start = {"a": torch.zeros(parameters - parameters // 2), "b": torch.zeros(parameters // 2)}
+    assert (update_statistics(start, enabled=enabled, max_parameters=cap) is not None) == kept
 
 
 def _described(methods, lr=None, seed=0, lr_scale=1.0):

@@ -112,9 +112,11 @@ class Benchmark:
     """A results folder and the jobs that fill it."""
 
     def __init__(self, cfg: BenchmarkConfig, out: Path, concepts: Dict[str, List[ConceptSpec]], scorer: Any,
-                 model: Optional[str] = None, keep_weights: bool = False, traces_only: bool = False) -> None:
+                 model: Optional[str] = None, keep_weights: bool = False, traces_only: bool = False,
+                 update_statistics: bool = True) -> None:
         self.cfg, self.out, self.concepts, self.scorer = cfg, Path(out), concepts, scorer
         self.model, self.keep_weights, self.traces_only = model, keep_weights, traces_only
+        self.update_statistics = update_statistics
 
     def trajectory_jobs(self) -> List[Tuple[MethodSettings, ConceptSpec, bool]]:
         """(method, concept, traced) jobs, concept-major: an unfinished run has every method's first concepts."""
@@ -151,7 +153,8 @@ class Benchmark:
         monitor = TrajectoryMonitor(settings, self.cfg.sampling, self.scorer, concept, phrase,
                                     trace_full=traced, ablation_parts=ablation, job_started=started,
                                     checks_to_budget=self.cfg.checks_to_budget, loss_to_budget=self.cfg.loss_to_budget,
-                                    premature_steps=premature, weights_dir=weights_dir)
+                                    premature_steps=premature, weights_dir=weights_dir,
+                                    update_statistics=self.update_statistics)
         code = train_main(method, argv, callbacks=[monitor])
         if code in INTERRUPTED_CODES:
             raise JobInterrupted(code, f"{settings.method} on {concept.name}")
@@ -196,7 +199,7 @@ class Benchmark:
             "seed": self.cfg.seed, "informative": traced,
             "setup_s": round(monitor.setup_s, 3), "save_s": round(save_s, 3),
             "train_step_s": [round(s, 5) for s in monitor.train_step_s], "train_loss": monitor.train_loss,
-            "updates": monitor.updates.to_json(),
+            "updates": None if monitor.updates is None else monitor.updates.to_json(),
             "dvar": monitor.dvar_watches["dvar"].to_json(),
             "dvar_variants": {name: w.to_json() for name, w in monitor.dvar_watches.items() if name != "dvar"},
             "identity_checks": {**monitor.identity_trace, "every": settings.check_every, "stop_step": monitor.clip_s_stop,
@@ -386,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Run the config's concepts that have photos under --concepts, skip the others.")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--keep-weights", action="store_true", help="Keep each run's output folder under OUT/work.")
+    parser.add_argument("--no-update-statistics", action="store_true",
+                        help="Do not record each step's update statistics (the size and direction of every update of "
+                             "the learned weights, which Pflug's rule replays); they are skipped anyway above "
+                             "50M learned parameters (a full DreamBooth UNet), as they keep 3 float64 copies of them.")
     parser.add_argument("--no-report", action="store_true", help="Do not write the report when the benchmark completes.")
     parser.add_argument("--traces-only", action="store_true",
                         help="Only the trajectories (training, identity checks and every-step loss to the budget, the "
@@ -563,7 +570,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     scorer = ClipScorer(args.clip) if args.clip else WorldScorer()
     bench = Benchmark(cfg, args.out, concepts, scorer, model=args.model, keep_weights=args.keep_weights,
-                      traces_only=args.traces_only)
+                      traces_only=args.traces_only, update_statistics=not args.no_update_statistics)
     started = time.perf_counter()
     try:
         complete = bench.run(args.shard)
