@@ -80,23 +80,12 @@ def make_torchvision_importable() -> str:
 
 
 def save_tiny_pipelines(work: Path) -> Dict[str, Path]:
-    from diffusers import FluxPipeline, StableDiffusionXLPipeline
-
-    from dvar_lab.tiny import tiny_flux, tiny_sdxl
+    from dvar_lab.tiny import save_tiny_pipeline
 
     paths = {"sdxl": work / "tiny-sdxl", "flux": work / "tiny-flux"}
-    if not paths["sdxl"].exists():
-        p = tiny_sdxl(seed=0, resolution=16)
-        StableDiffusionXLPipeline(
-            vae=p["vae"], text_encoder=p["text_encoder"], text_encoder_2=p["text_encoder_2"], tokenizer=p["tokenizer"],
-            tokenizer_2=p["tokenizer_2"], unet=p["unet"], scheduler=p["noise_scheduler"],
-        ).save_pretrained(paths["sdxl"])
-    if not paths["flux"].exists():
-        p = tiny_flux(seed=0, resolution=16)
-        FluxPipeline(
-            scheduler=p["noise_scheduler"], vae=p["vae"], text_encoder=p["text_encoder"], tokenizer=p["tokenizer"],
-            text_encoder_2=p["text_encoder_2"], tokenizer_2=p["tokenizer_2"], transformer=p["transformer"],
-        ).save_pretrained(paths["flux"])
+    for kind, path in paths.items():
+        if not path.exists():
+            save_tiny_pipeline(kind, path)
     return paths
 
 

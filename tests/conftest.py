@@ -29,18 +29,9 @@ def toy_dataset():
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A randomly initialised SD-format pipeline folder (16x16 images), saved with save_pretrained."""
-    from diffusers import StableDiffusionPipeline
+    from dvar_lab.tiny import save_tiny_pipeline
 
-    from dvar_lab.tiny import tiny_sd
-
-    parts = tiny_sd(seed=0, resolution=16)
-    pipe = StableDiffusionPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-        scheduler=parts["noise_scheduler"], safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    path = tmp_path_factory.mktemp("tiny-sd")
-    pipe.save_pretrained(path)
-    return path
+    return save_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="session")
@@ -54,48 +45,25 @@ def concept_dir():
 @pytest.fixture(scope="session")
 def tiny_sdxl_pipeline_dir(tmp_path_factory):
     """A randomly initialised SDXL pipeline folder (16x16 images; two CLIP encoders, text_time UNet)."""
-    from diffusers import StableDiffusionXLPipeline
+    from dvar_lab.tiny import save_tiny_pipeline
 
-    from dvar_lab.tiny import tiny_sdxl
-
-    parts = tiny_sdxl(seed=0, resolution=16)
-    pipe = StableDiffusionXLPipeline(
-        vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
-        tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
-        scheduler=parts["noise_scheduler"],
-    )
-    path = tmp_path_factory.mktemp("tiny-sdxl")
-    pipe.save_pretrained(path)
-    return path
-
-
-def save_tiny_flux(tmp_path_factory, name: str, guidance_embeds: bool):
-    """A tiny random Flux pipeline (16x16 images; CLIP + T5) saved as a folder."""
-    from diffusers import FluxPipeline
-
-    from dvar_lab.tiny import tiny_flux
-
-    parts = tiny_flux(seed=0, resolution=16, guidance_embeds=guidance_embeds)
-    pipe = FluxPipeline(
-        scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-        tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
-        transformer=parts["transformer"],
-    )
-    path = tmp_path_factory.mktemp(name)
-    pipe.save_pretrained(path)
-    return path
+    return save_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny-sdxl"))
 
 
 @pytest.fixture(scope="session")
 def tiny_flux_pipeline_dir(tmp_path_factory):
     """A randomly initialised Flux pipeline folder (16x16 images; CLIP + T5, guidance-embedding transformer)."""
-    return save_tiny_flux(tmp_path_factory, "tiny-flux", guidance_embeds=True)
+    from dvar_lab.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny-flux"), guidance_embeds=True)
 
 
 @pytest.fixture(scope="session")
 def unguided_flux_pipeline_dir(tmp_path_factory):
     """A tiny random Flux pipeline whose transformer has no guidance embedding (FLUX.1-schnell, mini-flow)."""
-    return save_tiny_flux(tmp_path_factory, "tiny-flux-unguided", guidance_embeds=False)
+    from dvar_lab.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline("flux", tmp_path_factory.mktemp("tiny-flux-unguided"), guidance_embeds=False)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Union
 
 import torch
 
@@ -231,6 +231,46 @@ class ToyConceptDataset(torch.utils.data.Dataset):
         if self.flip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return {"pixel_values": image, "prompt": self.prompt}
+
+
+def save_tiny_pipeline(kind: str, path: Union[str, Path], seed: int = 0, resolution: int = 16, **options: Any) -> Path:
+    """A tiny random ``"sd"``, ``"sdxl"`` or ``"flux"`` pipeline saved with ``save_pretrained`` as ``path``: a model
+    folder that ``DiffusionPipeline.from_pretrained`` and the training scripts load like a real checkpoint.
+    ``options`` go to the builder (e.g. ``guidance_embeds=False`` for Flux).
+
+    Example:
+        >>> import tempfile
+        >>> folder = save_tiny_pipeline("flux", Path(tempfile.mkdtemp()) / "tiny-flux", guidance_embeds=False)
+        >>> (folder / "transformer" / "config.json").is_file()
+        True
+    """
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if kind == "sd":
+        parts = tiny_sd(seed=seed, resolution=resolution, **options)
+        pipe = StableDiffusionPipeline(
+            vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
+            scheduler=parts["noise_scheduler"], safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    elif kind == "sdxl":
+        parts = tiny_sdxl(seed=seed, resolution=resolution, **options)
+        pipe = StableDiffusionXLPipeline(
+            vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
+            tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
+            scheduler=parts["noise_scheduler"],
+        )
+    elif kind == "flux":
+        parts = tiny_flux(seed=seed, resolution=resolution, **options)
+        pipe = FluxPipeline(
+            scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
+            tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
+            transformer=parts["transformer"],
+        )
+    else:
+        raise ValueError(f"unknown tiny pipeline {kind!r}: choose sd, sdxl or flux")
+    pipe.save_pretrained(path)
+    return Path(path)
 
 
 def collate(examples: List[Dict[str, Any]]) -> Dict[str, Any]:
