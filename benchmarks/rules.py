@@ -313,10 +313,37 @@ def guarded(main: Rule, guard: Rule) -> Rule:
     return rule
 
 
+def oracle_multiple(multiple: float) -> Rule:
+    """A reference, not a candidate: stop at ``multiple`` times the concept's own saturation step, which no rule can
+    know while training (never on a flat or still-rising concept). It shows what a rule that tracked saturation
+    exactly would keep and save. Its identity is read from the checks that placed the saturation step, so it is
+    an optimistic frontier unless those checks are precise (``--rescored``).
+
+    >>> from types import SimpleNamespace as NS
+    >>> oracle_multiple(1.5)(NS(budget=500, saturation=NS(step=100, status="saturated")))
+    (150, 0)
+    """
+
+    def rule(t: Trajectory) -> tuple:
+        if t.saturation.status != "saturated" or t.saturation.step is None:
+            return None, 0
+        return min(t.budget, max(1, math.ceil(multiple * t.saturation.step))), 0
+
+    return rule
+
+
+#: The rows that are not candidates: the paper presets and the saturation oracles (``oracle_multiple``).
+ORACLE_MULTIPLES = (1.25, 1.5, 2.0)
+REFERENCES = ("paper", *(f"oracle x{m:g}" for m in ORACLE_MULTIPLES))
+
+
 def default_candidates() -> Dict[str, Rule]:
     """Issue 23's candidates for the default rule, as written down before any replay
-    (``benchmarks/results/rules/default-candidates.md``); ``paper`` is the reference."""
+    (``benchmarks/results/rules/default-candidates.md``), and the references (``REFERENCES``): the paper presets
+    and stops at a multiple of each concept's own saturation step."""
     rules: Dict[str, Rule] = {"paper": paper_preset}
+    for multiple in ORACLE_MULTIPLES:
+        rules[f"oracle x{multiple:g}"] = oracle_multiple(multiple)
     for level in (0.8, 0.9):
         for multiple in (1.5, 2.0, 3.0):
             rules[f"S level={level:g} x{multiple:g}"] = settling_time(multiple, level)
@@ -427,10 +454,11 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
     return min(scores, key=scores.get) if scores else None
 
 
-def choose_default(cells: List[dict], half: str = "selection", reference: str = "paper") -> Optional[str]:
+def choose_default(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> Optional[str]:
     """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
     rate cell (if none is, those non-inferior in the most cells), the highest smallest-over-methods median saving
-    captured at 1x; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets) is not a candidate.
+    captured at 1x; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation
+    oracles) are not candidates.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
     ...           "saving_captured_median": s} for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
@@ -438,7 +466,7 @@ def choose_default(cells: List[dict], half: str = "selection", reference: str = 
     >>> choose_default(cells)
     'c'
     """
-    names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] != reference and c["half"] == half))
+    names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] not in reference and c["half"] == half))
     if not names:
         return None
 

@@ -168,6 +168,34 @@ def test_a_guard_only_delays_a_stop():
     assert rules.guarded(early, never)(t) == (None, 10)
 
 
+@pytest.mark.parametrize("multiple, saturation, stop", [
+    (1.5, 300, 450),  # a multiple of the concept's own saturation step
+    (2.0, 600, 1000),  # capped at the budget
+    (1.25, 0, 1),  # saturated before training: the first step
+])
+def test_the_oracle_stops_at_a_multiple_of_each_concepts_saturation(multiple, saturation, stop):
+    t = planted("a", 50, max(saturation, 1))
+    t.saturation = rules.Saturation(saturation, "saturated", 0.8)
+    assert rules.oracle_multiple(multiple)(t) == (stop, 0)
+
+
+@pytest.mark.parametrize("status", ["flat", "still rising"])
+def test_the_oracle_never_stops_a_concept_without_a_saturation_step(status):
+    t = planted("a", 50, 400)
+    t.saturation = rules.Saturation(None, status, None)
+    assert rules.oracle_multiple(1.5)(t) == (None, 0)
+
+
+def test_the_oracle_is_a_reference_never_the_chosen_default():
+    """The oracle knows each concept's saturation: it beats every candidate, and is still not chosen."""
+    trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    late = lambda t: (t.budget, 1)  # noqa: E731
+    cells = rules.compare(trajectories, {"oracle x1.5": rules.oracle_multiple(1.5), "late": late})
+    by_rule = {c["rule"]: c for c in cells}
+    assert by_rule["oracle x1.5"]["noninferior"] == "yes" and by_rule["oracle x1.5"]["saving_captured_median"] > 0.5
+    assert rules.choose_default(cells) == "late"
+
+
 def test_a_candidate_needing_format_3_signals_names_what_is_missing():
     with pytest.raises(ValueError, match="per_example.*format 3"):
         rules.normalized_settling(2.0, 0.8)(planted("a", 50, 250))
@@ -178,7 +206,7 @@ def test_default_csv_holds_the_chosen_rules_cells():
                     for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
     cells = rules.compare(trajectories, rules.default_candidates())
     chosen = rules.choose_default(cells)
-    assert chosen in rules.default_candidates() and chosen != "paper"
+    assert chosen in rules.default_candidates() and chosen not in rules.REFERENCES
     rows = rules.default_rows(cells, chosen)
     assert [r["half"] for r in rows] == ["held_out", "selection"]
     assert all(set(r) == set(rules.DEFAULT_COLUMNS) and r["model"] == "mini-sd" for r in rows)
