@@ -313,6 +313,25 @@ def guarded(main: Rule, guard: Rule) -> Rule:
     return rule
 
 
+def not_before(rule: Rule, share: float) -> Rule:
+    """H: ``rule``'s stop, but not before ``share`` of the budget (a run that fires earlier goes on to that step,
+    evaluating at the same stride); never when ``rule`` never fires.
+
+    >>> from types import SimpleNamespace as NS
+    >>> not_before(lambda t: (100, 10), 0.4)(NS(budget=1000))
+    (400, 40)
+    """
+
+    def guarded_rule(t: Trajectory) -> tuple:
+        stop, evaluations = rule(t)
+        if stop is None:
+            return None, evaluations
+        final = max(stop, math.ceil(share * t.budget))
+        return final, (evaluations * final) // stop if stop else evaluations
+
+    return guarded_rule
+
+
 def oracle_multiple(multiple: float) -> Rule:
     """A reference, not a candidate: stop at ``multiple`` times the concept's own saturation step, which no rule can
     know while training (never on a flat or still-rising concept). It shows what a rule that tracked saturation
@@ -362,6 +381,9 @@ def default_candidates() -> Dict[str, Rule]:
         main = settling_time(multiple, 0.8)
         rules[f"G S x{multiple:g} guard F"] = guarded(main, pflug(0.1, 10))
         rules[f"G S x{multiple:g} guard B"] = guarded(main, band_settling(1.5, 0.8))
+    for share in (0.3, 0.4):  # added 2026-12-07: default-candidates.md, "Added later"
+        rules[f"H N level=0.8 x2 from {share:.0%}"] = not_before(normalized_settling(2.0, 0.8), share)
+        rules[f"H S level=0.8 x1.5 from {share:.0%}"] = not_before(settling_time(1.5, 0.8), share)
     return rules
 
 

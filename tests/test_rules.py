@@ -196,6 +196,15 @@ def test_the_oracle_is_a_reference_never_the_chosen_default():
     assert rules.choose_default(cells) == "late"
 
 
+@pytest.mark.parametrize("stop, share, expected", [
+    ((100, 10), 0.4, (400, 40)),  # fired before 40% of the budget: goes on to it, evaluating at the same stride
+    ((600, 60), 0.4, (600, 60)),  # fired after it: unchanged
+    ((None, 100), 0.4, (None, 100)),  # never fired: never
+])
+def test_a_floor_only_delays_an_early_stop(stop, share, expected):
+    assert rules.not_before(lambda t: stop, share)(planted("a", 50, 250)) == expected
+
+
 def test_a_candidate_needing_format_3_signals_names_what_is_missing():
     with pytest.raises(ValueError, match="per_example.*format 3"):
         rules.normalized_settling(2.0, 0.8)(planted("a", 50, 250))
