@@ -478,28 +478,45 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
 
 def choose_default(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> Optional[str]:
     """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
-    rate cell (if none is, those non-inferior in the most cells), the highest smallest-over-methods median saving
-    captured at 1x; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation
-    oracles) are not candidates.
+    rate cell, the highest smallest-over-methods median saving captured at 1x; if none is, the one whose worst
+    cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation
+    oracles) are not candidates, and neither is a rule whose median saving captured is 0 for some method at 1x:
+    one that (almost) never fires is trivially non-inferior, and a default that does not stop is no stopping rule
+    (an amendment of 2026-12-07, default-candidates.md). None when no candidate is left.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
     ...           "saving_captured_median": s} for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
     ...          ("b", "ti", "yes", 0.9), ("b", "cd", "no", 0.9), ("c", "ti", "yes", 0.6), ("c", "cd", "yes", 0.6)]]
     >>> choose_default(cells)
     'c'
+    >>> choose_default(cells + [{**c, "rule": "never", "noninferior": "yes", "saving_captured_median": 0.0}
+    ...                         for c in cells if c["rule"] == "a"])
+    'c'
     """
     names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] not in reference and c["half"] == half))
+
+    def worst_saving(name: str) -> float:
+        savings = [c["saving_captured_median"] for c in cells
+                   if c["rule"] == name and c["half"] == half and c["lr_scale"] == 1.0]
+        return min((x if x is not None else -math.inf) for x in savings) if savings else -math.inf
+
+    names = [name for name in names if worst_saving(name) > 0]
     if not names:
         return None
 
-    def score(name: str) -> tuple:
-        mine = [c for c in cells if c["rule"] == name and c["half"] == half]
-        passed = sum(c["noninferior"] == "yes" for c in mine)
-        savings = [c["saving_captured_median"] for c in mine if c["lr_scale"] == 1.0]
-        worst = min((x if x is not None else -math.inf) for x in savings) if savings else -math.inf
-        return passed - len(mine), worst, -names.index(name)
+    def cells_of(name: str) -> List[dict]:
+        return [c for c in cells if c["rule"] == name and c["half"] == half]
 
-    return max(names, key=score)
+    everywhere = [name for name in names if all(c["noninferior"] == "yes" for c in cells_of(name))]
+    if everywhere:
+        return max(everywhere, key=lambda name: (worst_saving(name), -names.index(name)))
+
+    def closest(name: str) -> tuple:  # the worst cell's CI low nearest the margin, then the saving
+        lows = [c["ci_low"] for c in cells_of(name)]
+        worst_low = min((x if x is not None and math.isfinite(x) else -math.inf) for x in lows) if lows else -math.inf
+        return worst_low, worst_saving(name), -names.index(name)
+
+    return max(names, key=closest)
 
 
 def meets_target(cell: dict) -> bool:
@@ -558,7 +575,8 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
         lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 14]
         for c in shown:
             lines.append(
-                f"| {c['rule']} | {c['model']} | {c['method']} | {c['lr_scale']:g} | {c['n']} ({c['saturated']}) | "
+                f"| {c['rule']}{' (reference)' if c['rule'] in REFERENCES else ''} | {c['model']} | {c['method']} | "
+                f"{c['lr_scale']:g} | {c['n']} ({c['saturated']}) | "
                 f"{_fmt(c['ratio_median'])} ({_fmt(c['ratio_iqr'])}) | {_fmt(c['saving_captured_median'])} | "
                 f"{_fmt(c['regret_median'])} | {_fmt(c['too_early'])} | {_fmt(c['too_late'])} | "
                 f"{_fmt(c['step_speedup_median'])} | {_fmt(c['speedup_median'])} | "
@@ -620,7 +638,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             writer = csv.DictWriter(handle, fieldnames=COLUMNS)
             writer.writeheader()
             writer.writerows({k: c[k] for k in COLUMNS} for c in cells)
-    if args.default_csv and chosen:
+    if args.default_csv and not chosen:
+        print(f"error: no candidate qualifies as the default, so {args.default_csv} was not written", file=sys.stderr)
+        return 1
+    if args.default_csv:
         with open(args.default_csv, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=DEFAULT_COLUMNS)
             writer.writeheader()

@@ -189,11 +189,39 @@ def test_the_oracle_never_stops_a_concept_without_a_saturation_step(status):
 def test_the_oracle_is_a_reference_never_the_chosen_default():
     """The oracle knows each concept's saturation: it beats every candidate, and is still not chosen."""
     trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
-    late = lambda t: (t.budget, 1)  # noqa: E731
+    late = lambda t: (900, 1)  # noqa: E731  well after every saturation: safe, saves a little
     cells = rules.compare(trajectories, {"oracle x1.5": rules.oracle_multiple(1.5), "late": late})
     by_rule = {c["rule"]: c for c in cells}
     assert by_rule["oracle x1.5"]["noninferior"] == "yes" and by_rule["oracle x1.5"]["saving_captured_median"] > 0.5
     assert rules.choose_default(cells) == "late"
+
+
+def _cell(rule, method, noninferior, ci_low, saving):
+    return {"rule": rule, "half": "selection", "method": method, "lr_scale": 1.0, "noninferior": noninferior,
+            "ci_low": ci_low, "saving_captured_median": saving}
+
+
+@pytest.mark.parametrize("cells, chosen", [
+    # non-inferior everywhere beats any saving
+    ([_cell("safe", "ti", "yes", -0.01, 0.3), _cell("safe", "lora", "yes", -0.015, 0.4),
+      _cell("fast", "ti", "yes", -0.01, 0.9), _cell("fast", "lora", "undecided", -0.03, 0.9)], "safe"),
+    # none is: the one nearest to non-inferior in its worst cell, not the one that saves most
+    ([_cell("careful", "ti", "undecided", -0.025, 0.3), _cell("careful", "lora", "undecided", -0.03, 0.3),
+      _cell("aggressive", "ti", "no", -0.08, 0.9), _cell("aggressive", "lora", "undecided", -0.04, 0.9)], "careful"),
+    # equally near: the one that saves more
+    ([_cell("a", "ti", "undecided", -0.03, 0.3), _cell("b", "ti", "undecided", -0.03, 0.5)], "b"),
+])
+def test_the_default_is_chosen_for_quality_first_then_saving(cells, chosen):
+    assert rules.choose_default(cells) == chosen
+
+
+def test_a_rule_that_never_stops_is_not_a_default_however_safe():
+    trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    never, late = (lambda t: (None, 0)), (lambda t: (900, 1))  # noqa: E731
+    cells = rules.compare(trajectories, {"never": never, "late": late})
+    assert {c["rule"]: c["noninferior"] for c in cells} == {"never": "yes", "late": "yes"}
+    assert rules.choose_default(cells) == "late"
+    assert rules.choose_default([c for c in cells if c["rule"] == "never"]) is None
 
 
 @pytest.mark.parametrize("stop, share, expected", [
