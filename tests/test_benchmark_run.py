@@ -396,7 +396,7 @@ def test_rules_replays_candidates_on_the_recorded_trajectories(ci_run, capsys, t
         assert len(t.losses) == t.budget and t.check_steps[0] == 0 and t.check_steps[-1] == t.budget
     assert rules.main([str(ci_run), "--csv", str(tmp_path / "cells.csv")]) == 0
     out = capsys.readouterr().out
-    assert "### selection half" in out and "| paper | mini-sd | textual_inversion |" in out
+    assert "### selection half" in out and "| paper (reference) | mini-sd | textual_inversion |" in out
     assert (tmp_path / "cells.csv").read_text().startswith(",".join(rules.COLUMNS))
 
 
