@@ -479,10 +479,11 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
 def choose_default(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> Optional[str]:
     """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
     rate cell, the highest smallest-over-methods median saving captured at 1x; if none is, the one whose worst
-    cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation
-    oracles) are not candidates, and neither is a rule whose median saving captured is 0 for some method at 1x:
-    one that (almost) never fires is trivially non-inferior, and a default that does not stop is no stopping rule
-    (an amendment of 2026-12-07, default-candidates.md). None when no candidate is left.
+    cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier, simpler, candidate.
+    ``reference`` (the paper presets, the saturation oracles) are not candidates, and neither is a rule whose median
+    saving captured is 0 for some method at 1x: one that (almost) never fires is trivially non-inferior, and a
+    default that does not stop is no stopping rule (amendments of 2026-12-07, default-candidates.md). None when no
+    candidate is left.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
     ...           "saving_captured_median": s} for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
