@@ -492,13 +492,17 @@ def merged_description(previous: Dict[str, Any], description: Dict[str, Any]) ->
     descriptions belong together when every setting other than the method list is equal and every method they share
     has equal settings and concepts. The union lists methods in ``METHOD_ORDER``.
 
-    >>> a = {"config": {"methods": [{"method": "textual_inversion"}], "seed": 1}, "concepts": {"textual_inversion": ["x"]}}
+    >>> a = {"config": {"methods": [{"method": "textual_inversion"}], "seed": 1},
+    ...      "concepts": {"textual_inversion": ["x"]}}
     >>> b = {"config": {"methods": [{"method": "dreambooth_lora"}], "seed": 1}, "concepts": {"dreambooth_lora": ["y"]}}
     >>> [m["method"] for m in merged_description(b, a)["config"]["methods"]]
     ['textual_inversion', 'dreambooth_lora']
     """
     old_config, new_config = previous.get("config", {}), description["config"]
-    if {k: v for k, v in old_config.items() if k != "methods"} != {k: v for k, v in new_config.items() if k != "methods"}:
+    def shared(config: Dict[str, Any]) -> Dict[str, Any]:
+        return {k: v for k, v in config.items() if k != "methods"}
+
+    if shared(old_config) != shared(new_config):
         return None
     for key in ("lr_scale", "model", "scorer"):
         if key in previous and key in description and previous[key] != description[key]:
@@ -523,7 +527,7 @@ def merged_description(previous: Dict[str, Any], description: Dict[str, Any]) ->
 
 
 def check_same_benchmark(out: Path, description: Dict[str, Any]) -> None:
-    """Write ``out/benchmark.json``, or check that ``out`` holds this benchmark (adding methods run with ``--methods``)."""
+    """Write ``out/benchmark.json``, or check that ``out`` holds this benchmark (adding ``--methods`` runs' methods)."""
     path = out / "benchmark.json"
     description = json.loads(json.dumps(description))  # tuples -> lists, as stored
     if not path.is_file():
