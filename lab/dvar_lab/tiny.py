@@ -244,31 +244,20 @@ def save_tiny_pipeline(kind: str, path: Union[str, Path], seed: int = 0, resolut
         >>> (folder / "transformer" / "config.json").is_file()
         True
     """
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
 
-    if kind == "sd":
-        parts = tiny_sd(seed=seed, resolution=resolution, **options)
-        pipe = StableDiffusionPipeline(
-            vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"], unet=parts["unet"],
-            scheduler=parts["noise_scheduler"], safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    elif kind == "sdxl":
-        parts = tiny_sdxl(seed=seed, resolution=resolution, **options)
-        pipe = StableDiffusionXLPipeline(
-            vae=parts["vae"], text_encoder=parts["text_encoder"], text_encoder_2=parts["text_encoder_2"],
-            tokenizer=parts["tokenizer"], tokenizer_2=parts["tokenizer_2"], unet=parts["unet"],
-            scheduler=parts["noise_scheduler"],
-        )
-    elif kind == "flux":
-        parts = tiny_flux(seed=seed, resolution=resolution, **options)
-        pipe = FluxPipeline(
-            scheduler=parts["noise_scheduler"], vae=parts["vae"], text_encoder=parts["text_encoder"],
-            tokenizer=parts["tokenizer"], text_encoder_2=parts["text_encoder_2"], tokenizer_2=parts["tokenizer_2"],
-            transformer=parts["transformer"],
-        )
-    else:
+    builders = {
+        "sd": (tiny_sd, "StableDiffusionPipeline",
+               dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)),
+        "sdxl": (tiny_sdxl, "StableDiffusionXLPipeline", {}),
+        "flux": (tiny_flux, "FluxPipeline", {}),
+    }
+    if kind not in builders:
         raise ValueError(f"unknown tiny pipeline {kind!r}: choose sd, sdxl or flux")
+    build, pipeline_class, extra = builders[kind]
+    parts = build(seed=seed, resolution=resolution, **options)
+    components = {("scheduler" if name == "noise_scheduler" else name): part for name, part in parts.items()}
+    pipe = getattr(diffusers, pipeline_class)(**components, **extra)
     pipe.save_pretrained(path)
     return Path(path)
 
