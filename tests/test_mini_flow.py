@@ -218,7 +218,7 @@ def test_an_unfinished_model_never_goes_to_the_bundled_folder(tmp_path, capsys, 
 def test_an_extended_run_is_one_command(tmp_path):
     """Training to 2 steps and rerunning with --steps 4 (a warm restart) gives the weights that one run with
     --steps 4 --extended-from 2 gives: the recipe of the bundled weights is a single command."""
-    two_then_four = pretrain(tmp_path, "extended", "--steps", "2")
+    pretrain(tmp_path, "extended", "--steps", "2")
     two_then_four = pretrain(tmp_path, "extended", "--steps", "4")
     at_once = pretrain(tmp_path, "at-once", "--steps", "4", "--extended-from", "2")
     plain = pretrain(tmp_path, "plain", "--steps", "4")

@@ -499,6 +499,7 @@ def merged_description(previous: Dict[str, Any], description: Dict[str, Any]) ->
     ['textual_inversion', 'dreambooth_lora']
     """
     old_config, new_config = previous.get("config", {}), description["config"]
+
     def shared(config: Dict[str, Any]) -> Dict[str, Any]:
         return {k: v for k, v in config.items() if k != "methods"}
 
@@ -521,8 +522,8 @@ def merged_description(previous: Dict[str, Any], description: Dict[str, Any]) ->
     merged = dict(previous)
     merged["config"] = {**old_config, "methods": [methods[name] for name in order]}
     merged["concepts"] = {name: concepts[name] for name in order}
-    merged["methods"] = {**previous.get("methods", {}), **description.get("methods", {})}
-    merged["methods"] = {name: merged["methods"][name] for name in order if name in merged["methods"]}
+    budgets = {**previous.get("methods", {}), **description.get("methods", {})}
+    merged["methods"] = {name: budgets[name] for name in order if name in budgets}
     return merged
 
 
