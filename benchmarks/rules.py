@@ -314,8 +314,9 @@ def guarded(main: Rule, guard: Rule) -> Rule:
 
 
 def not_before(rule: Rule, share: float) -> Rule:
-    """H: ``rule``'s stop, but not before ``share`` of the budget (a run that fires earlier goes on to that step,
-    evaluating at the same stride); never when ``rule`` never fires.
+    """H: ``rule``'s stop, but not before ``share`` of the budget (a run that fires earlier goes on to the first
+    evaluation at or after that step, at the same stride); never when ``rule`` never fires. This is
+    ``DVARConfig(min_steps=ceil(share * budget))`` (:class:`dvar.rules.NotBefore`) in the callback.
 
     >>> from types import SimpleNamespace as NS
     >>> not_before(lambda t: (100, 10), 0.4)(NS(budget=1000))
@@ -326,7 +327,9 @@ def not_before(rule: Rule, share: float) -> Rule:
         stop, evaluations = rule(t)
         if stop is None:
             return None, evaluations
-        final = max(stop, math.ceil(share * t.budget))
+        k = budget_stride(t.budget)
+        floor = k * math.ceil(math.ceil(share * t.budget) / k)
+        final = max(stop, floor)
         return final, (evaluations * final) // stop if stop else evaluations
 
     return guarded_rule

@@ -171,8 +171,15 @@ class EvalBatch:
 
     def shard(self, rank: int, world_size: int) -> "EvalBatch":
         """Contiguous share of process ``rank``; shares differ in size by at most one."""
-        bounds = np.linspace(0, len(self), world_size + 1).round().astype(int)
-        return self.select(range(bounds[rank], bounds[rank + 1]))
+        return self.select(range(self.shard_start(rank, world_size), self.shard_start(rank + 1, world_size)))
+
+    def shard_start(self, rank: int, world_size: int) -> int:
+        """The position of process ``rank``'s first example (``rank == world_size``: the batch's end).
+
+        >>> [EvalBatch(torch.zeros(5, 3, 8, 8)).shard_start(r, 2) for r in range(3)]
+        [0, 2, 5]
+        """
+        return int(np.linspace(0, len(self), world_size + 1).round().astype(int)[rank])
 
 
 class FixedEvalBatch:

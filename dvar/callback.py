@@ -157,7 +157,12 @@ class DVAREarlyStopping:
                 snr_gamma=self.loss.snr_gamma, guidance_scale=self.loss.guidance_scale,
                 max_sequence_length=self.loss.max_sequence_length,
             )
+        if self.config.signal == "normalized" and not hasattr(objective, "per_example_losses"):
+            raise ValueError(f"signal='normalized' needs each frozen example's loss, but the objective "
+                             f"{type(objective).__name__} has no per_example_losses(models, batch); add it, or use "
+                             "signal='loss'.")
         self.objective = objective
+        self._reference: Optional[List[float]] = None
         # Before a timed stride is chosen nothing is evaluated: the rule is remade by _set_stride.
         self.rule: StopRule = self.config.make_rule(self.eval_every or 1)
         self.eval_batch = eval_batch if eval_batch is not None else FixedEvalBatch(
@@ -193,12 +198,13 @@ class DVAREarlyStopping:
             return False
         if global_step % self.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
             return False  # not an evaluation step, or already evaluated (e.g. called twice)
-        eval_loss, train_value = self.evaluate(), _to_float(train_loss)
-        rule_fired = self.rule.update(eval_loss)
+        eval_loss, per_example = self._evaluate()
+        signal, train_value = self._signal(eval_loss, per_example), _to_float(train_loss)
+        rule_fired = self.rule.update(signal)
         train_diverged = self._train_loss_diverged(train_loss, train_value)
         votes = self._all_reduce_sum([float(rule_fired), float(train_diverged)], self._device())
-        finite = math.isfinite(eval_loss) and votes[1] == 0
-        self._record(HistoryRow(global_step, eval_loss, self.rule.statistic, train_value), finite)
+        finite = math.isfinite(signal) and votes[1] == 0
+        self._record(HistoryRow(global_step, eval_loss, self.rule.statistic, train_value, signal), finite)
         if votes[1] > 0:
             where = "" if train_diverged else " on another process"
             self._stop(global_step, StopKind.NON_FINITE,
@@ -249,18 +255,42 @@ class DVAREarlyStopping:
     @torch.no_grad()
     def evaluate(self) -> float:
         """The objective on the frozen batch, split across processes and averaged over all examples."""
+        return self._evaluate()[0]
+
+    @torch.no_grad()
+    def _evaluate(self) -> Tuple[float, Optional[List[float]]]:
+        """(the batch loss, with ``signal="normalized"`` each frozen example's loss, gathered from all processes)."""
         started = time.perf_counter()
         rank, world = self.rank_and_world
-        shard = self.eval_batch.next().shard(rank, world)
+        batch = self.eval_batch.next()
+        shard = batch.shard(rank, world)
         if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
             self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
-        local_sum = 0.0
+        per_example = self.config.signal == "normalized"
+        local = [0.0] * (len(batch) if per_example else 1)
         if len(shard):
             with eval_mode(self._plain_models.values()), self._autocast():
-                local_sum = float(self.objective(self._plain_models, shard)) * len(shard)
-        total, count = self._all_reduce_sum([local_sum, float(len(shard))], self._device())
+                if per_example:  # each process fills its own positions; the sum gathers them
+                    first = batch.shard_start(rank, world)
+                    losses = self.objective.per_example_losses(self._plain_models, shard).losses
+                    local[first:first + len(shard)] = [float(x) for x in losses.detach().double().cpu()]
+                else:
+                    local[0] = float(self.objective(self._plain_models, shard)) * len(shard)
+        totals = self._all_reduce_sum(local + [float(len(shard))], self._device())
         self.eval_seconds += time.perf_counter() - started
-        return total / count
+        if per_example:
+            return sum(totals[:-1]) / totals[-1], totals[:-1]
+        return totals[0] / totals[-1], None
+
+    def _signal(self, loss: float, per_example: Optional[List[float]]) -> float:
+        """The value the rule watches: the loss, or the mean of each example's loss over its first value (the
+        first evaluation's losses are the reference, kept in the checkpoint)."""
+        if per_example is None:
+            return loss
+        if self._reference is None:
+            self._reference = list(per_example)
+        ratios = [x / r if r > 0 else (1.0 if x == r else math.inf) for x, r in zip(per_example, self._reference)]
+        return sum(ratios) / len(ratios)
 
     def _probe_stride(self) -> None:
         """``eval_every="5%"``: tick the step clock; once enough steps are timed, time an evaluation and fix
@@ -427,6 +457,7 @@ class DVAREarlyStopping:
             "eval_batch_size": config.eval_batch_size,
             "seed": config.seed,
             "resample": sorted(config.resample),
+            "signal": config.signal,
         }
 
     def state_dict(self) -> Dict[str, Any]:
@@ -443,6 +474,7 @@ class DVAREarlyStopping:
             "last_finite_step": self.last_finite_step,
             "eval_seconds": self.eval_seconds,
             "stride_timing": self.stride_timing,
+            "reference": self._reference,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -458,9 +490,10 @@ class DVAREarlyStopping:
         if chosen_by_library and saved_every != self.eval_every:
             self._set_stride(None if saved_every is None else resolve_eval_every(saved_every, self.window or 1))
         for key, value in self._settings().items():
-            if state["settings"][key] != value:
+            saved = state["settings"].get(key, "loss" if key == "signal" else None)  # no signal before dvar 0.3
+            if saved != value:
                 raise ValueError(
-                    f"The checkpoint's DVAR {key} is {state['settings'][key]!r} but this run uses {value!r}; "
+                    f"The checkpoint's DVAR {key} is {saved!r} but this run uses {value!r}; "
                     "resume with the same early-stopping settings."
                 )
         self.rule.load_state_dict(state["rule"])
@@ -471,6 +504,7 @@ class DVAREarlyStopping:
         self.last_finite_step = state["last_finite_step"]
         self.eval_seconds = state["eval_seconds"]
         self.stride_timing = state.get("stride_timing")
+        self._reference = state.get("reference")
 
     def __repr__(self) -> str:
         return (

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Tuple
+import math
+from typing import Literal, Optional, Tuple
 
 from .batch import PARTS
-from .rules import AUTO_LEVEL, AUTO_MULTIPLE, DVARCriterion, NonFinitePolicy, SettlingTimeCriterion, StopRule, resolve_preset
+from .rules import (
+    AUTO_LEVEL,
+    AUTO_MULTIPLE,
+    DVARCriterion,
+    NonFinitePolicy,
+    NotBefore,
+    SettlingTimeCriterion,
+    StopRule,
+    resolve_preset,
+)
 from .stride import (
     AUTO_EVALS_PER_WINDOW,
     STRIDE_PROBE_STEPS,
@@ -61,6 +71,18 @@ class DVARConfig:
     nonfinite: NonFinitePolicy = field(
         default="stop", metadata={"help": "On a NaN/inf loss: stop as diverged (default), skip it, or raise."}
     )
+    signal: Literal["loss", "normalized"] = field(
+        default="loss",
+        metadata={"help": "What the rule watches: 'loss', the frozen batch's mean loss (the paper); 'normalized', the "
+                          "mean over frozen examples of each one's loss divided by its own first value, so that the "
+                          "high-noise examples, whose losses are small and move little, weigh as much as the "
+                          "low-noise ones (needs a frozen batch and an objective with per_example_losses)."},
+    )
+    min_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "Never stop before this optimizer step: a rule that fires earlier keeps the run going to "
+                          "the first evaluation at or after it (a divergence still stops at once)."},
+    )
     max_train_steps: Optional[int] = field(
         default=None, metadata={"help": "The step budget, to reject a window the run can never fill."}
     )
@@ -82,7 +104,22 @@ class DVARConfig:
             resolve_eval_every(self.eval_every, window)  # validates it
         return window, threshold
 
+    def _check_signal_and_floor(self) -> None:
+        if self.signal not in ("loss", "normalized"):
+            raise ValueError(f"signal must be 'loss' or 'normalized' (got {self.signal!r}).")
+        if self.signal == "normalized" and self.resample:
+            raise ValueError(f"signal='normalized' divides each frozen example's loss by its first value, so the "
+                             f"examples must stay frozen; drop resample={tuple(self.resample)} or use signal='loss'.")
+        if self.min_steps is None:
+            return
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
+            raise ValueError(f"min_steps must be an integer >= 0 (got {self.min_steps!r}).")
+        if self.max_train_steps is not None and self.min_steps > self.max_train_steps:
+            raise ValueError(f"min_steps ({self.min_steps}) is past the step budget ({self.max_train_steps}): the run "
+                             "could never stop early. Lower min_steps or raise max_train_steps.")
+
     def _rule_settings(self) -> Tuple[Optional[int], float]:
+        self._check_signal_and_floor()
         if self.is_auto:
             if self.window is not None:
                 raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
@@ -128,6 +165,13 @@ class DVARConfig:
     def make_rule(self, eval_every: int) -> StopRule:
         """The rule these settings name, counting in evaluations made every ``eval_every`` steps."""
         window, threshold = self._rule_settings()
+        rule: StopRule
         if window is None:
-            return SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
-        return DVARCriterion(evaluations_in_window(window, eval_every), threshold, nonfinite=self.nonfinite)
+            rule = SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
+            if self.signal == "normalized":
+                rule.value_name = "normalized loss"
+        else:
+            rule = DVARCriterion(evaluations_in_window(window, eval_every), threshold, nonfinite=self.nonfinite)
+        if self.min_steps:
+            rule = NotBefore(rule, math.ceil(self.min_steps / eval_every), f"min_steps={self.min_steps}")
+        return rule

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Union
 
-HISTORY_COLUMNS = ("step", "eval_loss", "statistic", "train_loss")
+HISTORY_COLUMNS = ("step", "eval_loss", "statistic", "train_loss", "signal")
 SUMMARY_FILE = "dvar_summary.json"
 DIVERGED_ADVICE = "lower the learning rate, or train in fp32/bf16 instead of fp16"
 
@@ -21,12 +21,15 @@ logger = logging.getLogger("dvar.callback")
 
 @dataclass
 class HistoryRow:
-    """One evaluation: its step, the frozen-batch loss, the rule's statistic and the training loss."""
+    """One evaluation: its step, the frozen-batch loss, the rule's statistic, the training loss and the value
+    the rule was fed (the loss itself, or with ``signal="normalized"`` the mean of each example's loss over its
+    first)."""
 
     step: int
     eval_loss: float
     statistic: float
     train_loss: float
+    signal: float = math.nan
 
 
 def stop_message(stop_step: int, max_train_steps: Optional[int], reason: Optional[str], diverged: bool = False) -> str:
@@ -87,7 +90,7 @@ def history_csv(history: Sequence[HistoryRow], eval_every: Optional[int], stop_s
     writer = csv.writer(buffer)
     writer.writerow((*HISTORY_COLUMNS, "eval_every", "stop_reason"))
     for row in history:
-        writer.writerow([row.step, repr(row.eval_loss), repr(row.statistic), repr(row.train_loss), eval_every,
+        writer.writerow([row.step, repr(row.eval_loss), repr(row.statistic), repr(row.train_loss), repr(row.signal), eval_every,
                          reason if row.step == stop_step else ""])
     return buffer.getvalue()
 

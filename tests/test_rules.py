@@ -233,6 +233,42 @@ def test_a_floor_only_delays_an_early_stop(stop, share, expected):
     assert rules.not_before(lambda t: stop, share)(planted("a", 50, 250)) == expected
 
 
+@pytest.mark.parametrize("taus, budget", [
+    ([20, 20, 20, 20], 1000),  # settles early: the floor at 40% of the budget decides
+    ([20, 40, 150, 300], 1000),  # the slow examples settle late (440): the rule decides
+    ([10, 10, 60, 60], 500),  # fires at 170, held to 200
+    ([5000, 5000, 5000, 5000], 800),  # still falling at the budget: never
+])
+def test_the_replayed_default_candidate_stops_where_the_callback_does(toy_dataset, taus, budget):
+    from types import SimpleNamespace
+
+    import torch
+
+    from dvar import DVAREarlyStopping
+
+    t = with_signals(planted("a", 50, 250, budget=budget), taus=taus, timesteps=[100, 300, 600, 900], budget=budget)
+    replayed, _ = rules.default_candidates()["H N level=0.8 x2 from 40%"](t)
+
+    class Recorded:  # the recorded per-example losses, served to the callback step by step
+        step = 1
+
+        def per_example_losses(self, models, batch):
+            losses = torch.as_tensor(t.per_example[self.step - 1], dtype=torch.float64)
+            return SimpleNamespace(losses=losses, loss=losses.mean())
+
+        def __call__(self, models, batch):
+            return self.per_example_losses(models, batch).loss
+
+    objective = Recorded()
+    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
+                                min_steps=math.ceil(0.4 * budget), max_train_steps=budget)
+    for objective.step in range(1, budget + 1):
+        if stopper.step(objective.step):
+            break
+    assert stopper.stop_step == replayed
+    assert (replayed is None) == (taus[0] == 5000)
+
+
 def test_a_candidate_needing_format_3_signals_names_what_is_missing():
     with pytest.raises(ValueError, match="per_example.*format 3"):
         rules.normalized_settling(2.0, 0.8)(planted("a", 50, 250))

@@ -163,6 +163,10 @@ class PerExampleRecorder:
         self.timesteps: Optional[List[float]] = None
 
     def __call__(self, models: Any, batch: Any) -> torch.Tensor:
+        return self.per_example_losses(models, batch).loss
+
+    def per_example_losses(self, models: Any, batch: Any) -> Any:
+        """The objective's own result (a stopper with ``signal="normalized"`` calls this), recorded."""
         result = self.objective.per_example_losses(models, batch)
         self.losses.append([float(x) for x in result.losses.detach().cpu()])
         timesteps = [float(t) for t in result.timesteps.detach().cpu()]
@@ -170,7 +174,7 @@ class PerExampleRecorder:
             self.timesteps = timesteps
         elif timesteps != self.timesteps:
             raise RuntimeError("the frozen batch's timesteps changed between evaluations: it is not frozen")
-        return result.loss
+        return result
 
     def to_json(self) -> Dict[str, Any]:
         return {"timesteps": self.timesteps or [], "losses": self.losses}

@@ -2,11 +2,13 @@
 a reason and its kind, and a versioned ``state_dict()``.
 
 - :class:`DVARCriterion`: the paper's rule, ``var(last N) / var(all) < threshold`` (the presets);
-- :class:`SettlingTimeCriterion`: ``preset="auto"``, a window from the loss's own settling time.
+- :class:`SettlingTimeCriterion`: ``preset="auto"``, a window from the loss's own settling time;
+- :class:`NotBefore`: any rule's stop, held until a floor (``DVARConfig.min_steps``).
 """
 
 from .base import NonFinitePolicy, StopKind, StopRule
 from .plateau import PRESETS, DVARCriterion, DVARPreset, dvar_should_stop, first_stop_step, normalized_variance, resolve_preset
+from .not_before import NotBefore
 from .settling_time import AUTO_LEVEL, AUTO_MULTIPLE, SettlingTimeCriterion
 
 __all__ = [
@@ -16,6 +18,7 @@ __all__ = [
     "DVARCriterion",
     "DVARPreset",
     "NonFinitePolicy",
+    "NotBefore",
     "SettlingTimeCriterion",
     "StopKind",
     "StopRule",

@@ -42,6 +42,8 @@ class SettlingTimeCriterion(StopRule):
     fires_with = StopKind.SETTLED
     stops_when = "above"
     statistic_name = "evaluations / settling time"  # type: ignore[assignment]  # a constant for this rule
+    #: what the values are, for the stop reason (``"normalized loss"`` with ``DVARConfig(signal="normalized")``)
+    value_name = "loss"
 
     def __init__(self, multiple: float = AUTO_MULTIPLE, level: float = AUTO_LEVEL, smooth: int = 5,
                  min_evaluations: int = 20, min_drop_snr: float = 5.0, nonfinite: NonFinitePolicy = "stop") -> None:
@@ -117,7 +119,7 @@ class SettlingTimeCriterion(StopRule):
         drop = self._smoothed[0] - self._lowest
         if drop <= self.min_drop_snr * self.noise:
             return None
-        return (f"settled: the smoothed loss covered {self.level:.0%} of its drop {drop:.3g} by evaluation "
+        return (f"settled: the smoothed {self.value_name} covered {self.level:.0%} of its drop {drop:.3g} by evaluation "
                 f"{t}, and {n} evaluations are {self.multiple:g}x that")
 
     def _state(self) -> Dict[str, Any]:

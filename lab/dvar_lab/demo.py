@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--window", type=int, default=15)
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--eval_every", type=int, default=1)
+    parser.add_argument("--preset", default=None, help="a DVAR preset ('auto': the settling-time rule) instead of the window")
+    parser.add_argument("--signal", default="loss", choices=("loss", "normalized"))
+    parser.add_argument("--min_steps", type=int, default=None)
     parser.add_argument("--no_flip", action="store_true", help="no random flips (exact resume, see tests)")
     parser.add_argument("--interrupt_at_step", type=int, default=0, help="simulate an interruption after this step")
     return parser.parse_args(argv)
@@ -73,8 +76,9 @@ def main(argv=None) -> dict:
         stopper = DVAREarlyStopping(  # DVAR
             unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
             train_dataset=train_dataset, accelerator=accelerator, eval_every=args.eval_every,
-            window=args.window, threshold=1e-12 if args.attach_only else args.threshold,
-            max_train_steps=args.max_train_steps,
+            **({"preset": args.preset} if args.preset else
+               {"window": args.window, "threshold": 1e-12 if args.attach_only else args.threshold}),
+            signal=args.signal, min_steps=args.min_steps, max_train_steps=args.max_train_steps,
         )
         accelerator.register_for_checkpointing(stopper)  # DVAR
         initial_eval_loss = stopper.evaluate()  # not needed by DVAR: lets tests compare 1 vs 2 processes
@@ -146,6 +150,7 @@ def main(argv=None) -> dict:
         "stop_step": None if stopper is None else stopper.stop_step,
         "reason": None if stopper is None else stopper.reason,
         "eval_losses": [] if stopper is None else [row.eval_loss for row in stopper.history],
+        "signals": [] if stopper is None else [row.signal for row in stopper.history],
         "initial_eval_loss": None if stopper is None else initial_eval_loss,
         "checksum": checksum,
     }

@@ -1,0 +1,190 @@
+"""What the rule watches and when it may stop: ``signal="normalized"`` (the mean of each frozen example's loss
+over its own first value) and ``min_steps`` (a floor under any rule, :class:`dvar.rules.NotBefore`)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from dvar import DVARConfig, DVAREarlyStopping
+from dvar.rules import NotBefore, SettlingTimeCriterion
+from dvar.stride import replay_stop_step
+from dvar_lab import demo
+
+
+def decay(tau, n, floor=1.0):
+    return floor + np.exp(-np.arange(n) / tau)
+
+
+def settling(**settings):
+    return SettlingTimeCriterion(**{"multiple": 2.0, "level": 0.8, "min_evaluations": 10, **settings})
+
+
+def feed(rule, values):
+    for value in values:
+        if rule.update(value):
+            break
+    return rule
+
+
+# -- the floor ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "values, floor, stop, held",
+    [
+        (decay(10, 300), 0, 40, False),  # tau 10 alone stops at evaluation 40
+        (decay(10, 300), 40, 40, False),  # a floor at the stop changes nothing
+        (decay(10, 300), 60, 60, True),  # an earlier stop waits for the floor
+        (decay(30, 300), 60, 96, False),  # a later stop (3.2 tau) is not moved
+        (np.linspace(2.0, 1.0, 300), 60, None, False),  # a loss still falling never stops, floor or not
+    ],
+)
+def test_a_floor_holds_an_early_stop_and_leaves_a_later_one(values, floor, stop, held):
+    rule = feed(NotBefore(settling(), floor, f"evaluation {floor}"), values)
+    assert rule.stop_step == stop
+    if stop is not None:
+        assert rule.reason.startswith("settled: the smoothed loss covered 80%") and rule.stop_kind.value == "settled"
+        assert ("held until evaluation" in rule.reason) == held
+
+
+def test_a_divergence_under_the_floor_stops_at_once():
+    rule = feed(NotBefore(settling(), 60), [3.0, 2.0, math.nan, 1.0])
+    assert (rule.stop_step, rule.diverged) == (3, True) and rule.reason.startswith("non-finite")
+
+
+@pytest.mark.parametrize("cut", [1, 30, 45, 59, 61, 100])
+def test_a_floor_resumes_to_the_same_stop_and_reason(cut):
+    values = decay(10, 300)
+    straight = feed(NotBefore(settling(), 60), values)
+    first = feed(NotBefore(settling(), 60), values[:cut])
+    resumed = NotBefore(settling(), 60)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    resumed = feed(resumed, values[cut:]) if not resumed.stopped else resumed
+    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason) == (60, straight.reason)
+
+
+def test_a_floor_from_other_settings_is_refused():
+    saved = NotBefore(settling(), 60).state_dict()
+    with pytest.raises(ValueError, match="not_before=60 .this run: 80."):
+        NotBefore(settling(), 80).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("min_steps, every, evaluations", [(200, 5, 40), (201, 5, 41), (0, 5, None), (7, 1, 7)])
+def test_min_steps_is_counted_in_evaluations_at_the_stride(min_steps, every, evaluations):
+    rule = DVARConfig(preset="auto", max_train_steps=500, min_steps=min_steps).make_rule(every)
+    assert (rule.min_evaluations if isinstance(rule, NotBefore) else None) == evaluations
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preset": "auto", "max_train_steps": 100, "min_steps": 101}, r"min_steps \(101\) is past the step budget \(100\)"),
+        ({"preset": "auto", "max_train_steps": 100, "min_steps": -1}, "min_steps must be an integer >= 0"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "median"}, "signal must be 'loss' or 'normalized'"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "normalized", "resample": ("noise",)},
+         "examples must stay frozen"),
+    ],
+)
+def test_impossible_signal_and_floor_settings(toy_dataset, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DVAREarlyStopping(objective=PlantedExamples([decay(10, 10)]), train_dataset=toy_dataset, **kwargs)
+
+
+def test_the_normalized_signal_needs_per_example_losses(toy_dataset):
+    with pytest.raises(ValueError, match="has no per_example_losses"):
+        DVAREarlyStopping(objective=lambda models, batch: torch.tensor(1.0), train_dataset=toy_dataset,
+                          preset="auto", max_train_steps=100, signal="normalized")
+
+
+# -- the normalized signal ----------------------------------------------------------------------------------
+
+
+class PlantedExamples:
+    """An objective whose frozen example i has the loss ``curves[i][step - 1]`` (the step set by the test)."""
+
+    def __init__(self, curves):
+        self.curves, self.step = [np.asarray(c, dtype=np.float64) for c in curves], 1
+
+    def per_example_losses(self, models, batch):
+        losses = torch.tensor([self.curves[i][self.step - 1] for i in range(len(batch))], dtype=torch.float64)
+        return SimpleNamespace(losses=losses, loss=losses.mean())
+
+    def __call__(self, models, batch):
+        return self.per_example_losses(models, batch).loss
+
+
+# A low-noise example with a large loss that settles fast (tau 10), and three high-noise ones with small losses
+# that settle slowly (tau 60): the batch mean follows the first, the normalized mean weighs all four alike.
+CURVES = [10 * decay(10, 600), *(0.05 * decay(60, 600) for _ in range(3))]
+
+
+@pytest.mark.parametrize("signal", ["loss", "normalized"])
+def test_the_callback_feeds_its_rule_the_chosen_signal(toy_dataset, signal):
+    objective = PlantedExamples(CURVES)
+    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
+                                max_train_steps=600, signal=signal)
+    for objective.step in range(1, 601):
+        if stopper.step(objective.step):
+            break
+    stack = np.stack(CURVES, axis=1)
+    values = stack.mean(axis=1) if signal == "loss" else (stack / stack[0]).mean(axis=1)
+    assert stopper.stop_step == replay_stop_step(settling(min_evaluations=20), list(values), 1) is not None
+    assert [row.signal for row in stopper.history] == pytest.approx(values[:stopper.stop_step].tolist(), rel=1e-12)
+    assert [row.eval_loss for row in stopper.history] == pytest.approx(stack.mean(axis=1)[:stopper.stop_step].tolist())
+    assert ("normalized loss" in stopper.reason) == (signal == "normalized")
+
+
+def test_the_normalized_signal_waits_for_the_slow_small_examples(toy_dataset):
+    stops = {}
+    for signal in ("loss", "normalized"):
+        objective = PlantedExamples(CURVES)
+        stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
+                                    max_train_steps=600, signal=signal)
+        for objective.step in range(1, 601):
+            if stopper.step(objective.step):
+                break
+        stops[signal] = stopper.stop_step
+    assert stops["loss"] < 50 and stops["normalized"] > 2 * 60  # past twice the slow examples' tau
+
+
+@pytest.mark.parametrize("cut", [1, 25, 90])
+def test_the_reference_losses_resume_with_the_run(toy_dataset, cut):
+    def run(start, stopper):
+        for objective.step in range(start, 601):
+            if stopper.step(objective.step):
+                break
+        return stopper
+
+    objective = PlantedExamples(CURVES)
+    make = lambda: DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
+                                     max_train_steps=600, signal="normalized", min_steps=250)
+    straight = run(1, make())
+    first = make()
+    for objective.step in range(1, cut + 1):
+        first.step(objective.step)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    resumed = run(cut + 1, resumed)
+    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason)
+    assert straight.stop_step == 250 and "held until min_steps=250" in straight.reason
+
+
+def test_two_processes_gather_the_normalized_signal(tmp_path):
+    flags = ["--early_stop", "--preset", "auto", "--signal", "normalized", "--max_train_steps", "80", "--eval_every", "2"]
+    env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               demo.__file__, "--output_dir", str(tmp_path / "ddp"), *flags]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "ddp" / f"result_rank{rank}.json").read_text()) for rank in (0, 1)]
+    # each process scores half the frozen examples and gathers the rest: both feed their rules the same values
+    assert ranks[0]["signals"] == ranks[1]["signals"] and ranks[0]["stop_step"] == ranks[1]["stop_step"]
+    assert ranks[0]["signals"][0] == 1.0 and len(set(ranks[0]["signals"])) == len(ranks[0]["signals"]) == 40
