@@ -11,8 +11,9 @@ def plot_history(
     history: Sequence[Any], threshold: float, stop_step: Optional[int], path: Union[str, Path],
     statistic_name: str = "var(last N) / var(all)", stops_when: str = "below",
 ) -> Path:
-    """Eval loss (and training loss) over steps above the rule's statistic, with its threshold and the
-    stop marked; ``history`` rows have step/eval_loss/statistic/train_loss.
+    """Eval loss (or, with ``signal="normalized"``, the value the rule watched) and training loss over steps
+    above the rule's statistic, with its threshold and the stop marked; ``history`` rows have
+    step/eval_loss/statistic/train_loss (and signal).
 
     Example:
         >>> from dvar.reporting import HistoryRow
@@ -36,8 +37,13 @@ def plot_history(
         ax_train.set_ylabel("training loss", color="0.5")
         ax_loss.set_zorder(ax_train.get_zorder() + 1)
         ax_loss.patch.set_visible(False)
-    handles += ax_loss.plot(steps, [row.eval_loss for row in history], color="C0", label="frozen-batch loss (DVAR)")
-    ax_loss.set_ylabel("frozen-batch loss")
+    signal = [getattr(row, "signal", math.nan) for row in history]
+    if any(not math.isnan(v) and v != row.eval_loss for v, row in zip(signal, history)):  # signal="normalized"
+        handles += ax_loss.plot(steps, signal, color="C0", label="mean of each frozen example's loss / its first (DVAR)")
+        ax_loss.set_ylabel("normalized frozen-batch loss")
+    else:
+        handles += ax_loss.plot(steps, [row.eval_loss for row in history], color="C0", label="frozen-batch loss (DVAR)")
+        ax_loss.set_ylabel("frozen-batch loss")
     ax_var.plot(steps, [row.statistic for row in history], color="C1", label=statistic_name)
     ax_var.axhline(threshold, color="C3", linestyle="--", linewidth=1,
                    label=f"threshold {threshold:g} (stops {'below' if stops_when == 'below' else 'at or above'} it)")
