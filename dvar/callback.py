@@ -267,20 +267,22 @@ class DVAREarlyStopping:
         if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
             self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
         per_example = self.config.signal == "normalized"
-        local = [0.0] * (len(batch) if per_example else 1)
+        # the units whose losses the normalized signal follows: examples (kohya: its batches), placed by shard_start
+        local = [0.0] * (batch.shard_start(world, world) if per_example else 1)
+        weighted = 0.0
         if len(shard):
             with eval_mode(self._plain_models.values()), self._autocast():
                 if per_example:  # each process fills its own positions; the sum gathers them
                     first = batch.shard_start(rank, world)
-                    losses = self.objective.per_example_losses(self._plain_models, shard).losses
-                    local[first:first + len(shard)] = [float(x) for x in losses.detach().double().cpu()]
+                    result = self.objective.per_example_losses(self._plain_models, shard)
+                    losses = [float(x) for x in result.losses.detach().double().cpu()]
+                    local[first:first + len(losses)] = losses
+                    weighted = float(result.loss) * len(shard)
                 else:
-                    local[0] = float(self.objective(self._plain_models, shard)) * len(shard)
-        totals = self._all_reduce_sum(local + [float(len(shard))], self._device())
+                    weighted = float(self.objective(self._plain_models, shard)) * len(shard)
+        totals = self._all_reduce_sum(local + [weighted, float(len(shard))], self._device())
         self.eval_seconds += time.perf_counter() - started
-        if per_example:
-            return sum(totals[:-1]) / totals[-1], totals[:-1]
-        return totals[0] / totals[-1], None
+        return totals[-2] / totals[-1], (totals[:-2] if per_example else None)
 
     def _signal(self, loss: float, per_example: Optional[List[float]]) -> float:
         """The value the rule watches: the loss, or the mean of each example's loss over its first value (the

@@ -3,6 +3,7 @@ method names and order of calls, mini-SD's real diffusers parts); the real sd-sc
 benchmarks/kohya_check.sh."""
 
 import contextlib
+import csv
 import functools
 import inspect
 import io
@@ -226,6 +227,19 @@ def test_flux_trainer_with_cached_text_and_flow_matching_stops_the_same_way(fake
     assert summary["frozen_batch"]["examples"] == 2
 
 
+def test_the_normalized_signal_follows_each_frozen_kohya_batch_and_holds_to_the_floor(fake_kohya, photos, tmp_path):
+    rule = ["--early_stop", "--early_stop_preset", "auto", "--early_stop_threshold", "1.5", "--early_stop_eval_every", "1",
+            "--early_stop_batch_size", "2", "--early_stop_signal", "normalized", "--early_stop_min_steps", "55"]
+    train(fake_kohya["train_network"], "sd", flags(photos, tmp_path / "run", "--max_train_steps", str(BUDGET), *rule))
+    summary = json.loads((tmp_path / "run" / "dvar_summary.json").read_text())
+    with open(tmp_path / "run" / "dvar_history.csv") as handle:
+        signal = [float(row["signal"]) for row in csv.DictReader(handle)]
+    # the rule fires at step 48 on the items' normalized losses and is held to the floor
+    assert (summary["outcome"], summary["rule"], summary["stop_step"]) == ("early_stop", "not_before", 55)
+    assert "normalized loss" in summary["reason"] and "held until min_steps=55" in summary["reason"]
+    assert signal[0] == 1.0 and len(set(signal)) == len(signal) == 55
+
+
 @pytest.mark.parametrize("script, family", [("train_network", "sd"), ("sdxl_train_network", "sdxl"),
                                             ("flux_train_network", "flux")])
 def test_the_mixin_takes_every_call_kohya_makes(fake_kohya, script, family):
@@ -370,6 +384,9 @@ BAD = [
         ("eval-every-zero", ["--early_stop", "--early_stop_eval_every", "0"], "eval_every must be >= 1"),
         ("batch-size-zero", ["--early_stop", "--early_stop_batch_size", "0"], "--early_stop_batch_size must be >= 1"),
         ("deepspeed", ["--early_stop", "--deepspeed"], "does not support --deepspeed"),
+        ("signal-abc", ["--early_stop_signal", "median"], "'median' is not a DVAR signal; choose loss"),
+        ("min-steps-over-budget", ["--max_train_steps", "10", "--early_stop", "--early_stop_min_steps", "20"],
+         "min_steps (20) is past the step budget (10)"),
     ]],
 ]
 

@@ -33,6 +33,7 @@ def ti_args(tiny_pipeline_dir, concept_dir, tmp_path):
 
 EARLY = ["--early-stop", "--early-stop-window", "6", "--early-stop-threshold", "0.5"]
 AUTO = ["--early-stop", "--early-stop-preset", "auto", "--early-stop-eval-every", "1", "--early-stop-threshold", "1.5"]
+NORMALIZED = [*AUTO, "--early-stop-signal", "normalized", "--early-stop-min-steps", "40"]  # fires at 28, held to 40
 
 
 def summary(path):
@@ -67,7 +68,7 @@ def test_early_stop_writes_weights_history_and_summary(ti_args, tiny_pipeline_di
     assert not torch.allclose(learned, initial)
 
 
-@pytest.mark.parametrize("rule", [EARLY, AUTO], ids=["window", "auto"])
+@pytest.mark.parametrize("rule", [EARLY, AUTO, NORMALIZED], ids=["window", "auto", "normalized-with-floor"])
 def test_resume_reaches_the_same_stop_step(ti_args, tiny_pipeline_dir, tmp_path, rule, ctrl_c_after_step):
     EARLY = rule
     assert textual_inversion.main(ti_args(*EARLY, out="full", steps=60)) == 0
@@ -189,6 +190,7 @@ def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
         (["--early-stop", "--early-stop-threshold", "0"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-threshold", "-1"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-window", "1"], "window must be an integer >= 2"),
+        (["--early-stop", "--early-stop-min-steps", "30"], "--early-stop-min-steps 30 must be between 0 and --max_train_steps 20"),
         (["--early-stop", "--early-stop-preset", "auto", "--early-stop-window", "10"], "leave window out"),
         (["--early-stop", "--early-stop-preset", "auto", "--early-stop-threshold", "1.1"], "threshold of preset 'auto') must be finite with multiple * level > 1"),
         (["--max_train_steps", "0"], "--max_train_steps must be >= 1"),

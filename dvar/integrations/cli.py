@@ -83,6 +83,12 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         "share of the training time, timed on the first steps).")
     add("--early-stop-batch-size", "--early_stop_batch_size", dest="early_stop_batch_size", type=int, default=4,
         help="Frozen examples in the DVAR batch.")
+    add("--early-stop-signal", "--early_stop_signal", dest="early_stop_signal", default="loss",
+        choices=("loss", "normalized"),
+        help="What the rule watches: loss (default, the frozen batch's mean loss) or normalized (the mean of each frozen "
+        "example's loss divided by its first, so high-noise examples weigh as much as low-noise ones).")
+    add("--early-stop-min-steps", "--early_stop_min_steps", dest="early_stop_min_steps", type=int, default=None,
+        help="Never stop before this optimizer step (a NaN/inf loss still stops at once).")
     method.add_arguments(parser)
     return parser
 
@@ -136,6 +142,9 @@ def validate_settings(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag.replace('_', '-') if flag.startswith('early') else flag} must be >= 1.")
     check_model_name(args.pretrained_model_name_or_path)
     check_mixed_precision(args.mixed_precision)
+    if args.early_stop and args.early_stop_min_steps is not None and not 0 <= args.early_stop_min_steps <= args.max_train_steps:
+        raise UsageError(f"--early-stop-min-steps {args.early_stop_min_steps} must be between 0 and --max_train_steps "
+                         f"{args.max_train_steps}: past the budget DVAR could never stop the run.")
     if args.early_stop and args.early_stop_preset == "auto":
         try:
             DVARConfig(preset="auto", window=args.early_stop_window, threshold=args.early_stop_threshold,

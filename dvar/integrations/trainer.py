@@ -159,6 +159,7 @@ class Trainer:
         settings = dict(
             preset=args.early_stop_preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
             eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
+            signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
             seed=args.seed, max_train_steps=args.max_train_steps,
             verbose=False,  # the stop line is printed by finish(), after the progress bar
         )

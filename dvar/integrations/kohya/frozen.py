@@ -137,9 +137,13 @@ class KohyaFrozenBatch:
 
     def shard(self, rank: int, world_size: int) -> "KohyaShard":
         """Contiguous items of process ``rank`` (whole kohya batches; shares differ by one item at most)."""
-        bounds = np.linspace(0, len(self.items), world_size + 1).round().astype(int)
-        positions = list(range(bounds[rank], bounds[rank + 1]))
+        positions = list(range(self.shard_start(rank, world_size), self.shard_start(rank + 1, world_size)))
         return KohyaShard([self.items[p] for p in positions], [self.item_seed(p) for p in positions])
+
+    def shard_start(self, rank: int, world_size: int) -> int:
+        """The item at which process ``rank``'s share starts (``rank == world_size``: the number of items).
+        ``signal="normalized"`` follows each item's loss (kohya's loss is one number per batch)."""
+        return int(np.linspace(0, len(self.items), world_size + 1).round().astype(int)[rank])
 
     def captions(self) -> List[str]:
         return [caption for item in self.items for caption in (item.get("captions") or [])]

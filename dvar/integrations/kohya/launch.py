@@ -177,6 +177,13 @@ def _eval_every(value: Any) -> Union[int, str]:
     return number
 
 
+def _signal(value: Any) -> str:
+    if value in ("loss", "normalized"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a DVAR signal; choose loss (the frozen batch's mean loss) or "
+                                     "normalized (each frozen batch's loss over its first).")
+
+
 def _switch(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -191,6 +198,8 @@ EARLY_STOP_FLAGS: Dict[str, Callable[[Any], Any]] = {
     "early_stop_threshold": _threshold,
     "early_stop_eval_every": _eval_every,
     "early_stop_batch_size": _whole("how many training examples to freeze", "4"),
+    "early_stop_signal": _signal,
+    "early_stop_min_steps": _whole("the optimizer step before which DVAR never stops", "400"),
 }
 
 
@@ -213,6 +222,11 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                             "evaluating costs about that share of the training time)")
     group.add_argument("--early_stop_batch_size", type=EARLY_STOP_FLAGS["early_stop_batch_size"], default=4,
                        help="training examples in the frozen DVAR batch (default 4, as the paper)")
+    group.add_argument("--early_stop_signal", type=_signal, default="loss",
+                       help="what the rule watches: loss (default, the frozen batch's mean loss) or normalized (the "
+                            "mean of each frozen batch's loss divided by its first)")
+    group.add_argument("--early_stop_min_steps", type=EARLY_STOP_FLAGS["early_stop_min_steps"], default=None,
+                       help="never stop before this optimizer step (a NaN/inf loss still stops at once)")
     return parser
 
 
@@ -244,7 +258,8 @@ def validate_args(args: argparse.Namespace) -> None:
     try:
         config_from_args(args).resolved_window_threshold()
     except ValueError as error:
-        raise KohyaPluginError(f"--early_stop_window/--early_stop_threshold/--early_stop_eval_every: {error}") from None
+        raise KohyaPluginError(f"--early_stop_window/--early_stop_threshold/--early_stop_eval_every/"
+                               f"--early_stop_min_steps: {error}") from None
 
 
 class _PreflightParser(argparse.ArgumentParser):

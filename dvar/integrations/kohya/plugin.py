@@ -38,7 +38,8 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -89,9 +90,25 @@ def config_from_args(args: Any) -> DVARConfig:
         threshold=args.early_stop_threshold,
         eval_every=args.early_stop_eval_every,
         eval_batch_size=args.early_stop_batch_size,
+        signal=getattr(args, "early_stop_signal", "loss"),
+        min_steps=getattr(args, "early_stop_min_steps", None),
         max_train_steps=None if args.max_train_epochs is not None else args.max_train_steps,
         verbose=False,  # the plugin prints its own lines, through kohya's accelerator
     )
+
+
+class KohyaObjective:
+    """The frozen-batch objective on kohya's own loss: ``objective(models, shard)`` is the size-weighted mean
+    over the frozen items, ``per_example_losses`` gives each item's loss too (``signal="normalized"``)."""
+
+    def __init__(self, item_losses: Callable[[Dict[str, torch.nn.Module], KohyaShard], SimpleNamespace]) -> None:
+        self.item_losses = item_losses
+
+    def __call__(self, models: Dict[str, torch.nn.Module], shard: KohyaShard) -> torch.Tensor:
+        return self.item_losses(models, shard).loss
+
+    def per_example_losses(self, models: Dict[str, torch.nn.Module], shard: KohyaShard) -> SimpleNamespace:
+        return self.item_losses(models, shard)
 
 
 @dataclass
@@ -334,7 +351,8 @@ class DVARTrainerMixin(AsIsLoaderMixin):
         # kohya's num_update_steps_per_epoch (train_network.py), for the epoch of kept weights
         batches = math.ceil(len(run.dataset) / accelerator.num_processes) if run.dataset is not None else None
         run.steps_per_epoch = math.ceil(batches / args.gradient_accumulation_steps) if batches else None
-        stopper = DVAREarlyStopping(objective=self._dvar_objective, models=models, eval_batch=run.frozen, config=run.config)
+        stopper = DVAREarlyStopping(objective=KohyaObjective(self._dvar_item_losses), models=models,
+                                    eval_batch=run.frozen, config=run.config)
         if run.loaded_state is not None and run.loaded_state.get("stopper") is not None:
             try:
                 stopper.load_state_dict(run.loaded_state["stopper"])
@@ -356,9 +374,9 @@ class DVARTrainerMixin(AsIsLoaderMixin):
             item["latents"] = torch.nan_to_num(latents, 0).cpu()
             item["images"] = None
 
-    def _dvar_objective(self, models: Dict[str, torch.nn.Module], shard: KohyaShard) -> torch.Tensor:
-        """kohya's own loss of the family (process_batch, is_train=False) on the frozen items,
-        called as kohya's validation calls it, each item under its own fixed seed."""
+    def _dvar_item_losses(self, models: Dict[str, torch.nn.Module], shard: KohyaShard) -> SimpleNamespace:
+        """Each frozen item's loss (``losses``: kohya's process_batch, is_train=False, called as kohya's
+        validation calls it, each item under its own fixed seed) and their size-weighted mean (``loss``)."""
         from accelerate.utils import send_to_device
 
         context = self._dvar.context
@@ -366,7 +384,7 @@ class DVARTrainerMixin(AsIsLoaderMixin):
         accelerator, args, weight_dtype = context["accelerator"], context["args"], context["weight_dtype"]
         text_encoders = [models.get(f"text_encoder_{i}", te) for i, te in enumerate(context["text_encoders"] or [])]
         unet, network = models["unet"], models["network"]
-        total, count = 0.0, 0
+        losses, sizes = [], []
         for item, seed in zip(shard.items, shard.seeds):
             batch = send_to_device(dict(item), accelerator.device)
             with isolated_global_rng(seed=seed), torch.no_grad():
@@ -378,10 +396,11 @@ class DVARTrainerMixin(AsIsLoaderMixin):
                     is_train=False, train_text_encoder=context["train_text_encoder"], train_unet=context["train_unet"],
                 )
                 base.on_validation_step_end(args, accelerator, network, text_encoders, unet, batch, weight_dtype)
-            size = item_size(item)
-            total += float(loss) * size
-            count += size
-        return torch.tensor(total / count, dtype=torch.float64)
+            losses.append(float(loss))
+            sizes.append(item_size(item))
+        total = sum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
+        return SimpleNamespace(losses=torch.tensor(losses, dtype=torch.float64),
+                               loss=torch.tensor(total, dtype=torch.float64))
 
     def _dvar_on_step(self, accelerator, args, global_step: int) -> None:
         run = self._dvar
