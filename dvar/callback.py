@@ -291,7 +291,8 @@ class DVAREarlyStopping:
             return loss
         if self._reference is None:
             self._reference = list(per_example)
-        ratios = [x / r if r > 0 else (1.0 if x == r else math.inf) for x, r in zip(per_example, self._reference)]
+        # an example whose first loss was 0 cannot be normalised: it counts as 1 (or NaN, if its loss stops being finite)
+        ratios = [x / r if r > 0 else x * 0.0 + 1.0 for x, r in zip(per_example, self._reference)]
         return sum(ratios) / len(ratios)
 
     def _probe_stride(self) -> None:
