@@ -154,6 +154,27 @@ def test_the_normalized_signal_waits_for_the_slow_small_examples(toy_dataset):
     assert stops["loss"] < 50 and stops["normalized"] > 2 * 60  # past twice the slow examples' tau
 
 
+@pytest.mark.parametrize("tau", [40, 150, 600])
+def test_planted_decays_stop_at_a_similar_multiple_of_tau_whatever_each_examples_scale(toy_dataset, tau):
+    # four examples decaying with the same tau, their losses 1000x apart: the normalized signal is the same decay
+    steps = 8 * tau
+    objective = PlantedExamples([scale * decay(tau, steps) for scale in (10.0, 1.0, 0.1, 0.01)])
+    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
+                                eval_every=1, max_train_steps=steps)
+    for objective.step in range(1, steps + 1):
+        if stopper.step(objective.step):
+            break
+    assert stopper.stop_step is not None and 2.7 <= stopper.stop_step / tau <= 3.3
+
+
+def test_a_steadily_falling_normalized_loss_never_stops(toy_dataset):
+    objective = PlantedExamples([scale * np.linspace(2.0, 1.0, 3000) for scale in (10.0, 0.01)])
+    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
+                                eval_every=1, max_train_steps=3000, eval_batch_size=2)
+    for objective.step in range(1, 3001):
+        assert not stopper.step(objective.step)
+
+
 @pytest.mark.parametrize("cut", [1, 25, 90])
 def test_the_reference_losses_resume_with_the_run(toy_dataset, cut):
     def run(start, stopper):
