@@ -223,11 +223,19 @@ def settling_time(multiple: float, level: float = 0.9, smooth: int = 5, min_eval
     return rule
 
 
+class MissingSignal(ValueError):
+    """A candidate needs a signal this trajectory did not record."""
+
+
 def _require(t: Trajectory, name: str) -> np.ndarray:
     value = getattr(t, name)
     if value is None:
-        raise ValueError(f"{t.method} {t.concept}: the trace has no {name} (a trace before format 3); rerun the "
-                         "benchmark to replay this candidate")
+        if name in ("dot_previous", "displacement_sq") and t.per_example is not None:
+            why = ("a format-3 trace whose run skipped the update statistics (--no-update-statistics, or more trained "
+                   "parameters than monitors.UPDATE_STATISTICS_MAX_PARAMETERS)")
+        else:
+            why = "a trace before format 3; rerun the benchmark to replay this candidate"
+        raise MissingSignal(f"{t.method} {t.concept}: the trace has no {name} ({why})")
     return value if isinstance(value, np.ndarray) else np.asarray(value, dtype=np.float64)
 
 
@@ -453,9 +461,20 @@ def summarize(rows: List[dict], margin: float = MARGIN) -> dict:
     }
 
 
-def compare(trajectories: Sequence[Trajectory], rules: Dict[str, Rule]) -> List[dict]:
-    """Per candidate x method x learning-rate scale x half: :func:`summarize` of its judged stops."""
-    judged = {name: [judge(t, rule) for t in trajectories] for name, rule in rules.items()}
+def compare(trajectories: Sequence[Trajectory], rules: Dict[str, Rule],
+            skipped: Optional[Dict[str, List[str]]] = None) -> List[dict]:
+    """Per candidate x method x learning-rate scale x half: :func:`summarize` of its judged stops. A trajectory
+    without the signal a candidate needs (:class:`MissingSignal`) is left out of that candidate's cells and listed
+    in ``skipped[candidate]`` (its message)."""
+    judged: Dict[str, List[dict]] = {}
+    for name, rule in rules.items():
+        judged[name] = []
+        for t in trajectories:
+            try:
+                judged[name].append(judge(t, rule))
+            except MissingSignal as missing:
+                if skipped is not None:
+                    skipped.setdefault(name, []).append(str(missing))
     cells = []
     for name, rows in judged.items():
         keys = sorted({(r["model"], r["method"], r["lr_scale"], r["half"]) for r in rows},
@@ -627,7 +646,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --rule {args.rule!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
               file=sys.stderr)
         return 2
-    cells = compare(trajectories, rules)
+    skipped: Dict[str, List[str]] = {}
+    cells = compare(trajectories, rules, skipped)
+    for name, messages in skipped.items():
+        print(f"note: {name} left out {len(messages)} trajectories without its signal, e.g. {messages[0]}",
+              file=sys.stderr)
     if args.rule is not None:
         chosen, how = args.rule, "Given (--rule, not chosen on this data)"
     else:

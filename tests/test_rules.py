@@ -269,6 +269,18 @@ def test_the_replayed_default_candidate_stops_where_the_callback_does(toy_datase
     assert (replayed is None) == (taus[0] == 5000)
 
 
+def test_a_trajectory_without_update_statistics_is_left_out_of_the_candidates_that_need_them():
+    with_updates = [with_signals(planted(c, 50, 250), taus=[20] * 4, timesteps=[100, 300, 600, 900], pflug_turns=300)
+                    for c in ("a", "b")]
+    without = with_signals(planted("c", 50, 250), taus=[20] * 4, timesteps=[100, 300, 600, 900])
+    without.dot_previous = without.displacement_sq = None  # a run whose update statistics were skipped
+    skipped = {}
+    candidates = {"F": rules.pflug(0.1, 10), "N": rules.normalized_settling(2.0, 0.8)}
+    cells = {c["rule"]: c for c in rules.compare([*with_updates, without], candidates, skipped)}
+    assert (cells["F"]["n"], cells["N"]["n"]) == (2, 3)
+    assert list(skipped) == ["F"] and "skipped the update statistics" in skipped["F"][0]
+
+
 def test_a_candidate_needing_format_3_signals_names_what_is_missing():
     with pytest.raises(ValueError, match="per_example.*format 3"):
         rules.normalized_settling(2.0, 0.8)(planted("a", 50, 250))
