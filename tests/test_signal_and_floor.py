@@ -120,6 +120,21 @@ class PlantedExamples:
         return self.per_example_losses(models, batch).loss
 
 
+def planted_stopper(toy_dataset, curves, **settings):
+    """The settling-time callback on ``PlantedExamples(curves)``, evaluating every step up to the curves' end."""
+    settings = {"preset": "auto", "eval_every": 1, "max_train_steps": len(curves[0]), "eval_batch_size": len(curves),
+                **settings}
+    return DVAREarlyStopping(objective=PlantedExamples(curves), train_dataset=toy_dataset, **settings)
+
+
+def run(stopper, first_step=1, last_step=None):
+    """Step ``stopper`` from ``first_step`` until it stops or reaches ``last_step`` (default: the budget)."""
+    for stopper.objective.step in range(first_step, (last_step or stopper.config.max_train_steps) + 1):
+        if stopper.step(stopper.objective.step):
+            break
+    return stopper
+
+
 # A low-noise example with a large loss that settles fast (tau 10), and three high-noise ones with small losses
 # that settle slowly (tau 60): the batch mean follows the first, the normalized mean weighs all four alike.
 CURVES = [10 * decay(10, 600), *(0.05 * decay(60, 600) for _ in range(3))]
@@ -127,12 +142,7 @@ CURVES = [10 * decay(10, 600), *(0.05 * decay(60, 600) for _ in range(3))]
 
 @pytest.mark.parametrize("signal", ["loss", "normalized"])
 def test_the_callback_feeds_its_rule_the_chosen_signal(toy_dataset, signal):
-    objective = PlantedExamples(CURVES)
-    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
-                                max_train_steps=600, signal=signal)
-    for objective.step in range(1, 601):
-        if stopper.step(objective.step):
-            break
+    stopper = run(planted_stopper(toy_dataset, CURVES, signal=signal))
     stack = np.stack(CURVES, axis=1)
     values = stack.mean(axis=1) if signal == "loss" else (stack / stack[0]).mean(axis=1)
     assert stopper.stop_step == replay_stop_step(settling(min_evaluations=20), list(values), 1) is not None
@@ -142,57 +152,35 @@ def test_the_callback_feeds_its_rule_the_chosen_signal(toy_dataset, signal):
 
 
 def test_the_normalized_signal_waits_for_the_slow_small_examples(toy_dataset):
-    stops = {}
-    for signal in ("loss", "normalized"):
-        objective = PlantedExamples(CURVES)
-        stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
-                                    max_train_steps=600, signal=signal)
-        for objective.step in range(1, 601):
-            if stopper.step(objective.step):
-                break
-        stops[signal] = stopper.stop_step
+    stops = {signal: run(planted_stopper(toy_dataset, CURVES, signal=signal)).stop_step
+             for signal in ("loss", "normalized")}
     assert stops["loss"] < 50 and stops["normalized"] > 2 * 60  # past twice the slow examples' tau
 
 
 @pytest.mark.parametrize("tau", [40, 150, 600])
 def test_planted_decays_stop_at_a_similar_multiple_of_tau_whatever_each_examples_scale(toy_dataset, tau):
     # four examples decaying with the same tau, their losses 1000x apart: the normalized signal is the same decay
-    steps = 8 * tau
-    objective = PlantedExamples([scale * decay(tau, steps) for scale in (10.0, 1.0, 0.1, 0.01)])
-    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
-                                eval_every=1, max_train_steps=steps)
-    for objective.step in range(1, steps + 1):
-        if stopper.step(objective.step):
-            break
+    curves = [scale * decay(tau, 8 * tau) for scale in (10.0, 1.0, 0.1, 0.01)]
+    stopper = run(planted_stopper(toy_dataset, curves, signal="normalized"))
     assert stopper.stop_step is not None and 2.7 <= stopper.stop_step / tau <= 3.3
 
 
 def test_a_steadily_falling_normalized_loss_never_stops(toy_dataset):
-    objective = PlantedExamples([scale * np.linspace(2.0, 1.0, 3000) for scale in (10.0, 0.01)])
-    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
-                                eval_every=1, max_train_steps=3000, eval_batch_size=2)
-    for objective.step in range(1, 3001):
-        assert not stopper.step(objective.step)
+    curves = [scale * np.linspace(2.0, 1.0, 3000) for scale in (10.0, 0.01)]
+    stopper = run(planted_stopper(toy_dataset, curves, signal="normalized"))
+    assert stopper.stop_step is None and len(stopper.history) == 3000
 
 
 @pytest.mark.parametrize("cut", [1, 25, 90])
 def test_the_reference_losses_resume_with_the_run(toy_dataset, cut):
-    def run(start, stopper):
-        for objective.step in range(start, 601):
-            if stopper.step(objective.step):
-                break
-        return stopper
+    def make():
+        return planted_stopper(toy_dataset, CURVES, signal="normalized", min_steps=250)
 
-    objective = PlantedExamples(CURVES)
-    make = lambda: DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", eval_every=1,
-                                     max_train_steps=600, signal="normalized", min_steps=250)
-    straight = run(1, make())
-    first = make()
-    for objective.step in range(1, cut + 1):
-        first.step(objective.step)
+    straight = run(make())
+    first = run(make(), last_step=cut)
     resumed = make()
     resumed.load_state_dict(first.state_dict())
-    resumed = run(cut + 1, resumed)
+    resumed = run(resumed, first_step=cut + 1)
     assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason)
     assert straight.stop_step == 250 and "held until min_steps=250" in straight.reason
 
