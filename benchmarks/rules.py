@@ -450,6 +450,7 @@ def summarize(rows: List[dict], margin: float = MARGIN) -> dict:
         "n": len(rows), "saturated": len(ratios), "ratio_median": ratio_median, "ratio_iqr": ratio_iqr,
         "abs_error_median": median(abs(x - 1) for x in ratios),
         "saving_captured_median": median(r["saving_captured"] for r in judged),
+        "saving_captured_mean": float(np.mean([r["saving_captured"] for r in judged])) if judged else None,
         "regret_median": median(r["regret"] for r in rows),
         "too_early": sum(x < 1 for x in ratios) / len(ratios) if ratios else None,
         "too_late": sum(x > 2 for x in ratios) / len(ratios) if ratios else None,
@@ -500,30 +501,34 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
 
 def choose_default(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> Optional[str]:
     """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
-    rate cell, the highest smallest-over-methods median saving captured at 1x; if none is, the one whose worst
-    cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier, simpler, candidate.
-    ``reference`` (the paper presets, the saturation oracles) are not candidates, and neither is a rule whose median
-    saving captured is 0 for some method at 1x: one that (almost) never fires is trivially non-inferior, and a
-    default that does not stop is no stopping rule (amendments of 2026-12-07, default-candidates.md). None when no
-    candidate is left.
+    rate cell, the highest smallest-over-methods median saving captured at 1x (then mean saving); if none is, the
+    one whose worst cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier,
+    simpler, candidate. ``reference`` (the paper presets, the saturation oracles) are not candidates, and neither
+    is a rule that never stops before the budget for some method at 1x (mean saving captured 0): it is trivially
+    non-inferior, and a default that does not stop is no stopping rule. A rule that stops on few concepts (median
+    saving 0, mean above 0) is a candidate: the issue's fallback is the best rule non-inferior in every cell.
+    (Amendments of 2026-12-07, default-candidates.md.) None when no candidate is left.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
-    ...           "saving_captured_median": s} for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
+    ...           "saving_captured_median": s, "saving_captured_mean": s}
+    ...          for r, m, ok, s in [("a", "ti", "yes", 0.5), ("a", "cd", "yes", 0.7),
     ...          ("b", "ti", "yes", 0.9), ("b", "cd", "no", 0.9), ("c", "ti", "yes", 0.6), ("c", "cd", "yes", 0.6)]]
     >>> choose_default(cells)
     'c'
-    >>> choose_default(cells + [{**c, "rule": "never", "noninferior": "yes", "saving_captured_median": 0.0}
-    ...                         for c in cells if c["rule"] == "a"])
+    >>> choose_default(cells + [{**c, "rule": "never", "noninferior": "yes", "saving_captured_median": 0.0,
+    ...                          "saving_captured_mean": 0.0} for c in cells if c["rule"] == "a"])
     'c'
     """
     names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] not in reference and c["half"] == half))
 
-    def worst_saving(name: str) -> float:
-        savings = [c["saving_captured_median"] for c in cells
-                   if c["rule"] == name and c["half"] == half and c["lr_scale"] == 1.0]
-        return min((x if x is not None else -math.inf) for x in savings) if savings else -math.inf
+    def worst(name: str, key: str) -> float:
+        values = [c.get(key) for c in cells if c["rule"] == name and c["half"] == half and c["lr_scale"] == 1.0]
+        return min((x if x is not None and math.isfinite(x) else -math.inf) for x in values) if values else -math.inf
 
-    names = [name for name in names if worst_saving(name) > 0]
+    def saving(name: str) -> tuple:
+        return worst(name, "saving_captured_median"), worst(name, "saving_captured_mean")
+
+    names = [name for name in names if worst(name, "saving_captured_mean") > 0]
     if not names:
         return None
 
@@ -532,12 +537,12 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
 
     everywhere = [name for name in names if all(c["noninferior"] == "yes" for c in cells_of(name))]
     if everywhere:
-        return max(everywhere, key=lambda name: (worst_saving(name), -names.index(name)))
+        return max(everywhere, key=lambda name: (*saving(name), -names.index(name)))
 
     def closest(name: str) -> tuple:  # the worst cell's CI low nearest the margin, then the saving
         lows = [c["ci_low"] for c in cells_of(name)]
         worst_low = min((x if x is not None and math.isfinite(x) else -math.inf) for x in lows) if lows else -math.inf
-        return worst_low, worst_saving(name), -names.index(name)
+        return worst_low, *saving(name), -names.index(name)
 
     return max(names, key=closest)
 
@@ -573,7 +578,7 @@ def default_rows(cells: List[dict], rule: str) -> List[dict]:
 # ------------------------------------------------------------------------------------------ output
 
 COLUMNS = ("rule", "model", "method", "lr_scale", "half", "n", "saturated", "ratio_median", "ratio_iqr", "abs_error_median",
-           "saving_captured_median", "regret_median", "too_early", "too_late", "step_speedup_median", "speedup_median",
+           "saving_captured_median", "saving_captured_mean", "regret_median", "too_early", "too_late", "step_speedup_median", "speedup_median",
            "mean_delta", "ci_low", "ci_high", "margin", "noninferior", "identity_change_median", "identity_p")
 
 

@@ -196,9 +196,10 @@ def test_the_oracle_is_a_reference_never_the_chosen_default():
     assert rules.choose_default(cells) == "late"
 
 
-def _cell(rule, method, noninferior, ci_low, saving):
+def _cell(rule, method, noninferior, ci_low, saving, mean_saving=None):
     return {"rule": rule, "half": "selection", "method": method, "lr_scale": 1.0, "noninferior": noninferior,
-            "ci_low": ci_low, "saving_captured_median": saving}
+            "ci_low": ci_low, "saving_captured_median": saving,
+            "saving_captured_mean": saving if mean_saving is None else mean_saving}
 
 
 @pytest.mark.parametrize("cells, chosen", [
@@ -210,6 +211,11 @@ def _cell(rule, method, noninferior, ci_low, saving):
       _cell("aggressive", "ti", "no", -0.08, 0.9), _cell("aggressive", "lora", "undecided", -0.04, 0.9)], "careful"),
     # equally near: the one that saves more
     ([_cell("a", "ti", "undecided", -0.03, 0.3), _cell("b", "ti", "undecided", -0.03, 0.5)], "b"),
+    # a rule that stops on few concepts (median saving 0) but is non-inferior everywhere beats one that is not
+    ([_cell("rare", "ti", "yes", -0.01, 0.0, 0.1), _cell("rare", "cd", "yes", -0.005, 0.0, 0.05),
+      _cell("fast", "ti", "yes", -0.015, 0.6), _cell("fast", "cd", "undecided", -0.03, 0.6)], "rare"),
+    # ... and the rarer of two such rules loses to the one that saves more on average
+    ([_cell("rare", "ti", "yes", -0.01, 0.0, 0.1), _cell("rarer", "ti", "yes", -0.01, 0.0, 0.02)], "rare"),
 ])
 def test_the_default_is_chosen_for_quality_first_then_saving(cells, chosen):
     assert rules.choose_default(cells) == chosen
