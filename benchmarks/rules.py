@@ -521,9 +521,11 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     """
     names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] not in reference and c["half"] == half))
 
-    def worst(name: str, key: str) -> float:
-        values = [c.get(key) for c in cells if c["rule"] == name and c["half"] == half and c["lr_scale"] == 1.0]
+    def lowest(values: List[Optional[float]]) -> float:  # a missing or non-finite value counts as the worst
         return min((x if x is not None and math.isfinite(x) else -math.inf) for x in values) if values else -math.inf
+
+    def worst(name: str, key: str) -> float:
+        return lowest([c.get(key) for c in cells if c["rule"] == name and c["half"] == half and c["lr_scale"] == 1.0])
 
     def saving(name: str) -> tuple:
         return worst(name, "saving_captured_median"), worst(name, "saving_captured_mean")
@@ -540,9 +542,7 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
         return max(everywhere, key=lambda name: (*saving(name), -names.index(name)))
 
     def closest(name: str) -> tuple:  # the worst cell's CI low nearest the margin, then the saving
-        lows = [c["ci_low"] for c in cells_of(name)]
-        worst_low = min((x if x is not None and math.isfinite(x) else -math.inf) for x in lows) if lows else -math.inf
-        return worst_low, *saving(name), -names.index(name)
+        return lowest([c["ci_low"] for c in cells_of(name)]), *saving(name), -names.index(name)
 
     return max(names, key=closest)
 
