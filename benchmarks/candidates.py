@@ -268,28 +268,3 @@ class PflugCriterion:
                            f"is {self.running_sum:.3g} at step {self.steps}")
         return self.stopped
 
-
-class AllSettled:
-    """Several rules, one per signal (e.g. timestep bands of the frozen batch): stop once every one has fired
-    (each stays fired). ``update(values)`` feeds ``values[i]`` to rule i.
-
-    Example:
-        >>> from dvar.rules import DVARCriterion
-        >>> rule = AllSettled([DVARCriterion(window=2, threshold=0.3), DVARCriterion(window=2, threshold=0.3)])
-        >>> [rule.update(v) for v in ([4, 4], [1, 3], [1, 2], [1, 1.5], [1, 1.5])]
-        [False, False, False, True, True]
-        >>> rule.fired  # the step each band's rule fired at
-        [3, 4]
-    """
-
-    def __init__(self, rules: Sequence[Any]) -> None:
-        self.rules = list(rules)
-        self.fired: List[Optional[int]] = [None] * len(self.rules)
-        self.steps = 0
-
-    def update(self, values: Sequence[float]) -> bool:
-        self.steps += 1
-        for i, (rule, value) in enumerate(zip(self.rules, values)):
-            if rule.update(float(value)) and self.fired[i] is None:
-                self.fired[i] = self.steps
-        return all(step is not None for step in self.fired)

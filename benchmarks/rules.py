@@ -40,7 +40,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.candidates import AllSettled, PflugCriterion, replay_stop_step, settled_stop_step  # noqa: E402
+from benchmarks.candidates import PflugCriterion, replay_stop_step, settled_stop_step  # noqa: E402
 from benchmarks.personalization.config import METHOD_ORDER  # noqa: E402
 from benchmarks.personalization.noninferiority import MARGIN, noninferiority_row  # noqa: E402
 from benchmarks.personalization.report import load_meta, load_records, load_traces  # noqa: E402
@@ -52,7 +52,7 @@ from benchmarks.personalization.saturation import (  # noqa: E402
     saving_captured,
 )
 from benchmarks.personalization.stats import median, median_iqr  # noqa: E402
-from dvar.rules import SettlingTimeCriterion, resolve_preset  # noqa: E402
+from dvar.rules import AllSettled, SettlingTimeCriterion, resolve_preset  # noqa: E402
 from dvar.stride import budget_stride, resolve_eval_every, strided_stop_step  # noqa: E402
 
 HALVES = ("selection", "held_out")

@@ -13,7 +13,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from .batch import FixedEvalBatch
-from .config import DVARConfig
+from .config import DVARConfig, default_band_labels
 from .objectives import DiffusionObjective, LossConfig, Objective
 from .reporting import (
     SUMMARY_FILE,
@@ -157,14 +157,12 @@ class DVAREarlyStopping:
                 snr_gamma=self.loss.snr_gamma, guidance_scale=self.loss.guidance_scale,
                 max_sequence_length=self.loss.max_sequence_length,
             )
-        if self.config.signal == "normalized" and not hasattr(objective, "per_example_losses"):
-            raise ValueError(f"signal='normalized' needs each frozen example's loss, but the objective "
+        if self.config.per_example and not hasattr(objective, "per_example_losses"):
+            raise ValueError(f"signal={self.config.signal!r} needs each frozen example's loss, but the objective "
                              f"{type(objective).__name__} has no per_example_losses(models, batch); add it, or use "
                              "signal='loss'.")
         self.objective = objective
         self._reference: Optional[List[float]] = None
-        # Before a timed stride is chosen nothing is evaluated: the rule is remade by _set_stride.
-        self.rule: StopRule = self.config.make_rule(self.eval_every or 1)
         self.eval_batch = eval_batch if eval_batch is not None else FixedEvalBatch(
             train_dataset,
             vae=_unwrap(vae, accelerator) if vae is not None else None,
@@ -174,6 +172,9 @@ class DVAREarlyStopping:
             resample=self.config.resample,
             timestep_density=self.loss.timestep_density(),
         )
+        self._bands, self._band_labels = self._timestep_bands() if self.config.signal == "bands" else (None, None)
+        # Before a timed stride is chosen nothing is evaluated: the rule is remade by _set_stride.
+        self.rule: StopRule = self.config.make_rule(self.eval_every or 1, self._band_labels)
         self.history: List[HistoryRow] = []
         self.stop_step: Optional[int] = None
         self.stop_kind: Optional[StopKind] = None
@@ -199,8 +200,9 @@ class DVAREarlyStopping:
         if global_step % self.eval_every != 0 or (self.history and global_step <= self.history[-1].step):
             return False  # not an evaluation step, or already evaluated (e.g. called twice)
         eval_loss, per_example = self._evaluate()
-        signal, train_value = self._signal(eval_loss, per_example), _to_float(train_loss)
-        rule_fired = self.rule.update(signal)
+        signal, watched = self._signal(eval_loss, per_example)
+        train_value = _to_float(train_loss)
+        rule_fired = self.rule.update(watched)
         train_diverged = self._train_loss_diverged(train_loss, train_value)
         votes = self._all_reduce_sum([float(rule_fired), float(train_diverged)], self._device())
         finite = math.isfinite(signal) and votes[1] == 0
@@ -266,7 +268,7 @@ class DVAREarlyStopping:
         shard = batch.shard(rank, world)
         if self._plain_models is None:  # unwrapping walks the model (compiled regions): once, not per evaluation
             self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
-        per_example = self.config.signal == "normalized"
+        per_example = self.config.per_example
         # the units whose losses the normalized signal follows: examples (kohya: its batches), placed by shard_start
         local = [0.0] * (batch.shard_start(world, world) if per_example else 1)
         weighted = 0.0
@@ -284,16 +286,41 @@ class DVAREarlyStopping:
         self.eval_seconds += time.perf_counter() - started
         return totals[-2] / totals[-1], (totals[:-2] if per_example else None)
 
-    def _signal(self, loss: float, per_example: Optional[List[float]]) -> float:
-        """The value the rule watches: the loss, or the mean of each example's loss over its first value (the
-        first evaluation's losses are the reference, kept in the checkpoint)."""
+    def _signal(self, loss: float, per_example: Optional[List[float]]) -> Tuple[float, Any]:
+        """(the signal, for the history and the plot; what the rule takes). The signal is the loss, or the mean of
+        each example's loss over its first value (the first evaluation's losses are the reference, kept in the
+        checkpoint); with ``signal="bands"`` the rule takes that mean within each timestep band."""
         if per_example is None:
-            return loss
+            return loss, loss
         if self._reference is None:
             self._reference = list(per_example)
         # an example whose first loss was 0 cannot be normalised: it counts as 1 (or NaN, if its loss stops being finite)
         ratios = [x / r if r > 0 else x * 0.0 + 1.0 for x, r in zip(per_example, self._reference)]
-        return sum(ratios) / len(ratios)
+        signal = sum(ratios) / len(ratios)
+        if self._bands is None:
+            return signal, signal
+        return signal, [sum(ratios[i] for i in band) / len(band) for band in self._bands]
+
+    def _timestep_bands(self) -> Tuple[List[List[int]], List[str]]:
+        """``signal="bands"``: the frozen examples' positions sorted by timestep and split into ``bands`` groups
+        (sizes differ by at most one, the larger first, as ``numpy.array_split``), with their labels."""
+        frozen = getattr(self.eval_batch, "frozen", None)
+        timesteps = getattr(frozen, "timesteps", None)
+        if timesteps is None:
+            raise ValueError("signal='bands' groups the frozen examples by their timesteps, but this evaluation batch "
+                             f"({type(self.eval_batch).__name__}) does not say what they are; use signal='normalized'.")
+        values = [float(t) for t in timesteps]
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        size, extra = divmod(len(order), self.config.bands)
+        bands, start = [], 0
+        for b in range(self.config.bands):
+            end = start + size + (b < extra)
+            bands.append(order[start:end])
+            start = end
+        names = default_band_labels(self.config.bands)
+        labels = [f"{name} (t {values[band[0]]:g}" + (f"-{values[band[-1]]:g})" if len(band) > 1 else ")")
+                  for name, band in zip(names, bands)]
+        return bands, labels
 
     def _probe_stride(self) -> None:
         """``eval_every="5%"``: tick the step clock; once enough steps are timed, time an evaluation and fix
@@ -316,7 +343,7 @@ class DVAREarlyStopping:
 
     def _set_stride(self, eval_every: Optional[int]) -> None:
         self.config = replace(self.config, eval_every=eval_every)
-        self.rule = self.config.make_rule(eval_every or 1)
+        self.rule = self.config.make_rule(eval_every or 1, self._band_labels)
         if eval_every is None and self._probe is not None:
             self._probe = StrideProbe(self._probe.target)
 
@@ -461,6 +488,7 @@ class DVAREarlyStopping:
             "seed": config.seed,
             "resample": sorted(config.resample),
             "signal": config.signal,
+            **({"bands": config.bands} if config.signal == "bands" else {}),
         }
 
     def state_dict(self) -> Dict[str, Any]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
 from .batch import PARTS
 from .rules import (
     AUTO_LEVEL,
     AUTO_MULTIPLE,
+    AllSettled,
     DVARCriterion,
     NonFinitePolicy,
     NotBefore,
@@ -71,12 +72,17 @@ class DVARConfig:
     nonfinite: NonFinitePolicy = field(
         default="stop", metadata={"help": "On a NaN/inf loss: stop as diverged (default), skip it, or raise."}
     )
-    signal: Literal["loss", "normalized"] = field(
+    signal: Literal["loss", "normalized", "bands"] = field(
         default="loss",
         metadata={"help": "What the rule watches: 'loss', the frozen batch's mean loss (the paper); 'normalized', the "
                           "mean over frozen examples of each one's loss divided by its own first value, so that the "
                           "high-noise examples, whose losses are small and move little, weigh as much as the "
-                          "low-noise ones (needs a frozen batch and an objective with per_example_losses)."},
+                          "low-noise ones; 'bands', the normalized losses in timestep bands (the frozen examples "
+                          "sorted by timestep, split into `bands` groups), a rule on each, stopping once every band "
+                          "has (needs a frozen batch with timesteps and an objective with per_example_losses)."},
+    )
+    bands: int = field(
+        default=3, metadata={"help": "signal='bands': how many timestep bands (at most eval_batch_size)."}
     )
     min_steps: Optional[int] = field(
         default=None,
@@ -104,12 +110,21 @@ class DVARConfig:
             resolve_eval_every(self.eval_every, window)  # validates it
         return window, threshold
 
+    @property
+    def per_example(self) -> bool:
+        """Whether the rule watches each frozen example's loss (``signal`` ``"normalized"`` or ``"bands"``)."""
+        return self.signal in ("normalized", "bands")
+
     def _check_signal_and_floor(self) -> None:
-        if self.signal not in ("loss", "normalized"):
-            raise ValueError(f"signal must be 'loss' or 'normalized' (got {self.signal!r}).")
-        if self.signal == "normalized" and self.resample:
-            raise ValueError(f"signal='normalized' divides each frozen example's loss by its first value, so the "
+        if self.signal not in ("loss", "normalized", "bands"):
+            raise ValueError(f"signal must be 'loss', 'normalized' or 'bands' (got {self.signal!r}).")
+        if self.per_example and self.resample:
+            raise ValueError(f"signal={self.signal!r} divides each frozen example's loss by its first value, so the "
                              f"examples must stay frozen; drop resample={tuple(self.resample)} or use signal='loss'.")
+        if self.signal == "bands" and (isinstance(self.bands, bool) or not isinstance(self.bands, int)
+                                       or not 1 <= self.bands <= self.eval_batch_size):
+            raise ValueError(f"bands must be an integer from 1 to eval_batch_size ({self.eval_batch_size}): each band "
+                             f"needs a frozen example (got {self.bands!r}). Lower bands or raise eval_batch_size.")
         if self.min_steps is None:
             return
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
@@ -162,16 +177,41 @@ class DVARConfig:
             return budget_stride(self.max_train_steps)
         return resolve_eval_every(self.eval_every, 1)
 
-    def make_rule(self, eval_every: int) -> StopRule:
-        """The rule these settings name, counting in evaluations made every ``eval_every`` steps."""
+    def make_rule(self, eval_every: int, band_labels: Optional[Sequence[str]] = None) -> StopRule:
+        """The rule these settings name, counting in evaluations made every ``eval_every`` steps (with
+        ``signal="bands"``, one per band, named by ``band_labels``).
+
+        Example:
+            >>> rule = DVARConfig(preset="auto", max_train_steps=500, signal="bands").make_rule(eval_every=5)
+            >>> type(rule).__name__, rule.labels
+            ('AllSettled', ['low-noise band', 'mid-noise band', 'high-noise band'])
+        """
         window, threshold = self._rule_settings()
-        rule: StopRule
-        if window is None:
-            rule = SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
-            if self.signal == "normalized":
-                rule.value_name = "normalized loss"
-        else:
-            rule = DVARCriterion(evaluations_in_window(window, eval_every), threshold, nonfinite=self.nonfinite)
+
+        def one_rule() -> StopRule:
+            if window is None:
+                settling = SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
+                if self.per_example:
+                    settling.value_name = "normalized loss"
+                return settling
+            return DVARCriterion(evaluations_in_window(window, eval_every), threshold, nonfinite=self.nonfinite)
+
+        rule = one_rule()
+        if self.signal == "bands":
+            rule = AllSettled([rule] + [one_rule() for _ in range(self.bands - 1)],
+                              list(band_labels) if band_labels is not None else default_band_labels(self.bands),
+                              noun="timestep band")
         if self.min_steps:
             rule = NotBefore(rule, math.ceil(self.min_steps / eval_every), f"min_steps={self.min_steps}")
         return rule
+
+
+def default_band_labels(bands: int) -> List[str]:
+    """Names of the timestep bands, lowest timesteps (least noise) first.
+
+    >>> default_band_labels(3), default_band_labels(2)
+    (['low-noise band', 'mid-noise band', 'high-noise band'], ['band 1 of 2, lowest timesteps', 'band 2 of 2'])
+    """
+    if bands == 3:
+        return ["low-noise band", "mid-noise band", "high-noise band"]
+    return [f"band {i + 1} of {bands}" + (", lowest timesteps" if i == 0 else "") for i in range(bands)]

@@ -239,21 +239,28 @@ def test_a_floor_only_delays_an_early_stop(stop, share, expected):
     assert rules.not_before(lambda t: stop, share)(planted("a", 50, 250)) == expected
 
 
+#: the replayed candidates that the callback can run, with the settings that make it run them
+CALLBACK_SETTINGS = {
+    "H N level=0.8 x2 from 40%": lambda budget: {"signal": "normalized", "min_steps": math.ceil(0.4 * budget)},
+    "B level=0.8 x2": lambda budget: {"signal": "bands"},
+}
+
+
+@pytest.mark.parametrize("candidate", list(CALLBACK_SETTINGS))
 @pytest.mark.parametrize("taus, budget", [
-    ([20, 20, 20, 20], 1000),  # settles early: the floor at 40% of the budget decides
+    ([20, 20, 20, 20], 1000),  # settles early: the floor at 40% of the budget decides (H)
     ([20, 40, 150, 300], 1000),  # the slow examples settle late (440): the rule decides
-    ([10, 10, 60, 60], 500),  # fires at 170, held to 200
+    ([10, 10, 60, 60], 500),  # fires at 170, held to 200 (H)
+    ([300, 20, 20, 20], 1000),  # one example settles last: B waits for its band, N (mean of four) does not
     ([5000, 5000, 5000, 5000], 800),  # still falling at the budget: never
 ])
-def test_the_replayed_default_candidate_stops_where_the_callback_does(toy_dataset, taus, budget):
+def test_the_replayed_default_candidates_stop_where_the_callback_does(toy_dataset, candidate, taus, budget):
     from types import SimpleNamespace
 
     import torch
+    from diffusers import DDPMScheduler
 
     from dvar import DVAREarlyStopping
-
-    t = with_signals(planted("a", 50, 250, budget=budget), taus=taus, timesteps=[100, 300, 600, 900], budget=budget)
-    replayed, _ = rules.default_candidates()["H N level=0.8 x2 from 40%"](t)
 
     class Recorded:  # the recorded per-example losses, served to the callback step by step
         step = 1
@@ -266,8 +273,12 @@ def test_the_replayed_default_candidate_stops_where_the_callback_does(toy_datase
             return self.per_example_losses(models, batch).loss
 
     objective = Recorded()
-    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, preset="auto", signal="normalized",
-                                min_steps=math.ceil(0.4 * budget), max_train_steps=budget)
+    stopper = DVAREarlyStopping(objective=objective, train_dataset=toy_dataset, noise_scheduler=DDPMScheduler(),
+                                preset="auto", max_train_steps=budget, **CALLBACK_SETTINGS[candidate](budget))
+    # the trajectory's examples at the frozen batch's own timesteps (B bands them by timestep)
+    timesteps = stopper.eval_batch.frozen.timesteps.tolist()
+    t = with_signals(planted("a", 50, 250, budget=budget), taus=taus, timesteps=timesteps, budget=budget)
+    replayed, _ = rules.default_candidates()[candidate](t)
     for objective.step in range(1, budget + 1):
         if stopper.step(objective.step):
             break

@@ -1,5 +1,7 @@
 """What the rule watches and when it may stop: ``signal="normalized"`` (the mean of each frozen example's loss
-over its own first value) and ``min_steps`` (a floor under any rule, :class:`dvar.rules.NotBefore`)."""
+over its own first value), ``signal="bands"`` (that mean within timestep bands, a rule on each, stopping once
+all have settled: :class:`dvar.rules.AllSettled`) and ``min_steps`` (a floor under any rule,
+:class:`dvar.rules.NotBefore`)."""
 
 import json
 import math
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from dvar import DVARConfig, DVAREarlyStopping
-from dvar.rules import NotBefore, SettlingTimeCriterion
+from dvar.rules import AllSettled, NotBefore, SettlingTimeCriterion
 from dvar.stride import replay_stop_step
 from dvar_lab import demo
 
@@ -87,9 +89,17 @@ def test_min_steps_is_counted_in_evaluations_at_the_stride(min_steps, every, eva
     [
         ({"preset": "auto", "max_train_steps": 100, "min_steps": 101}, r"min_steps \(101\) is past the step budget \(100\)"),
         ({"preset": "auto", "max_train_steps": 100, "min_steps": -1}, "min_steps must be an integer >= 0"),
-        ({"preset": "auto", "max_train_steps": 100, "signal": "median"}, "signal must be 'loss' or 'normalized'"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "median"},
+         "signal must be 'loss', 'normalized' or 'bands'"),
         ({"preset": "auto", "max_train_steps": 100, "signal": "normalized", "resample": ("noise",)},
          "examples must stay frozen"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "resample": ("timesteps",)},
+         "examples must stay frozen"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "bands": 5},
+         r"bands must be an integer from 1 to eval_batch_size \(4\)"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "bands": 0}, "bands must be an integer"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "bands"},  # no scheduler: no timesteps to band by
+         "groups the frozen examples by their timesteps.*use signal='normalized'"),
     ],
 )
 def test_impossible_signal_and_floor_settings(toy_dataset, kwargs, message):
@@ -185,8 +195,9 @@ def test_the_reference_losses_resume_with_the_run(toy_dataset, cut):
     assert straight.stop_step == 250 and "held until min_steps=250" in straight.reason
 
 
-def test_two_processes_gather_the_normalized_signal(tmp_path):
-    flags = ["--early_stop", "--preset", "auto", "--signal", "normalized", "--max_train_steps", "80", "--eval_every", "2"]
+@pytest.mark.parametrize("signal", ["normalized", "bands"])
+def test_two_processes_gather_the_per_example_signal(tmp_path, signal):
+    flags = ["--early_stop", "--preset", "auto", "--signal", signal, "--max_train_steps", "80", "--eval_every", "2"]
     env = dict(os.environ, ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -197,3 +208,93 @@ def test_two_processes_gather_the_normalized_signal(tmp_path):
     # each process scores half the frozen examples and gathers the rest: both feed their rules the same values
     assert ranks[0]["signals"] == ranks[1]["signals"] and ranks[0]["stop_step"] == ranks[1]["stop_step"]
     assert ranks[0]["signals"][0] == 1.0 and len(set(ranks[0]["signals"])) == len(ranks[0]["signals"]) == 40
+
+
+# -- timestep bands -----------------------------------------------------------------------------------------
+
+
+def banded_stopper(toy_dataset, taus, steps=600, **settings):
+    """The settling-time callback with ``signal="bands"`` on six planted examples, two per timestep band: the
+    examples of band b decay with ``taus[b]`` (None: fall in a straight line), whatever their positions."""
+    from diffusers import DDPMScheduler
+
+    stopper = planted_stopper(toy_dataset, [decay(10, steps)] * 6, signal="bands", noise_scheduler=DDPMScheduler(),
+                              **settings)
+    for band, tau in zip(stopper._bands, taus):
+        for position in band:
+            stopper.objective.curves[position] = decay(tau, steps) if tau else np.linspace(2.0, 1.0, steps)
+    return stopper
+
+
+def test_bands_group_the_frozen_examples_by_timestep(toy_dataset):
+    stopper = banded_stopper(toy_dataset, [10, 10, 10])
+    timesteps = stopper.eval_batch.frozen.timesteps.tolist()
+    ordered = [timesteps[i] for band in stopper._bands for i in band]
+    assert ordered == sorted(timesteps) and [len(band) for band in stopper._bands] == [2, 2, 2]
+    assert [label.split(" (")[0] for label in stopper.rule.labels] == ["low-noise band", "mid-noise band",
+                                                                      "high-noise band"]
+
+
+@pytest.mark.parametrize(
+    "taus, stop, last",
+    [
+        ([10, 10, 10], 40, None),  # alike: where one tau-10 decay settles
+        ([10, 30, 10], 96, "mid-noise band"),  # a slow band holds the stop until it has settled too
+        ([30, 10, 10], 96, "low-noise band"),
+        ([10, 10, 60], 180, "high-noise band"),
+        ([10, 10, None], None, None),  # one band still falling: never
+    ],
+)
+def test_bands_stop_once_every_band_has_settled(toy_dataset, taus, stop, last):
+    stopper = run(banded_stopper(toy_dataset, taus))
+    assert stopper.stop_step == stop
+    if stop is not None:
+        assert stopper.reason.startswith("settled: every timestep band has settled (low-noise band (t ")
+        assert stopper.stop_kind.value == "settled" and "normalized loss" in stopper.reason
+        if last is not None:
+            assert f"last, the {last}" in stopper.reason
+
+
+@pytest.mark.parametrize("tau", [40, 150, 600])
+def test_planted_decays_stop_at_a_similar_multiple_of_tau_in_bands(toy_dataset, tau):
+    stopper = run(banded_stopper(toy_dataset, [tau] * 3, steps=8 * tau))
+    assert stopper.stop_step is not None and 2.7 <= stopper.stop_step / tau <= 3.3
+
+
+def test_a_nan_in_one_band_stops_the_run_as_diverged(toy_dataset):
+    stopper = banded_stopper(toy_dataset, [10, 10, 60])
+    stopper.objective.curves[stopper._bands[2][0]][30:] = math.nan
+    stopper = run(stopper)
+    assert (stopper.stop_step, stopper.diverged) == (31, True) and stopper.reason.startswith("non-finite")
+
+
+@pytest.mark.parametrize("cut", [1, 39, 40, 41, 100, 179])
+def test_bands_resume_to_the_same_stop_and_reason(toy_dataset, cut):
+    straight = run(banded_stopper(toy_dataset, [10, 10, 60]))
+    first = run(banded_stopper(toy_dataset, [10, 10, 60]), last_step=cut)
+    resumed = banded_stopper(toy_dataset, [10, 10, 60])
+    resumed.load_state_dict(first.state_dict())
+    resumed = run(resumed, first_step=cut + 1)
+    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason) == (180, straight.reason)
+
+
+def test_a_checkpoint_with_other_bands_is_refused(toy_dataset):
+    saved = run(banded_stopper(toy_dataset, [10, 10, 60]), last_step=20).state_dict()
+    with pytest.raises(ValueError, match="bands is 3 but this run uses 2"):
+        banded_stopper(toy_dataset, [10, 60], bands=2).load_state_dict(saved)
+
+
+def test_bands_under_a_floor(toy_dataset):
+    stopper = run(banded_stopper(toy_dataset, [10, 10, 10], min_steps=100))
+    assert stopper.stop_step == 100 and "held until min_steps=100" in stopper.reason
+
+
+@pytest.mark.parametrize("rule, value, error", [
+    (settling(), [1.0, 2.0], TypeError),  # a one-signal rule given several values
+    (settling(), np.array([1.0]), TypeError),
+    (AllSettled([settling(), settling()]), [1.0], ValueError),  # two signals, one value
+    (AllSettled([settling(), settling()]), 1.0, TypeError),
+])
+def test_a_rule_refuses_the_wrong_number_of_values(rule, value, error):
+    with pytest.raises(error, match="watches"):
+        rule.update(value)

@@ -34,6 +34,7 @@ def ti_args(tiny_pipeline_dir, concept_dir, tmp_path):
 EARLY = ["--early-stop", "--early-stop-window", "6", "--early-stop-threshold", "0.5"]
 AUTO = ["--early-stop", "--early-stop-preset", "auto", "--early-stop-eval-every", "1", "--early-stop-threshold", "1.5"]
 NORMALIZED = [*AUTO, "--early-stop-signal", "normalized", "--early-stop-min-steps", "40"]  # fires at 28, held to 40
+BANDS = [*AUTO, "--early-stop-signal", "bands"]
 
 
 def summary(path):
@@ -68,7 +69,7 @@ def test_early_stop_writes_weights_history_and_summary(ti_args, tiny_pipeline_di
     assert not torch.allclose(learned, initial)
 
 
-@pytest.mark.parametrize("rule", [EARLY, AUTO, NORMALIZED], ids=["window", "auto", "normalized-with-floor"])
+@pytest.mark.parametrize("rule", [EARLY, AUTO, NORMALIZED, BANDS], ids=["window", "auto", "normalized-with-floor", "bands"])
 def test_resume_reaches_the_same_stop_step(ti_args, tiny_pipeline_dir, tmp_path, rule, ctrl_c_after_step):
     EARLY = rule
     assert textual_inversion.main(ti_args(*EARLY, out="full", steps=60)) == 0

@@ -84,9 +84,10 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     add("--early-stop-batch-size", "--early_stop_batch_size", dest="early_stop_batch_size", type=int, default=4,
         help="Frozen examples in the DVAR batch.")
     add("--early-stop-signal", "--early_stop_signal", dest="early_stop_signal", default="loss",
-        choices=("loss", "normalized"),
-        help="What the rule watches: loss (default, the frozen batch's mean loss) or normalized (the mean of each frozen "
-        "example's loss divided by its first, so high-noise examples weigh as much as low-noise ones).")
+        choices=("loss", "normalized", "bands"),
+        help="What the rule watches: loss (default, the frozen batch's mean loss), normalized (the mean of each frozen "
+        "example's loss divided by its first, so high-noise examples weigh as much as low-noise ones) or bands (the "
+        "normalized losses in 3 timestep bands, a rule on each; stops once all have settled).")
     add("--early-stop-min-steps", "--early_stop_min_steps", dest="early_stop_min_steps", type=int, default=None,
         help="Never stop before this optimizer step (a NaN/inf loss still stops at once).")
     method.add_arguments(parser)

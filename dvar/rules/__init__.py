@@ -3,15 +3,18 @@ a reason and its kind, and a versioned ``state_dict()``.
 
 - :class:`DVARCriterion`: the paper's rule, ``var(last N) / var(all) < threshold`` (the presets);
 - :class:`SettlingTimeCriterion`: ``preset="auto"``, a window from the loss's own settling time;
-- :class:`NotBefore`: any rule's stop, held until a floor (``DVARConfig.min_steps``).
+- :class:`NotBefore`: any rule's stop, held until a floor (``DVARConfig.min_steps``);
+- :class:`AllSettled`: one rule per signal, stopping once all have fired (``DVARConfig(signal="bands")``).
 """
 
-from .base import NonFinitePolicy, StopKind, StopRule
+from .all_settled import AllSettled
+from .base import NonFinitePolicy, StopKind, StopRule, Value
 from .plateau import PRESETS, DVARCriterion, DVARPreset, dvar_should_stop, first_stop_step, normalized_variance, resolve_preset
 from .not_before import NotBefore
 from .settling_time import AUTO_LEVEL, AUTO_MULTIPLE, SettlingTimeCriterion
 
 __all__ = [
+    "AllSettled",
     "AUTO_LEVEL",
     "AUTO_MULTIPLE",
     "PRESETS",
@@ -22,6 +25,7 @@ __all__ = [
     "SettlingTimeCriterion",
     "StopKind",
     "StopRule",
+    "Value",
     "dvar_should_stop",
     "first_stop_step",
     "normalized_variance",

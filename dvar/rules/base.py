@@ -11,9 +11,12 @@ from __future__ import annotations
 import enum
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Dict, Literal, Optional
+from typing import Any, ClassVar, Dict, Literal, Optional, Sequence, Tuple, Union
 
 NonFinitePolicy = Literal["stop", "skip", "raise"]
+#: What a rule takes per evaluation: one loss value, or one per signal for a rule that watches several
+#: (:class:`~dvar.rules.AllSettled`, ``DVARConfig(signal="bands")``).
+Value = Union[float, Sequence[float]]
 
 
 class StopKind(str, enum.Enum):
@@ -53,6 +56,8 @@ class StopRule(ABC):
     fires_with: ClassVar[StopKind]
     #: "below": it stops once the statistic falls below the threshold; "above": once it rises to it
     stops_when: ClassVar[Literal["below", "above"]]
+    #: how many values the rule takes per evaluation: 1, or a sequence of this length (set per instance)
+    num_signals: int = 1
 
     def __init__(self, threshold: float, nonfinite: NonFinitePolicy = "stop") -> None:
         if nonfinite not in ("stop", "skip", "raise"):
@@ -86,8 +91,9 @@ class StopRule(ABC):
         """The constructor settings a checkpoint must agree on."""
 
     @abstractmethod
-    def _observe(self, value: float) -> Optional[str]:
-        """Take one finite value; return the stop message if the rule's condition holds now."""
+    def _observe(self, value: Any) -> Optional[str]:
+        """Take one finite value (a tuple of them when :attr:`num_signals` > 1); return the stop message if the
+        rule's condition holds now."""
 
     @abstractmethod
     def _state(self) -> Dict[str, Any]:
@@ -113,9 +119,10 @@ class StopRule(ABC):
         """``"stops below 0.15"`` / ``"stops at 2"``."""
         return f"stops {'below' if self.stops_when == 'below' else 'at'} {self.threshold:g}"
 
-    def update(self, value: float) -> bool:
-        """Feed one value; True on the value at which the rule fires and on every value after."""
-        value = float(value)
+    def update(self, value: Value) -> bool:
+        """Feed one value (one per signal for a rule with :attr:`num_signals` > 1); True on the value at which
+        the rule fires and on every value after. Any non-finite value among them is handled as one."""
+        observed, value = self._checked(value)
         self.last_value = value
         if not math.isfinite(value):
             if self.nonfinite == "raise":
@@ -124,10 +131,25 @@ class StopRule(ABC):
                 self._fire(StopKind.NON_FINITE, f"non-finite: loss became {value} at value {self.num_values + 1}",
                            self.num_values + 1)
             return self.stopped
-        message = self._observe(value)
+        message = self._observe(observed)
         if message is not None and not self.stopped:
             self._fire(self.fires_with, message, self.num_values)
         return self.stopped
+
+    def _checked(self, value: Value) -> Tuple[Any, float]:
+        """(what :meth:`_observe` takes, the one number logged as :attr:`last_value`: the value, or the mean of
+        several, non-finite if any is)."""
+        if self.num_signals == 1:
+            if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0:
+                raise TypeError(f"The {self.name} rule watches one value per evaluation (got {value!r}).")
+            return float(value), float(value)
+        if isinstance(value, (int, float)) or getattr(value, "ndim", 1) == 0:
+            raise TypeError(f"The {self.name} rule watches {self.num_signals} values per evaluation (got one: {value!r}).")
+        values = tuple(float(v) for v in value)  # type: ignore[union-attr]
+        if len(values) != self.num_signals:
+            raise ValueError(f"The {self.name} rule watches {self.num_signals} values per evaluation (got "
+                             f"{len(values)}).")
+        return values, sum(values) / len(values)
 
     def _fire(self, kind: StopKind, reason: str, step: int) -> None:
         self.stop_kind, self.reason, self.stop_step = kind, reason, step

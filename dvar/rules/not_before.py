@@ -39,6 +39,7 @@ class NotBefore(StopRule):
         self.label = label or f"evaluation {min_evaluations}"
         self.fires_with: StopKind = rule.fires_with  # type: ignore[misc]  # the inner rule's kind, per instance
         self.stops_when = rule.stops_when  # type: ignore[misc]
+        self.num_signals = rule.num_signals
 
     @property
     def num_values(self) -> int:
@@ -55,7 +56,7 @@ class NotBefore(StopRule):
     def settings(self) -> Dict[str, Any]:
         return {"not_before": self.min_evaluations, "rule": self.inner.name, **self.inner.settings()}
 
-    def _observe(self, value: float) -> Optional[str]:
+    def _observe(self, value: Any) -> Optional[str]:
         self.inner.update(value)
         if not self.inner.stopped or self.num_values < self.min_evaluations:
             return None

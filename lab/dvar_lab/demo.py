@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=0.3)
     parser.add_argument("--eval_every", type=int, default=1)
     parser.add_argument("--preset", default=None, help="a DVAR preset ('auto': the settling-time rule) instead of the window")
-    parser.add_argument("--signal", default="loss", choices=("loss", "normalized"))
+    parser.add_argument("--signal", default="loss", choices=("loss", "normalized", "bands"))
     parser.add_argument("--min_steps", type=int, default=None)
     parser.add_argument("--no_flip", action="store_true", help="no random flips (exact resume, see tests)")
     parser.add_argument("--interrupt_at_step", type=int, default=0, help="simulate an interruption after this step")

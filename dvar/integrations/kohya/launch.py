@@ -180,8 +180,9 @@ def _eval_every(value: Any) -> Union[int, str]:
 def _signal(value: Any) -> str:
     if value in ("loss", "normalized"):
         return value
-    raise argparse.ArgumentTypeError(f"{value!r} is not a DVAR signal; choose loss (the frozen batch's mean loss) or "
-                                     "normalized (each frozen batch's loss over its first).")
+    why = " (bands needs each frozen item's timestep, which sd-scripts draws inside its loss)" if value == "bands" else ""
+    raise argparse.ArgumentTypeError(f"{value!r} is not a DVAR signal for kohya{why}; choose loss (the frozen batch's "
+                                     "mean loss) or normalized (each frozen batch's loss over its first).")
 
 
 def _switch(value: Any) -> bool:
