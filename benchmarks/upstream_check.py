@@ -5,6 +5,8 @@ patched by ``docs/diffusers-scripts.md`` (``check_guide.py --write``), run for r
 
 * textual_inversion.py on the bundled mini-SD, with a bundled concept folder as
   ``--train_data_dir`` (600 steps, the ``textual_inversion`` preset);
+* train_dreambooth_lora_flux.py on the bundled mini-flow (when ``dvar-lab`` has its weights), 64x64 with
+  its 32 T5 tokens, a bundled DreamBooth concept (400 steps, lr 1e-3, window 100, threshold 0.15);
 * train_dreambooth_lora_sdxl.py and train_dreambooth_lora_flux.py on tiny randomly initialised
   SDXL and Flux pipelines saved to disk (``dvar_lab.tiny``; 40 steps, window 5, threshold 0.2),
   plus, for each: the unmodified script against the patched one with a threshold that cannot
@@ -128,6 +130,16 @@ def check_stop(name: str, out: Path, log: str, failures: List[str]) -> dict:
     return summary
 
 
+def mini_flow_or_none() -> Path | None:
+    """The bundled mini-flow's folder, or None when this ``dvar-lab`` has no mini-flow weights."""
+    try:
+        from dvar.models import mini_flow
+
+        return Path(mini_flow())
+    except (ImportError, FileNotFoundError, OSError):
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("diffusers", type=Path, help="a diffusers checkout (the folder holding examples/)")
@@ -163,8 +175,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ], out)
     check_stop(f"textual_inversion.py, mini-SD, {ti.name}", out, log, failures)
 
-    pipelines = save_tiny_pipelines(work)
     db = list_concepts("dreambooth")[0]
+    flow = mini_flow_or_none()
+    if flow is None:
+        print("SKIP train_dreambooth_lora_flux.py on mini-flow: dvar-lab has no mini-flow weights")
+    else:
+        out = work / "flux-mini-flow"
+        log = run(patched / "dreambooth" / "train_dreambooth_lora_flux.py", [
+            "--pretrained_model_name_or_path", str(flow), "--instance_data_dir", str(db.path),
+            "--instance_prompt", f"a photo of sks {db.class_word}", "--resolution", "64", "--max_sequence_length", "32",
+            "--train_batch_size", "1", "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--seed", "0",
+            "--max_train_steps", "400", "--checkpointing_steps", "1000", "--dvar_window", "100",
+            "--dvar_threshold", "0.15",
+        ], out)
+        check_stop(f"train_dreambooth_lora_flux.py, mini-flow, {db.name}", out, log, failures)
+
+    pipelines = save_tiny_pipelines(work)
     for kind in ("sdxl", "flux"):
         script = patched / "dreambooth" / f"train_dreambooth_lora_{kind}.py"
         common = [

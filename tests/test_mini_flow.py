@@ -145,6 +145,32 @@ def test_loader_defaults_to_64_pixels_and_the_pipeline_default_length(pipe):
     assert np.isfinite(image).all() and image.std() > 0.05
 
 
+def test_the_lora_trainer_stops_early_on_mini_flow_and_diffusers_loads_its_lora(root, pipe, tmp_path):
+    """The DreamBooth-LoRA trainer on the shipped weights (64x64 and 32 T5 tokens by default for mini-flow): the
+    settling-time rule stops it before its budget, it exits 0, and the module's pipeline loads the LoRA."""
+    from dvar.integrations import dreambooth_lora
+    from dvar_lab.world import list_concepts
+
+    concept, out = list_concepts("dreambooth")[0], tmp_path / "lora"
+    code = dreambooth_lora.main([
+        "--pretrained_model_name_or_path", str(root), "--instance_data_dir", str(concept.path),
+        "--instance_prompt", f"a photo of sks {concept.class_word}", "--output_dir", str(out),
+        "--max_train_steps", "80", "--early-stop", "--early-stop-preset", "auto", "--num_validation_images", "0",
+        "--checkpointing_steps", "1000",
+    ])
+    result = json.loads((out / "dvar_summary.json").read_text())
+    assert code == 0 and result["outcome"] == "early_stop" and result["stop_step"] < 80, result
+    assert result["reason"].startswith("settled")
+    prompt = f"a photo of sks {concept.class_word}"
+    before = sample(pipe, [prompt], steps=4, max_sequence_length=MINI_FLOW_MAX_SEQUENCE_LENGTH)
+    pipe.load_lora_weights(out)
+    try:
+        after = sample(pipe, [prompt], steps=4, max_sequence_length=MINI_FLOW_MAX_SEQUENCE_LENGTH)
+    finally:
+        pipe.unload_lora_weights()
+    assert np.abs(after - before).max() > 1e-3  # the LoRA changes what the prompt draws
+
+
 @pytest.mark.parametrize("mini_flow_fn", [dvar.models.mini_flow, dvar_lab.models.mini_flow])
 def test_an_incomplete_folder_names_what_is_missing_and_the_fix(tmp_path, monkeypatch, mini_flow_fn):
     (tmp_path / "assets" / "mini-flow" / "transformer").mkdir(parents=True)

@@ -19,6 +19,7 @@ from dvar.rules import PRESETS
 from dvar.stride import overhead_target
 
 from .data import UsageError
+from .flux import is_embedded_flow
 from .method import Components, Method, default_model_path, is_embedded_model
 
 logger = logging.getLogger("dvar.integrations")
@@ -120,7 +121,8 @@ def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
         args.pretrained_model_name_or_path = default_model_path()
     budget = method.mini_sd_budget if is_embedded_model(args.pretrained_model_name_or_path) else method.sd_budget
     if method.flux_budget is not None and known_model_family(args.pretrained_model_name_or_path) == "flux":
-        budget = method.flux_budget
+        embedded_flow = method.mini_flow_budget is not None and is_embedded_flow(args.pretrained_model_name_or_path)
+        budget = method.mini_flow_budget if embedded_flow else method.flux_budget
     if args.max_train_steps is None:
         args.max_train_steps = budget.max_train_steps
     if args.learning_rate is None:

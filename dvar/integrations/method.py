@@ -62,6 +62,7 @@ class Method:
     sd_budget: Budget  # the paper's settings on Stable Diffusion
     mini_sd_budget: Budget  # measured for the embedded mini-SD (see docs/trainers.md)
     flux_budget: Optional[Budget] = None  # for FluxPipeline folders, where the method trains them
+    mini_flow_budget: Optional[Budget] = None  # measured for the embedded mini-flow (a FluxPipeline folder)
     families: Tuple[str, ...] = ("sd",)  # the model families it trains (Components.family)
     data_flag: str = "--instance_data_dir"
     # Keep a CPU copy of learned_state() at the last good step, to save instead of NaN/inf weights.
