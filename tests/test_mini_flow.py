@@ -63,6 +63,14 @@ def test_folder_layout_and_size(root):
     assert all(v.dtype == torch.float16 for file in weights for v in load_file(root / file).values())
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "samples.png")
     assert total <= MAX_BYTES, total
+    assert_t5_tokenizer_config_loads_in_transformers_4(root)
+
+
+def assert_t5_tokenizer_config_loads_in_transformers_4(root: Path) -> None:
+    """transformers 4 reads the fast class by this name, and fails on an empty "extra_special_tokens" list
+    (transformers 5 writes one)."""
+    config = json.loads((root / "tokenizer_2" / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "T5TokenizerFast" and config.get("extra_special_tokens", {"": ""}), config
 
 
 def test_training_finished_and_recorded_its_cost(root, pipe):
@@ -216,6 +224,7 @@ def test_pretraining_resumes_to_the_same_weights_and_exports_a_flux_folder(tmp_p
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
     info = json.loads((resumed / "training_info.json").read_text())
     assert info["complete"] and info["steps_done"] == 4 and len(info["history"]) == 2
+    assert_t5_tokenizer_config_loads_in_transformers_4(resumed)
     pipe = FluxPipeline.from_pretrained(resumed, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red star", height=64, width=64, num_inference_steps=2, max_sequence_length=32,

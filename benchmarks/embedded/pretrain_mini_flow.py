@@ -409,8 +409,11 @@ def export(out: Path, parts_from: Path, vae, transformer, t5, tokenizer_2, lat: 
     index = {k: v for k, v in index.items() if k not in ("image_encoder", "feature_extractor")}
     index["tokenizer_2"] = ["transformers", "T5TokenizerFast"]
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    # transformers 5 also writes "extra_special_tokens": [], which transformers 4.5x reads as a dict and fails on
+    # ("'list' object has no attribute 'keys'"): leave an empty one out.
     config_path = tmp / "tokenizer_2" / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
+    config = {k: v for k, v in config.items() if not (k == "extra_special_tokens" and not v)}
     config_path.write_text(json.dumps({**config, "tokenizer_class": "T5TokenizerFast"}, indent=2, sort_keys=True) + "\n")
     (tmp / "training_info.json").write_text(json.dumps(meta, indent=2) + "\n")
     out.mkdir(parents=True, exist_ok=True)
