@@ -52,7 +52,7 @@ class DreamBoothLoRA(DreamBoothBase):
     sd_budget = Budget(max_train_steps=1000, learning_rate=5e-4)  # the DVAR paper's DreamBooth-LoRA baseline
     mini_sd_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: docs/trainers.md
     flux_budget = Budget(max_train_steps=1000, learning_rate=1e-4)  # train_dreambooth_lora_flux.py's rate
-    mini_flow_budget = Budget(max_train_steps=1000, learning_rate=1e-3)  # measured: benchmarks/results/full-flow
+    mini_flow_budget = Budget(max_train_steps=1000, learning_rate=2e-3)  # measured: benchmarks/results/full-flow
     families = ("sd", "flux")
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
