@@ -499,15 +499,20 @@ def choose(cells: List[dict], half: str = "selection") -> Optional[str]:
     return min(scores, key=scores.get) if scores else None
 
 
+#: The prefix of the method-aware candidate's name (M in default-candidates.md).
+METHOD_AWARE = "M"
+
+
 def choose_default(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> Optional[str]:
     """Issue 23's pre-registered choice on ``half``: among the candidates non-inferior in every method x learning
     rate cell, the highest smallest-over-methods median saving captured at 1x (then mean saving); if none is, the
-    one whose worst cell's CI low is highest (nearest to non-inferior), then by saving; ties go to the earlier,
-    simpler, candidate. ``reference`` (the paper presets, the saturation oracles) are not candidates, and neither
-    is a rule that never stops before the budget for some method at 1x (mean saving captured 0): it is trivially
-    non-inferior, and a default that does not stop is no stopping rule. A rule that stops on few concepts (median
-    saving 0, mean above 0) is a candidate: the issue's fallback is the best rule non-inferior in every cell.
-    (Amendments of 2026-12-07, default-candidates.md.) None when no candidate is left.
+    method-aware candidate M (:func:`method_aware_cells`, when ``cells`` hold it) if it is non-inferior in every
+    cell; else the one whose worst cell's CI low is highest (nearest to non-inferior), then by saving; ties go to
+    the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation oracles) are not candidates,
+    and neither is a rule that never stops before the budget for some method at 1x (mean saving captured 0): it is
+    trivially non-inferior, and a default that does not stop is no stopping rule. A rule that stops on few
+    concepts (median saving 0, mean above 0) is a candidate: the issue's fallback is the best rule non-inferior in
+    every cell. (Amendments of 2026-12-07, default-candidates.md.) None when no candidate is left.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
     ...           "saving_captured_median": s, "saving_captured_mean": s}
@@ -537,14 +542,68 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     def cells_of(name: str) -> List[dict]:
         return [c for c in cells if c["rule"] == name and c["half"] == half]
 
-    everywhere = [name for name in names if all(c["noninferior"] == "yes" for c in cells_of(name))]
-    if everywhere:
-        return max(everywhere, key=lambda name: (*saving(name), -names.index(name)))
+    def everywhere(candidates: List[str]) -> List[str]:
+        return [name for name in candidates if all(c["noninferior"] == "yes" for c in cells_of(name))]
+
+    single = everywhere([name for name in names if not name.startswith(f"{METHOD_AWARE} ")])
+    if single:
+        return max(single, key=lambda name: (*saving(name), -names.index(name)))
+    method_aware = everywhere([name for name in names if name.startswith(f"{METHOD_AWARE} ")])
+    if method_aware:
+        return method_aware[0]
 
     def closest(name: str) -> tuple:  # the worst cell's CI low nearest the margin, then the saving
         return lowest([c["ci_low"] for c in cells_of(name)]), *saving(name), -names.index(name)
 
     return max(names, key=closest)
+
+
+def method_aware_cells(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> List[dict]:
+    """Candidate M of default-candidates.md, built from the others' cells: for each method, the paper preset where
+    it is non-inferior in every ``half`` cell of that method, else the single candidate :func:`choose_default`
+    picks on that method's cells alone. Its cells (both halves) are those rules' cells, named
+    ``"M textual_inversion: paper; dreambooth_lora: B level=0.8 x2; ..."``; none when a method has no candidate
+    left.
+
+    >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
+    ...           "saving_captured_median": 0.5, "saving_captured_mean": 0.5}
+    ...          for r, m, ok in [("paper", "ti", "yes"), ("paper", "cd", "no"), ("a", "ti", "no"), ("a", "cd", "yes")]]
+    >>> sorted({c["rule"] for c in method_aware_cells(cells)})
+    ['M ti: paper; cd: a']
+    """
+    methods = list(dict.fromkeys(c["method"] for c in cells))
+    parts: Dict[str, str] = {}
+    for method in methods:
+        mine = [c for c in cells if c["method"] == method and not c["rule"].startswith(f"{METHOD_AWARE} ")]
+        paper = [c for c in mine if c["rule"] == "paper" and c["half"] == half]
+        if paper and all(c["noninferior"] == "yes" for c in paper):
+            parts[method] = "paper"
+            continue
+        chosen = choose_default(mine, half, reference)
+        if chosen is None:
+            return []
+        parts[method] = chosen
+    return compose_method_aware(cells, parts)
+
+
+def compose_method_aware(cells: List[dict], parts: Dict[str, str]) -> List[dict]:
+    """The cells of the method-aware rule that uses ``parts[method]`` for each method (methods without a part are
+    left out), under its name."""
+    name = f"{METHOD_AWARE} " + "; ".join(f"{method}: {rule}" for method, rule in parts.items())
+    return [{**c, "rule": name} for c in cells if c["method"] in parts and c["rule"] == parts[c["method"]]]
+
+
+def parse_method_aware(name: str) -> Dict[str, str]:
+    """The parts of a method-aware rule's name.
+
+    >>> parse_method_aware("M textual_inversion: paper; dreambooth_lora: B level=0.8 x2")
+    {'textual_inversion': 'paper', 'dreambooth_lora': 'B level=0.8 x2'}
+    """
+    body = name[len(METHOD_AWARE) + 1:] if name.startswith(f"{METHOD_AWARE} ") else ""
+    parts = dict(part.split(": ", 1) for part in body.split("; ") if ": " in part)
+    if not parts:
+        raise ValueError(f"{name!r} is not a method-aware rule ('M method: rule; method: rule')")
+    return parts
 
 
 def meets_target(cell: dict) -> bool:
@@ -595,7 +654,7 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
         f"{model} {m} x{s:g}: {sum((t.model, t.method, t.lr_scale) == (model, m, s) for t in trajectories)}"
         for model, m, s in sorted({(t.model, t.method, t.lr_scale) for t in trajectories}))]
     lines.append(f"\n{how or 'Chosen on the selection half (even positions)'}: **{chosen or 'none qualifies'}**; "
-                 f"shipped as preset='auto': `{AUTO}`.\n")
+                 f"(`preset='auto'` ships `{AUTO}`).\n")
     head = ("| rule | model | method | lr x | n (judged) | stop / saturation, median (IQR) | saving captured | regret | "
             "too early | too late | step speedup | speedup | mean Δ identity [95% CI] | non-inferior |")
     for half in HALVES:
@@ -647,8 +706,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{[str(f) for f in args.folders]} (run the benchmark's full preset first)", file=sys.stderr)
         return 2
     rules = CANDIDATE_LISTS[args.candidates]()
-    if args.rule is not None and args.rule not in rules:
-        print(f"error: --rule {args.rule!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
+    try:
+        given = (parse_method_aware(args.rule) if args.rule is not None and args.rule.startswith(f"{METHOD_AWARE} ")
+                 else {"": args.rule} if args.rule is not None else {})
+    except ValueError as error:
+        print(f"error: --rule: {error}", file=sys.stderr)
+        return 2
+    unknown = [rule for rule in given.values() if rule not in rules]
+    if unknown:
+        print(f"error: --rule {unknown[0]!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
               file=sys.stderr)
         return 2
     skipped: Dict[str, List[str]] = {}
@@ -658,8 +724,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
     if args.rule is not None:
         chosen, how = args.rule, "Given (--rule, not chosen on this data)"
+        if "" not in given:  # a method-aware rule: its parts for the methods these trajectories have
+            composed = compose_method_aware(cells, {m: r for m, r in given.items() if any(c["method"] == m for c in cells)})
+            cells += composed
+            chosen = composed[0]["rule"] if composed else chosen
     else:
-        chosen = choose_default(cells) if args.candidates == "default" else choose(cells)
+        if args.candidates == "default":
+            cells += method_aware_cells(cells)
+            chosen = choose_default(cells)
+        else:
+            chosen = choose(cells)
         how = "Chosen on the selection half (even positions)"
     text = markdown(cells, chosen, trajectories, how)
     print(text)

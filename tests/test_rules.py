@@ -221,6 +221,39 @@ def test_the_default_is_chosen_for_quality_first_then_saving(cells, chosen):
     assert rules.choose_default(cells) == chosen
 
 
+def with_method_aware(cells):
+    return cells + rules.method_aware_cells(cells)
+
+
+@pytest.mark.parametrize("cells, chosen", [
+    # no single rule is non-inferior everywhere: per method, the paper preset where it is, else that method's best
+    ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "yes", -0.01, 0.2),
+      _cell("b", "ti", "yes", -0.01, 0.1), _cell("b", "cd", "undecided", -0.025, 0.1)], "M ti: paper; cd: a"),
+    # a single rule non-inferior everywhere is chosen over M, even if M would save more
+    ([_cell("paper", "ti", "yes", -0.01, 0.9), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "yes", -0.01, 0.1), _cell("a", "cd", "yes", -0.01, 0.1)], "a"),
+    # M is not non-inferior everywhere either (no rule is on cd): the nearest, which M is
+    ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "undecided", -0.021, 0.2)], "M ti: paper; cd: a"),
+    # a method whose only safe rules never stop there takes its nearest stopping rule, not one that never stops
+    ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("never", "ti", "yes", 0.0, 0.0), _cell("never", "cd", "yes", 0.0, 0.0),
+      _cell("a", "ti", "no", -0.05, 0.6), _cell("a", "cd", "undecided", -0.03, 0.2)], "M ti: paper; cd: a"),
+])
+def test_the_method_aware_candidate_is_chosen_only_when_no_single_rule_qualifies(cells, chosen):
+    assert rules.choose_default(with_method_aware(cells)) == chosen
+
+
+def test_a_method_aware_rule_is_reported_on_the_methods_a_held_out_run_has(tmp_path, capsys):
+    """--rule "M ..." on a run of one method (the flow model trains LoRA only) reports that method's part."""
+    cells = [_cell("paper", "ti", "yes", -0.01, 0.2), _cell("a", "lora", "yes", -0.01, 0.3)]
+    composed = rules.compose_method_aware(cells, {"lora": "a"})
+    assert [(c["rule"], c["method"]) for c in composed] == [("M lora: a", "lora")]
+    with pytest.raises(ValueError, match="not a method-aware rule"):
+        rules.parse_method_aware("M nothing")
+
+
 def test_a_rule_that_never_stops_is_not_a_default_however_safe():
     trajectories = [planted(f"c{i}", tau, 4 * tau) for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
     never, late = (lambda t: (None, 0)), (lambda t: (900, 1))  # noqa: E731
