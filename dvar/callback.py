@@ -172,7 +172,18 @@ class DVAREarlyStopping:
             resample=self.config.resample,
             timestep_density=self.loss.timestep_density(),
         )
-        self._bands, self._band_labels = self._timestep_bands() if self.config.signal == "bands" else (None, None)
+        self._bands: Optional[List[List[int]]] = None
+        self._band_labels: Optional[List[str]] = None
+        if self.config.signal == "bands":
+            timesteps = getattr(getattr(self.eval_batch, "frozen", None), "timesteps", None)
+            if timesteps is not None:
+                self._set_bands([float(t) for t in timesteps])
+            elif not getattr(objective, "reports_timesteps", False):
+                raise ValueError(
+                    "signal='bands' groups the frozen examples by their timesteps, but this evaluation batch "
+                    f"({type(self.eval_batch).__name__}) does not say what they are, nor does the objective "
+                    f"({type(objective).__name__}) report them; use signal='normalized'.")
+            # else: banded at the first evaluation, by the timesteps the objective reports there (kohya's)
         # Before a timed stride is chosen nothing is evaluated: the rule is remade by _set_stride.
         self.rule: StopRule = self.config.make_rule(self.eval_every or 1, self._band_labels)
         self.history: List[HistoryRow] = []
@@ -270,7 +281,9 @@ class DVAREarlyStopping:
             self._plain_models = {name: _unwrap(module, self.accelerator) for name, module in self.models.items()}
         per_example = self.config.per_example
         # the units whose losses the normalized signal follows: examples (kohya: its batches), placed by shard_start
-        local = [0.0] * (batch.shard_start(world, world) if per_example else 1)
+        units = batch.shard_start(world, world) if per_example else 1
+        banding = self.config.signal == "bands" and self._bands is None  # the timesteps come with this evaluation
+        local = [0.0] * (2 * units if banding else units)
         weighted = 0.0
         if len(shard):
             with eval_mode(self._plain_models.values()), self._autocast():
@@ -279,12 +292,17 @@ class DVAREarlyStopping:
                     result = self.objective.per_example_losses(self._plain_models, shard)
                     losses = [float(x) for x in result.losses.detach().double().cpu()]
                     local[first:first + len(losses)] = losses
+                    if banding:
+                        timesteps = [float(t) for t in result.timesteps.detach().double().cpu()]
+                        local[units + first:units + first + len(timesteps)] = timesteps
                     weighted = float(result.loss) * len(shard)
                 else:
                     weighted = float(self.objective(self._plain_models, shard)) * len(shard)
         totals = self._all_reduce_sum(local + [weighted, float(len(shard))], self._device())
         self.eval_seconds += time.perf_counter() - started
-        return totals[-2] / totals[-1], (totals[:-2] if per_example else None)
+        if banding:
+            self._set_bands(totals[units:2 * units])
+        return totals[-2] / totals[-1], (totals[:units] if per_example else None)
 
     def _signal(self, loss: float, per_example: Optional[List[float]]) -> Tuple[float, Any]:
         """(the signal, for the history and the plot; what the rule takes). The signal is the loss, or the mean of
@@ -301,16 +319,13 @@ class DVAREarlyStopping:
             return signal, signal
         return signal, [sum(ratios[i] for i in band) / len(band) for band in self._bands]
 
-    def _timestep_bands(self) -> Tuple[List[List[int]], List[str]]:
+    def _set_bands(self, timesteps: List[float]) -> None:
         """``signal="bands"``: the frozen examples' positions sorted by timestep and split into ``bands`` groups
-        (sizes differ by at most one, the larger first, as ``numpy.array_split``), with their labels."""
-        frozen = getattr(self.eval_batch, "frozen", None)
-        timesteps = getattr(frozen, "timesteps", None)
-        if timesteps is None:
-            raise ValueError("signal='bands' groups the frozen examples by their timesteps, but this evaluation batch "
-                             f"({type(self.eval_batch).__name__}) does not say what they are; use signal='normalized'.")
-        values = [float(t) for t in timesteps]
-        order = sorted(range(len(values)), key=lambda i: values[i])
+        (sizes differ by at most one, the larger first, as ``numpy.array_split``), and the rule's band names."""
+        if len(timesteps) < self.config.bands or not all(math.isfinite(t) for t in timesteps):
+            raise ValueError(f"signal='bands' needs a finite timestep for each of at least {self.config.bands} frozen "
+                             f"examples (got {timesteps}); use signal='normalized'.")
+        order = sorted(range(len(timesteps)), key=lambda i: timesteps[i])
         size, extra = divmod(len(order), self.config.bands)
         bands, start = [], 0
         for b in range(self.config.bands):
@@ -318,9 +333,17 @@ class DVAREarlyStopping:
             bands.append(order[start:end])
             start = end
         names = default_band_labels(self.config.bands)
-        labels = [f"{name} (t {values[band[0]]:g}" + (f"-{values[band[-1]]:g})" if len(band) > 1 else ")")
+        labels = [f"{name} (t {timesteps[band[0]]:g}" + (f"-{timesteps[band[-1]]:g})" if len(band) > 1 else ")")
                   for name, band in zip(names, bands)]
-        return bands, labels
+        self._use_bands(bands, labels)
+
+    def _use_bands(self, bands: List[List[int]], labels: List[str]) -> None:
+        self._bands, self._band_labels = bands, labels
+        rule = getattr(self, "rule", None)  # (not made yet in __init__: make_rule takes the labels)
+        while rule is not None and not hasattr(rule, "labels"):  # the AllSettled inside a NotBefore
+            rule = getattr(rule, "inner", None)
+        if rule is not None:
+            rule.labels = list(labels)
 
     def _probe_stride(self) -> None:
         """``eval_every="5%"``: tick the step clock; once enough steps are timed, time an evaluation and fix
@@ -506,6 +529,8 @@ class DVAREarlyStopping:
             "eval_seconds": self.eval_seconds,
             "stride_timing": self.stride_timing,
             "reference": self._reference,
+            "bands": self._bands,
+            "band_labels": self._band_labels,
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -536,6 +561,8 @@ class DVAREarlyStopping:
         self.eval_seconds = state["eval_seconds"]
         self.stride_timing = state.get("stride_timing")
         self._reference = state.get("reference")
+        if state.get("bands") is not None:  # (kohya's are known only from the first evaluation)
+            self._use_bands([list(band) for band in state["bands"]], list(state["band_labels"]))
 
     def __repr__(self) -> str:
         return (

@@ -240,6 +240,18 @@ def test_the_normalized_signal_follows_each_frozen_kohya_batch_and_holds_to_the_
     assert signal[0] == 1.0 and len(set(signal)) == len(signal) == 55
 
 
+def test_the_bands_signal_bands_kohyas_frozen_items_by_the_timesteps_kohya_drew(fake_kohya, photos, tmp_path):
+    rule = ["--early_stop", "--early_stop_preset", "auto", "--early_stop_threshold", "1.5", "--early_stop_eval_every", "1",
+            "--early_stop_batch_size", "3", "--early_stop_signal", "bands"]
+    straight = tmp_path / "straight"
+    train(fake_kohya["train_network"], "sd", flags(photos, straight, "--max_train_steps", str(BUDGET), *rule))
+    summary = json.loads((straight / "dvar_summary.json").read_text())
+    # three frozen items, one per band, each named with the timestep kohya drew for it at the first evaluation
+    assert (summary["outcome"], summary["rule"]) == ("early_stop", "all_settled"), summary
+    assert summary["reason"].startswith("settled: every timestep band has settled (low-noise band (t ")
+    assert all(f"{band} (t " in summary["reason"] for band in ("mid-noise band", "high-noise band"))
+
+
 @pytest.mark.parametrize("script, family", [("train_network", "sd"), ("sdxl_train_network", "sdxl"),
                                             ("flux_train_network", "flux")])
 def test_the_mixin_takes_every_call_kohya_makes(fake_kohya, script, family):
@@ -384,8 +396,7 @@ BAD = [
         ("eval-every-zero", ["--early_stop", "--early_stop_eval_every", "0"], "eval_every must be >= 1"),
         ("batch-size-zero", ["--early_stop", "--early_stop_batch_size", "0"], "--early_stop_batch_size must be >= 1"),
         ("deepspeed", ["--early_stop", "--deepspeed"], "does not support --deepspeed"),
-        ("signal-abc", ["--early_stop_signal", "median"], "'median' is not a DVAR signal for kohya; choose loss"),
-        ("signal-bands", ["--early_stop_signal", "bands"], "'bands' is not a DVAR signal for kohya (bands needs each"),
+        ("signal-abc", ["--early_stop_signal", "median"], "'median' is not a DVAR signal; choose loss"),
         ("min-steps-over-budget", ["--max_train_steps", "10", "--early_stop", "--early_stop_min_steps", "20"],
          "min_steps (20) is past the step budget (10)"),
     ]],

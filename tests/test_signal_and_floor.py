@@ -298,3 +298,40 @@ def test_bands_under_a_floor(toy_dataset):
 def test_a_rule_refuses_the_wrong_number_of_values(rule, value, error):
     with pytest.raises(error, match="watches"):
         rule.update(value)
+
+
+class ReportedTimesteps(PlantedExamples):
+    """Planted losses from an objective that reports each example's timestep itself (as kohya's, which draws
+    them inside its loss), beside a frozen batch that has none."""
+
+    reports_timesteps = True
+
+    def __init__(self, curves, timesteps):
+        super().__init__(curves)
+        self.timesteps = timesteps
+
+    def per_example_losses(self, models, batch):
+        result = super().per_example_losses(models, batch)
+        result.timesteps = torch.tensor(self.timesteps[:len(batch)], dtype=torch.float64)
+        return result
+
+
+def reported_stopper(toy_dataset):
+    # examples 0-5 at timesteps 900, 100, 500, 300, 700, 200: bands {1, 5}, {3, 2}, {4, 0}; the mid band is slow
+    curves = [decay(tau, 600) for tau in (10, 10, 60, 60, 10, 10)]
+    return DVAREarlyStopping(objective=ReportedTimesteps(curves, [900, 100, 500, 300, 700, 200]),
+                             train_dataset=toy_dataset, preset="auto", eval_every=1, max_train_steps=600,
+                             eval_batch_size=6, signal="bands")
+
+
+@pytest.mark.parametrize("cut", [None, 1, 2, 100, 179])
+def test_bands_from_timesteps_the_objective_reports_at_the_first_evaluation(toy_dataset, cut):
+    straight = run(reported_stopper(toy_dataset))
+    assert straight._bands == [[1, 5], [3, 2], [4, 0]] and straight.stop_step == 180
+    assert "last, the mid-noise band (t 300-500)" in straight.reason
+    if cut is not None:  # the bands and their names resume with the run, whenever it stopped
+        first = run(reported_stopper(toy_dataset), last_step=cut)
+        resumed = reported_stopper(toy_dataset)
+        resumed.load_state_dict(first.state_dict())
+        resumed = run(resumed, first_step=cut + 1)
+        assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason)

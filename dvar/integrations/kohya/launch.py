@@ -47,6 +47,7 @@ HOOK_CALLS: Dict[str, Tuple[int, Tuple[str, ...]]] = {
     "on_step_start": (7, ("is_train",)),
     "on_validation_step_end": (7, ()),
     "encode_images_to_latents": (3, ()),
+    "post_process_loss": (4, ()),
 }
 
 #: Lines of NetworkTrainer.train the plugin's stop relies on (its order of calls).
@@ -178,11 +179,11 @@ def _eval_every(value: Any) -> Union[int, str]:
 
 
 def _signal(value: Any) -> str:
-    if value in ("loss", "normalized"):
+    if value in ("loss", "normalized", "bands"):
         return value
-    why = " (bands needs each frozen item's timestep, which sd-scripts draws inside its loss)" if value == "bands" else ""
-    raise argparse.ArgumentTypeError(f"{value!r} is not a DVAR signal for kohya{why}; choose loss (the frozen batch's "
-                                     "mean loss) or normalized (each frozen batch's loss over its first).")
+    raise argparse.ArgumentTypeError(f"{value!r} is not a DVAR signal; choose loss (the frozen batch's mean loss), "
+                                     "normalized (each frozen batch's loss over its first) or bands (those in 3 "
+                                     "timestep bands, each settling).")
 
 
 def _switch(value: Any) -> bool:

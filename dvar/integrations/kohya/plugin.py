@@ -99,7 +99,12 @@ def config_from_args(args: Any) -> DVARConfig:
 
 class KohyaObjective:
     """The frozen-batch objective on kohya's own loss: ``objective(models, shard)`` is the size-weighted mean
-    over the frozen items, ``per_example_losses`` gives each item's loss too (``signal="normalized"``)."""
+    over the frozen items, ``per_example_losses`` gives each item's loss too (``signal="normalized"``), with the
+    mean timestep kohya drew for it (``signal="bands"``)."""
+
+    #: its per_example_losses results carry ``timesteps`` (kohya draws them inside its loss, so the callback
+    #: bands the items by those of the first evaluation)
+    reports_timesteps = True
 
     def __init__(self, item_losses: Callable[[Dict[str, torch.nn.Module], KohyaShard], SimpleNamespace]) -> None:
         self.item_losses = item_losses
@@ -233,6 +238,13 @@ class DVARTrainerMixin(AsIsLoaderMixin):
             )
 
     # -- hooks inside the loop --------------------------------------------------------------
+
+    def post_process_loss(self, loss, args, timesteps, noise_scheduler):
+        # kohya draws each item's timesteps inside its loss: during a DVAR evaluation, note them (signal="bands")
+        noted = getattr(self, "_dvar_timesteps", None)
+        if noted is not None:
+            noted.append(float(timesteps.detach().float().mean()))
+        return super().post_process_loss(loss, args, timesteps, noise_scheduler)
 
     def process_batch(
         self,
@@ -384,23 +396,30 @@ class DVARTrainerMixin(AsIsLoaderMixin):
         accelerator, args, weight_dtype = context["accelerator"], context["args"], context["weight_dtype"]
         text_encoders = [models.get(f"text_encoder_{i}", te) for i, te in enumerate(context["text_encoders"] or [])]
         unet, network = models["unet"], models["network"]
-        losses, sizes = [], []
+        losses, sizes, timesteps = [], [], []
         for item, seed in zip(shard.items, shard.seeds):
+            self._dvar_timesteps = noted = []
             batch = send_to_device(dict(item), accelerator.device)
-            with isolated_global_rng(seed=seed), torch.no_grad():
-                base.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype, is_train=False)
-                loss = base.process_batch(
-                    batch, text_encoders, unet, network, context["vae"], context["noise_scheduler"],
-                    context["vae_dtype"], weight_dtype, accelerator, args,
-                    context["text_encoding_strategy"], context["tokenize_strategy"],
-                    is_train=False, train_text_encoder=context["train_text_encoder"], train_unet=context["train_unet"],
-                )
-                base.on_validation_step_end(args, accelerator, network, text_encoders, unet, batch, weight_dtype)
+            try:
+                with isolated_global_rng(seed=seed), torch.no_grad():
+                    base.on_step_start(args, accelerator, network, text_encoders, unet, batch, weight_dtype,
+                                       is_train=False)
+                    loss = base.process_batch(
+                        batch, text_encoders, unet, network, context["vae"], context["noise_scheduler"],
+                        context["vae_dtype"], weight_dtype, accelerator, args,
+                        context["text_encoding_strategy"], context["tokenize_strategy"], is_train=False,
+                        train_text_encoder=context["train_text_encoder"], train_unet=context["train_unet"],
+                    )
+                    base.on_validation_step_end(args, accelerator, network, text_encoders, unet, batch, weight_dtype)
+            finally:
+                self._dvar_timesteps = None
             losses.append(float(loss))
             sizes.append(item_size(item))
+            timesteps.append(sum(noted) / len(noted) if noted else math.nan)
         total = sum(loss * size for loss, size in zip(losses, sizes)) / sum(sizes)
         return SimpleNamespace(losses=torch.tensor(losses, dtype=torch.float64),
-                               loss=torch.tensor(total, dtype=torch.float64))
+                               loss=torch.tensor(total, dtype=torch.float64),
+                               timesteps=torch.tensor(timesteps, dtype=torch.float64))
 
     def _dvar_on_step(self, accelerator, args, global_step: int) -> None:
         run = self._dvar
