@@ -472,6 +472,8 @@ class DVAREarlyStopping:
             "eval_every_setting": self.eval_every_setting,
             **({"eval_every_timing": self.stride_timing} if self.stride_timing is not None else {}),
             "eval_batch_size": len(self.eval_batch) if hasattr(self.eval_batch, "__len__") else None,
+            **({"signal": self.config.signal} if self.config.signal != "loss" else {}),
+            **({"bands": self._band_labels} if self._band_labels is not None else {}),
             "num_evaluations": len(self.history),
             "eval_seconds": round(self.eval_seconds, 3),
             "message": self.status_line(),

@@ -328,6 +328,8 @@ def reported_stopper(toy_dataset):
 def test_bands_from_timesteps_the_objective_reports_at_the_first_evaluation(toy_dataset, cut):
     straight = run(reported_stopper(toy_dataset))
     assert straight._bands == [[1, 5], [3, 2], [4, 0]] and straight.stop_step == 180
+    assert straight.summary()["bands"] == ["low-noise band (t 100-200)", "mid-noise band (t 300-500)",
+                                           "high-noise band (t 700-900)"]
     assert "last, the mid-noise band (t 300-500)" in straight.reason
     if cut is not None:  # the bands and their names resume with the run, whenever it stopped
         first = run(reported_stopper(toy_dataset), last_step=cut)
