@@ -284,6 +284,15 @@ def test_a_checkpoint_with_other_bands_is_refused(toy_dataset):
         banded_stopper(toy_dataset, [10, 60], bands=2).load_state_dict(saved)
 
 
+def test_one_band_is_the_normalized_signal(toy_dataset):
+    from diffusers import DDPMScheduler
+
+    stops = {signal: run(planted_stopper(toy_dataset, CURVES, signal=signal, noise_scheduler=DDPMScheduler(),
+                                         **({"bands": 1} if signal == "bands" else {}))).stop_step
+             for signal in ("normalized", "bands")}
+    assert stops["bands"] == stops["normalized"] is not None
+
+
 def test_bands_under_a_floor(toy_dataset):
     stopper = run(banded_stopper(toy_dataset, [10, 10, 10], min_steps=100))
     assert stopper.stop_step == 100 and "held until min_steps=100" in stopper.reason

@@ -45,7 +45,7 @@ class AllSettled(StopRule):
         for rule in rules:
             rule.nonfinite = "skip"  # non-finite values are this rule's to handle, for all signals at once
         self.rules, self.labels, self.noun = rules, labels, noun
-        self.num_signals = len(rules)
+        self.multi_signal, self.num_signals = True, len(rules)
         self.fires_with = rules[0].fires_with  # type: ignore[misc]  # the inner rules' kind, per instance
         self.stops_when = rules[0].stops_when  # type: ignore[misc]
         self.fired: List[Optional[int]] = [None] * len(rules)

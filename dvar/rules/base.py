@@ -56,7 +56,8 @@ class StopRule(ABC):
     fires_with: ClassVar[StopKind]
     #: "below": it stops once the statistic falls below the threshold; "above": once it rises to it
     stops_when: ClassVar[Literal["below", "above"]]
-    #: how many values the rule takes per evaluation: 1, or a sequence of this length (set per instance)
+    #: whether the rule takes a sequence of values per evaluation, one per signal, and how many (set per instance)
+    multi_signal: bool = False
     num_signals: int = 1
 
     def __init__(self, threshold: float, nonfinite: NonFinitePolicy = "stop") -> None:
@@ -92,7 +93,7 @@ class StopRule(ABC):
 
     @abstractmethod
     def _observe(self, value: Any) -> Optional[str]:
-        """Take one finite value (a tuple of them when :attr:`num_signals` > 1); return the stop message if the
+        """Take one finite value (a tuple of them for a :attr:`multi_signal` rule); return the stop message if the
         rule's condition holds now."""
 
     @abstractmethod
@@ -120,8 +121,8 @@ class StopRule(ABC):
         return f"stops {'below' if self.stops_when == 'below' else 'at'} {self.threshold:g}"
 
     def update(self, value: Value) -> bool:
-        """Feed one value (one per signal for a rule with :attr:`num_signals` > 1); True on the value at which
-        the rule fires and on every value after. Any non-finite value among them is handled as one."""
+        """Feed one value (a sequence, one per signal, for a :attr:`multi_signal` rule); True on the value at
+        which the rule fires and on every value after. Any non-finite value among them is handled as one."""
         observed, value = self._checked(value)
         self.last_value = value
         if not math.isfinite(value):
@@ -139,7 +140,7 @@ class StopRule(ABC):
     def _checked(self, value: Value) -> Tuple[Any, float]:
         """(what :meth:`_observe` takes, the one number logged as :attr:`last_value`: the value, or the mean of
         several, non-finite if any is)."""
-        if self.num_signals == 1:
+        if not self.multi_signal:
             if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0) > 0:
                 raise TypeError(f"The {self.name} rule watches one value per evaluation (got {value!r}).")
             return float(value), float(value)

@@ -39,7 +39,7 @@ class NotBefore(StopRule):
         self.label = label or f"evaluation {min_evaluations}"
         self.fires_with: StopKind = rule.fires_with  # type: ignore[misc]  # the inner rule's kind, per instance
         self.stops_when = rule.stops_when  # type: ignore[misc]
-        self.num_signals = rule.num_signals
+        self.multi_signal, self.num_signals = rule.multi_signal, rule.num_signals
 
     @property
     def num_values(self) -> int:
