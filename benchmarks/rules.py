@@ -52,7 +52,7 @@ from benchmarks.personalization.saturation import (  # noqa: E402
     saving_captured,
 )
 from benchmarks.personalization.stats import median, median_iqr  # noqa: E402
-from dvar.rules import AllSettled, SettlingTimeCriterion, resolve_preset  # noqa: E402
+from dvar.rules import AllSettled, SettlingTimeCriterion, resolve_preset, timestep_bands  # noqa: E402
 from dvar.stride import budget_stride, resolve_eval_every, strided_stop_step  # noqa: E402
 
 HALVES = ("selection", "held_out")
@@ -245,15 +245,6 @@ def normalized_examples(t: Trajectory, k: int) -> np.ndarray:
     return seen / seen[0]
 
 
-def timestep_bands(timesteps: np.ndarray, bands: int = 3) -> List[np.ndarray]:
-    """The frozen examples split by timestep into ``bands`` groups, lowest first (sizes differ by at most one).
-
-    >>> [b.tolist() for b in timestep_bands(np.array([674.0, 474.0, 810.0, 289.0]))]
-    [[3, 1], [0], [2]]
-    """
-    return [band for band in np.array_split(np.argsort(timesteps, kind="stable"), bands) if band.size]
-
-
 def normalized_settling(multiple: float, level: float) -> Rule:
     """N: the settling-time rule on the mean over examples of each one's loss / its first value, so that the mid
     and high-noise examples (small losses that move little in absolute terms) weigh as much as the low-noise ones."""
@@ -274,7 +265,7 @@ def band_settling(multiple: float, level: float, bands: int = 3) -> Rule:
     def rule(t: Trajectory) -> tuple:
         k = budget_stride(t.budget)
         normalized = normalized_examples(t, k)
-        groups = timestep_bands(_require(t, "timesteps"), bands)
+        groups = [g for g in timestep_bands(_require(t, "timesteps").tolist(), bands) if g]
         signals = np.stack([normalized[:, g].mean(axis=1) for g in groups], axis=1)
         watcher = AllSettled([SettlingTimeCriterion(multiple=multiple, level=level) for _ in groups])
         stop = replay_stop_step(watcher, list(signals), 1)

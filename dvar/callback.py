@@ -25,7 +25,7 @@ from .reporting import (
     summary_json,
     write_atomically,
 )
-from .rules import StopKind, StopRule
+from .rules import StopKind, StopRule, timestep_bands
 from .stride import EvalEvery, StrideProbe, overhead_target, resolve_eval_every
 
 #: the layout of :meth:`DVAREarlyStopping.state_dict` (1: dvar 0.1, without this key)
@@ -320,18 +320,12 @@ class DVAREarlyStopping:
         return signal, [sum(ratios[i] for i in band) / len(band) for band in self._bands]
 
     def _set_bands(self, timesteps: List[float]) -> None:
-        """``signal="bands"``: the frozen examples' positions sorted by timestep and split into ``bands`` groups
-        (sizes differ by at most one, the larger first, as ``numpy.array_split``), and the rule's band names."""
+        """``signal="bands"``: the frozen examples' timestep bands (:func:`~dvar.rules.timestep_bands`) and the
+        rule's band names."""
         if len(timesteps) < self.config.bands or not all(math.isfinite(t) for t in timesteps):
             raise ValueError(f"signal='bands' needs a finite timestep for each of at least {self.config.bands} frozen "
                              f"examples (got {timesteps}); use signal='normalized'.")
-        order = sorted(range(len(timesteps)), key=lambda i: timesteps[i])
-        size, extra = divmod(len(order), self.config.bands)
-        bands, start = [], 0
-        for b in range(self.config.bands):
-            end = start + size + (b < extra)
-            bands.append(order[start:end])
-            start = end
+        bands = timestep_bands(timesteps, self.config.bands)
         names = default_band_labels(self.config.bands)
         labels = [f"{name} (t {timesteps[band[0]]:g}" + (f"-{timesteps[band[-1]]:g})" if len(band) > 1 else ")")
                   for name, band in zip(names, bands)]

@@ -7,7 +7,7 @@ a reason and its kind, and a versioned ``state_dict()``.
 - :class:`AllSettled`: one rule per signal, stopping once all have fired (``DVARConfig(signal="bands")``).
 """
 
-from .all_settled import AllSettled
+from .all_settled import AllSettled, timestep_bands
 from .base import NonFinitePolicy, StopKind, StopRule, Value
 from .plateau import PRESETS, DVARCriterion, DVARPreset, dvar_should_stop, first_stop_step, normalized_variance, resolve_preset
 from .not_before import NotBefore
@@ -30,4 +30,5 @@ __all__ = [
     "first_stop_step",
     "normalized_variance",
     "resolve_preset",
+    "timestep_bands",
 ]

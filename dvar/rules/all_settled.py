@@ -8,6 +8,19 @@ from typing import Any, Dict, List, Optional, Sequence
 from .base import StopRule
 
 
+def timestep_bands(timesteps: Sequence[float], bands: int) -> List[List[int]]:
+    """The positions of the examples sorted by timestep (stably) and split into ``bands`` groups, lowest first;
+    sizes differ by at most one, the larger first, as ``numpy.array_split`` (``DVARConfig(signal="bands")``).
+
+    >>> timestep_bands([674.0, 474.0, 810.0, 289.0], 3)
+    [[3, 1], [0], [2]]
+    """
+    order = sorted(range(len(timesteps)), key=lambda i: timesteps[i])
+    size, extra = divmod(len(order), bands)
+    starts = [b * size + min(b, extra) for b in range(bands + 1)]
+    return [order[starts[b]:starts[b + 1]] for b in range(bands)]
+
+
 class AllSettled(StopRule):
     """One rule per signal (the frozen examples' timestep bands): each takes its own value at every evaluation,
     and the run stops once every one has fired (a rule that fired stays fired). ``update(values)`` feeds
