@@ -698,12 +698,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rules = CANDIDATE_LISTS[args.candidates]()
     try:
-        given = (parse_method_aware(args.rule) if args.rule is not None and args.rule.startswith(f"{METHOD_AWARE} ")
-                 else {"": args.rule} if args.rule is not None else {})
+        parts = (parse_method_aware(args.rule) if args.rule is not None and args.rule.startswith(f"{METHOD_AWARE} ")
+                 else None)
     except ValueError as error:
         print(f"error: --rule: {error}", file=sys.stderr)
         return 2
-    unknown = [rule for rule in given.values() if rule not in rules]
+    named = list(parts.values()) if parts else [args.rule] if args.rule is not None else []
+    unknown = [rule for rule in named if rule not in rules]
     if unknown:
         print(f"error: --rule {unknown[0]!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
               file=sys.stderr)
@@ -715,8 +716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
     if args.rule is not None:
         chosen, how = args.rule, "Given (--rule, not chosen on this data)"
-        if "" not in given:  # a method-aware rule: its parts for the methods these trajectories have
-            composed = compose_method_aware(cells, {m: r for m, r in given.items() if any(c["method"] == m for c in cells)})
+        if parts:  # a method-aware rule: its parts for the methods these trajectories have
+            composed = compose_method_aware(cells, {m: r for m, r in parts.items() if any(c["method"] == m for c in cells)})
             cells += composed
             chosen = composed[0]["rule"] if composed else chosen
     else:
