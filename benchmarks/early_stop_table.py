@@ -6,6 +6,7 @@ concept, budget and preset) and prints one markdown table of steps and wall time
     python benchmarks/early_stop_table.py --out outputs/early_stop_table
     python benchmarks/early_stop_table.py --methods textual_inversion --extra --learning_rate 1e-3
     python benchmarks/early_stop_table.py --methods dreambooth --threads 1 --repeats 3
+    python benchmarks/early_stop_table.py --paper-presets   # each method's paper preset, not dvar's default
 
 On a shared machine give ``--threads 1`` (torch's default is one thread per core, and threads that
 wait for a busy core make the step time swing between runs of the same settings) and ``--repeats N``:
@@ -34,12 +35,12 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run(method: str, out: Path, early_stop: bool, extra: list, env: dict) -> dict:
+def run(method: str, out: Path, early_stop: bool, extra: list, env: dict, paper_preset: bool = False) -> dict:
     folder = out / f"{method}-{'dvar' if early_stop else 'budget'}"
     command = [sys.executable, str(REPO / "integrations" / f"{method}.py"), "--output_dir", str(folder),
                "--overwrite_output_dir", "--num_validation_images", "0", *extra]
     if early_stop:
-        command.append("--early-stop")
+        command += ["--early-stop", *(["--early-stop-preset", method] if paper_preset else [])]
     started, cpu_started = time.perf_counter(), children_cpu_seconds()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     summary = json.loads((folder / "dvar_summary.json").read_text())
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each run (OMP_NUM_THREADS / MKL_NUM_THREADS; default: torch's, one per core)")
     parser.add_argument("--repeats", type=int, default=1, help="budget/DVAR pairs per method, run alternately")
+    parser.add_argument("--paper-presets", action="store_true",
+                        help="stop with each method's paper preset (--early-stop-preset METHOD), not dvar's default")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="flags passed to every trainer")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,7 @@ def main() -> None:
         budgets, dvars = [], []
         for repeat in range(args.repeats):
             for early_stop, runs in ((False, budgets), (True, dvars)):
-                summary = run(method, args.out, early_stop, args.extra, env)
+                summary = run(method, args.out, early_stop, args.extra, env, args.paper_presets)
                 runs.append(summary)
                 print(f"{method} {'DVAR' if early_stop else 'budget'} #{repeat + 1}: {summary['final_step']} steps, "
                       f"wall {summary['wall_time_s']:.1f}s (process {summary['process_wall_s']:.1f}s, CPU "

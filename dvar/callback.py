@@ -157,10 +157,11 @@ class DVAREarlyStopping:
                 snr_gamma=self.loss.snr_gamma, guidance_scale=self.loss.guidance_scale,
                 max_sequence_length=self.loss.max_sequence_length,
             )
+        because = f" ({config.default_rule_text})" if config.uses_default else ""
         if self.config.per_example and not hasattr(objective, "per_example_losses"):
-            raise ValueError(f"signal={self.config.signal!r} needs each frozen example's loss, but the objective "
-                             f"{type(objective).__name__} has no per_example_losses(models, batch); add it, or use "
-                             "signal='loss'.")
+            raise ValueError(f"signal={self.config.signal!r}{because} needs each frozen example's loss, but the "
+                             f"objective {type(objective).__name__} has no per_example_losses(models, batch); add it, "
+                             "or use signal='loss'.")
         self.objective = objective
         self._reference: Optional[List[float]] = None
         self.eval_batch = eval_batch if eval_batch is not None else FixedEvalBatch(
@@ -180,7 +181,7 @@ class DVAREarlyStopping:
                 self._set_bands([float(t) for t in timesteps])
             elif not getattr(objective, "reports_timesteps", False):
                 raise ValueError(
-                    "signal='bands' groups the frozen examples by their timesteps, but this evaluation batch "
+                    f"signal='bands'{because} groups the frozen examples by their timesteps, but this evaluation batch "
                     f"({type(self.eval_batch).__name__}) does not say what they are, nor does the objective "
                     f"({type(objective).__name__}) report them; use signal='normalized'.")
             # else: banded at the first evaluation, by the timesteps the objective reports there (kohya's)
@@ -458,6 +459,8 @@ class DVAREarlyStopping:
             "reason": self.reason,
             "last_finite_step": self.last_finite_step,
             "rule": self.rule.name,
+            "preset": self.config.rule_preset,
+            "default_rule": self.config.uses_default,
             "rule_settings": self.rule.settings(),
             "statistic": self.rule.statistic_name,
             "window": self.window,

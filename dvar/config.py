@@ -10,12 +10,15 @@ from .batch import PARTS
 from .rules import (
     AUTO_LEVEL,
     AUTO_MULTIPLE,
+    DEFAULT_PRESET,
     AllSettled,
     DVARCriterion,
     NonFinitePolicy,
     NotBefore,
+    PRESETS,
     SettlingTimeCriterion,
     StopRule,
+    default_rule,
     resolve_preset,
 )
 from .stride import (
@@ -39,14 +42,24 @@ class DVARConfig:
         (310, 0.15)
         >>> DVARConfig(preset="auto", max_train_steps=1000).make_rule(eval_every=10)
         SettlingTimeCriterion(multiple=2.0, level=0.8, smooth=5, min_evaluations=20, min_drop_snr=5.0, num_values=0, stopped=False)
+        >>> config = DVARConfig(method="dreambooth_lora", max_train_steps=1000)  # no rule named: dvar's default
+        >>> config.preset, config.rule_preset, config.signal
+        ('default', 'auto', 'bands')
     """
 
     preset: Optional[str] = field(
         default=None,
-        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; or "
+        metadata={"help": "Published setting: textual_inversion, custom_diffusion, dreambooth_lora or dreambooth; "
                           "'auto': no window, stop once the run is threshold (default "
                           f"{AUTO_MULTIPLE:g}) times as long as the smoothed loss took to cover {AUTO_LEVEL:.0%} of its "
-                          "drop (needs max_train_steps for its stride)."},
+                          "drop (needs max_train_steps for its stride); or 'default' (also what naming no preset, "
+                          "window or threshold means): dvar's default rule for `method` (dvar.rules.default_rule)."},
+    )
+    method: Optional[str] = field(
+        default=None,
+        metadata={"help": "What is trained (textual_inversion, dreambooth_lora, custom_diffusion, dreambooth): "
+                          "picks the default rule (any other method, or none, gets the scale-free default), and the "
+                          "paper preset that a window or threshold given alone overrides."},
     )
     window: Optional[int] = field(
         default=None, metadata={"help": "N: optimizer steps in the recent-variance window (overrides the preset)."}
@@ -72,9 +85,10 @@ class DVARConfig:
     nonfinite: NonFinitePolicy = field(
         default="stop", metadata={"help": "On a NaN/inf loss: stop as diverged (default), skip it, or raise."}
     )
-    signal: Literal["loss", "normalized", "bands"] = field(
-        default="loss",
-        metadata={"help": "What the rule watches: 'loss', the frozen batch's mean loss (the paper); 'normalized', the "
+    signal: Optional[Literal["loss", "normalized", "bands"]] = field(
+        default=None,
+        metadata={"help": "What the rule watches (default: the default rule's when it is used, else 'loss'): "
+                          "'loss', the frozen batch's mean loss (the paper); 'normalized', the "
                           "mean over frozen examples of each one's loss divided by its own first value, so that the "
                           "high-noise examples, whose losses are small and move little, weigh as much as the "
                           "low-noise ones; 'bands', the normalized losses in timestep bands (the frozen examples "
@@ -96,10 +110,43 @@ class DVARConfig:
         default=True, metadata={"help": "Log the stop (one line, INFO, logger 'dvar.callback', main process)."}
     )
 
+    def __post_init__(self) -> None:
+        # Resolved here, not where used, so that dataclasses.replace() and the summary see the same settings.
+        if self.preset is None and (self.window is None) != (self.threshold is None) and self.method in PRESETS:
+            self.preset = self.method  # a window or threshold alone overrides the method's paper preset
+        if self.preset == DEFAULT_PRESET or (self.preset is None and self.window is None and self.threshold is None):
+            self.preset = DEFAULT_PRESET
+            default = default_rule(self.method)
+            if self.signal is None:
+                self.signal = default.signal  # type: ignore[assignment]
+            if self.min_steps is None and default.min_steps_share and self.max_train_steps is not None:
+                self.min_steps = math.ceil(default.min_steps_share * self.max_train_steps)
+        elif self.signal is None:
+            self.signal = "loss"
+
+    @property
+    def uses_default(self) -> bool:
+        """No rule was named: dvar's default for :attr:`method` (:func:`dvar.rules.default_rule`)."""
+        return self.preset == DEFAULT_PRESET
+
+    @property
+    def default_rule_text(self) -> str:
+        """The default rule as messages name it.
+
+        >>> DVARConfig(method="custom_diffusion").default_rule_text
+        "dvar's default rule for custom_diffusion (auto (settling time, level 0.8, x2) on signal bands)"
+        """
+        return f"dvar's default rule for {self.method or 'an unnamed method'} ({default_rule(self.method).describe()})"
+
+    @property
+    def rule_preset(self) -> Optional[str]:
+        """The preset the rule comes from (``"default"`` resolved for :attr:`method`); None for window + threshold."""
+        return default_rule(self.method).preset if self.uses_default else self.preset
+
     @property
     def is_auto(self) -> bool:
         """``preset="auto"``: the run-relative rule (:class:`~dvar.rules.SettlingTimeCriterion`), no window."""
-        return (self.preset or "").lower() == "auto"
+        return (self.rule_preset or "").lower() == "auto"
 
     def resolved_window_threshold(self) -> Tuple[Optional[int], float]:
         """(window in steps, threshold), validated with the stride; the window is None for ``preset="auto"``."""
@@ -142,11 +189,12 @@ class DVARConfig:
             threshold = AUTO_MULTIPLE if self.threshold is None else self.threshold
             SettlingTimeCriterion(threshold, AUTO_LEVEL)  # validates it
             return None, threshold
-        preset = resolve_preset(self.preset) if self.preset else None
+        preset = resolve_preset(self.rule_preset) if self.rule_preset else None
         window = self.window if self.window is not None else (preset.window if preset else None)
         threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
         if window is None or threshold is None:
-            raise ValueError("Give DVAR a preset (e.g. preset='textual_inversion' or 'auto') or both window and threshold.")
+            raise ValueError("Give DVAR both window and threshold, or a preset (e.g. preset='textual_inversion' or "
+                             "'auto'), or none of the three for dvar's default rule.")
         DVARCriterion(window, threshold)  # validates both, with the rule's own messages
         if self.max_train_steps is not None and window > self.max_train_steps:
             raise ValueError(
@@ -172,7 +220,8 @@ class DVARConfig:
             return resolve_eval_every(self.eval_every, self.resolved_window_threshold()[0])
         if self.eval_every == "auto":
             if self.max_train_steps is None:
-                raise ValueError("preset='auto' derives its evaluation stride from the step budget: pass "
+                which = self.default_rule_text if self.uses_default else "preset='auto'"
+                raise ValueError(f"{which} derives its evaluation stride from the step budget: pass "
                                  "max_train_steps (or an explicit eval_every).")
             return budget_stride(self.max_train_steps)
         return resolve_eval_every(self.eval_every, 1)

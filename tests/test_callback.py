@@ -199,8 +199,10 @@ def test_state_dict_from_other_settings_is_refused(toy_dataset):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({}, "Give DVAR a preset"),
-        ({"window": 10}, "Give DVAR a preset"),
+        ({}, "dvar's default rule for an unnamed method .* pass max_train_steps"),
+        ({"method": "custom_diffusion"}, "dvar's default rule for custom_diffusion .* pass max_train_steps"),
+        ({"window": 10}, "Give DVAR both window and threshold"),
+        ({"threshold": 0.1}, "Give DVAR both window and threshold"),
         ({"preset": "nope"}, "Unknown DVAR preset"),
         ({"window": 10, "threshold": 0.0}, "threshold must be a finite number > 0"),
         ({"window": 1, "threshold": 0.1}, "window must be an integer >= 2"),

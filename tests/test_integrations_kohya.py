@@ -495,3 +495,14 @@ def test_the_text_encoder_loads_with_every_weight_of_its_file(tmp_path, prefix):
     save_file({prefix + key: value.contiguous() for key, value in weights.items()}, str(folder / "model.safetensors"))
     loaded = {key.removeprefix("text_model."): value for key, value in load_text_encoder(str(tmp_path / "model")).state_dict().items()}
     assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("budget", [["--max_train_steps", "60"], ["--max_train_epochs", "12"]])  # 5 steps an epoch
+def test_early_stop_alone_runs_dvars_default_rule_for_lora_with_a_step_or_epoch_budget(fake_kohya, photos, tmp_path,
+                                                                                        budget):
+    train(fake_kohya["train_network"], "sd",
+          flags(photos, tmp_path / "run", *budget, "--early_stop", "--early_stop_batch_size", "3"))
+    summary = json.loads((tmp_path / "run" / "dvar_summary.json").read_text())
+    assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")
+    assert (summary["max_train_steps"], summary["eval_every"]) == (60, 1)  # the stride from the budget, as auto's
+    assert summary["outcome"] == "budget"  # the fake's loss is still settling at 60: twice its 80% time is later

@@ -218,8 +218,8 @@ def banded_stopper(toy_dataset, taus, steps=600, **settings):
     examples of band b decay with ``taus[b]`` (None: fall in a straight line), whatever their positions."""
     from diffusers import DDPMScheduler
 
-    stopper = planted_stopper(toy_dataset, [decay(10, steps)] * 6, signal="bands", noise_scheduler=DDPMScheduler(),
-                              **settings)
+    stopper = planted_stopper(toy_dataset, [decay(10, steps)] * 6, noise_scheduler=DDPMScheduler(),
+                              **{"signal": "bands", **settings})
     for band, tau in zip(stopper._bands, taus):
         for position in band:
             stopper.objective.curves[position] = decay(tau, steps) if tau else np.linspace(2.0, 1.0, steps)
@@ -346,3 +346,47 @@ def test_bands_from_timesteps_the_objective_reports_at_the_first_evaluation(toy_
         resumed.load_state_dict(first.state_dict())
         resumed = run(resumed, first_step=cut + 1)
         assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason)
+
+
+# -- dvar's default rule (no preset, window or threshold named) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, preset, signal, rule",
+    [
+        ("textual_inversion", "textual_inversion", "loss", "DVARCriterion"),
+        ("dreambooth_lora", "auto", "bands", "AllSettled"),
+        ("custom_diffusion", "auto", "bands", "AllSettled"),
+        ("dreambooth", "auto", "bands", "AllSettled"),  # not benchmarked: the scale-free default
+        (None, "auto", "bands", "AllSettled"),  # the callback, not told the method
+    ],
+)
+def test_naming_no_rule_gives_the_methods_default(method, preset, signal, rule):
+    config = DVARConfig(method=method, max_train_steps=1000)
+    assert (config.preset, config.rule_preset, config.signal) == ("default", preset, signal)
+    assert type(config.make_rule(config.resolved_eval_every())).__name__ == rule
+
+
+@pytest.mark.parametrize(
+    "settings, preset, signal",
+    [
+        ({"preset": "auto"}, "auto", "loss"),  # a named preset is the paper's signal unless told otherwise
+        ({"preset": "dreambooth_lora"}, "dreambooth_lora", "loss"),
+        ({"window": 100, "threshold": 0.2}, None, "loss"),
+        ({"window": 300}, "dreambooth_lora", "loss"),  # alone, it overrides the method's paper preset
+        ({"threshold": 0.3}, "dreambooth_lora", "loss"),
+        ({"signal": "normalized"}, "auto", "normalized"),  # the default rule on another signal
+        ({"preset": "default", "method": "textual_inversion"}, "textual_inversion", "loss"),
+    ],
+)
+def test_what_is_named_overrides_the_default(settings, preset, signal):
+    config = DVARConfig(**{"method": "dreambooth_lora", "max_train_steps": 1000, **settings})
+    assert (config.rule_preset, config.signal) == (preset, signal)
+
+
+def test_the_default_rule_stops_planted_bands_and_says_so(toy_dataset):
+    """The callback with nothing named stops where ``signal="bands"`` does, and its summary says it was the default."""
+    stopper = banded_stopper(toy_dataset, [10, 30, 10], preset=None, signal=None, method="dreambooth_lora")
+    summary = run(stopper).summary()
+    assert stopper.stop_step == 96 and "every timestep band has settled" in stopper.reason
+    assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dvar.integrations import textual_inversion
+from dvar import DVARConfig
+from dvar.integrations import custom_diffusion, dreambooth, dreambooth_lora, textual_inversion
 from dvar.integrations.data import load_image_folder, to_rgb
 
 REPO = Path(__file__).resolve().parent.parent
@@ -188,6 +189,7 @@ def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
         (["--initializer_token", "a dog"], "--initializer_token 'a dog' is 2 tokens"),
         (["--initializer_token", "ktn"], "--initializer_token 'ktn' is 2 tokens"),
         (["--early-stop", "--early-stop-window", "30"], "--early-stop-window 30 is larger than --max_train_steps 20"),
+        (["--early-stop"], "--early-stop-window 310 is larger than --max_train_steps 20"),  # TI's default: the paper's
         (["--early-stop", "--early-stop-threshold", "0"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-threshold", "-1"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-window", "1"], "window must be an integer >= 2"),
@@ -301,6 +303,32 @@ def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(mini_sd(), safety_checker=None)
     pipe.load_textual_inversion(out)
     assert "<concept>" in pipe.tokenizer.get_added_vocab()
+
+
+@pytest.mark.parametrize(
+    "module, flags, preset, method_preset, signal",
+    [
+        ("textual_inversion", [], "default", "textual_inversion", "loss"),  # dvar's default per method
+        ("dreambooth_lora", [], "default", "auto", "bands"),
+        ("custom_diffusion", [], "default", "auto", "bands"),
+        ("dreambooth", [], "default", "auto", "bands"),  # not benchmarked: the scale-free default
+        ("dreambooth_lora", ["--early-stop-window", "300"], "dreambooth_lora", "dreambooth_lora", "loss"),
+        ("custom_diffusion", ["--early-stop-threshold", "0.2"], "custom_diffusion", "custom_diffusion", "loss"),
+        ("dreambooth_lora", ["--early-stop-preset", "auto"], "auto", "auto", "loss"),
+        ("textual_inversion", ["--early-stop-signal", "bands"], "default", "textual_inversion", "bands"),
+    ],
+)
+def test_the_trainers_rule_flags_resolve_to(module, flags, preset, method_preset, signal):
+    """No rule flag: dvar's default for the method; a window or threshold alone: the paper preset it overrides."""
+    from dvar.integrations.cli import build_parser, resolve_defaults
+
+    method = {m.name: m for m in (textual_inversion.TextualInversion, dreambooth.DreamBooth,
+                                  dreambooth_lora.DreamBoothLoRA, custom_diffusion.CustomDiffusion)}[module]()
+    args = build_parser(method).parse_args(["--early-stop", *flags])
+    resolve_defaults(method, args)
+    config = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
+                        threshold=args.early_stop_threshold, signal=args.early_stop_signal)
+    assert (config.preset, config.rule_preset, config.signal) == (preset, method_preset, signal)
 
 
 @pytest.mark.parametrize("environment, pinned", [

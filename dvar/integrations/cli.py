@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from dvar.rules import PRESETS
+from dvar.rules import DEFAULT_PRESET, PRESETS, default_rule
 from dvar.stride import overhead_target
 
 from .data import UsageError
@@ -68,11 +68,13 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
     add("--num_inference_steps", type=int, default=25)
     add("--dataloader_num_workers", type=int, default=0)
     add("--early-stop", "--early_stop", dest="early_stop", action="store_true", help="Stop when DVAR says the concept is learned.")
-    add("--early-stop-preset", "--early_stop_preset", dest="early_stop_preset", default=method.preset,
-        choices=sorted(PRESETS) + ["auto"],
-        help=f"DVAR setting (default: {method.preset}, the paper's for this method); 'auto': no window, stop once "
-        "the run is threshold (default 2) times as long as the smoothed frozen-batch loss took to cover 80%% of its "
-        "drop.")
+    default = default_rule(method.name)
+    add("--early-stop-preset", "--early_stop_preset", dest="early_stop_preset", default=None,
+        choices=sorted(PRESETS) + ["auto", DEFAULT_PRESET],
+        help=f"DVAR rule. Default: with no window or threshold given, dvar's default for this method "
+        f"({default.describe().replace('%', '%%')}: see docs/rules.md); with one, the paper's {method.preset} preset "
+        "they override. 'auto': no window, stop once the run is threshold (default 2) times as long as the smoothed "
+        "frozen-batch loss took to cover 80%% of its drop.")
     add("--early-stop-window", "--early_stop_window", dest="early_stop_window", type=int, default=None,
         help="DVAR window N in steps (default: the preset's; not with --early-stop-preset auto).")
     add("--early-stop-threshold", "--early_stop_threshold", dest="early_stop_threshold", type=float, default=None,
@@ -84,9 +86,10 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         "share of the training time, timed on the first steps).")
     add("--early-stop-batch-size", "--early_stop_batch_size", dest="early_stop_batch_size", type=int, default=4,
         help="Frozen examples in the DVAR batch.")
-    add("--early-stop-signal", "--early_stop_signal", dest="early_stop_signal", default="loss",
+    add("--early-stop-signal", "--early_stop_signal", dest="early_stop_signal", default=None,
         choices=("loss", "normalized", "bands"),
-        help="What the rule watches: loss (default, the frozen batch's mean loss), normalized (the mean of each frozen "
+        help=f"What the rule watches (default: {default.signal} with dvar's default rule, else loss): loss (the frozen "
+        "batch's mean loss), normalized (the mean of each frozen "
         "example's loss divided by its first, so high-noise examples weigh as much as low-noise ones) or bands (the "
         "normalized losses in 3 timestep bands, a rule on each; stops once all have settled).")
     add("--early-stop-min-steps", "--early_stop_min_steps", dest="early_stop_min_steps", type=int, default=None,
@@ -129,6 +132,7 @@ def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
         args.learning_rate = budget.learning_rate
     if args.output_dir is None:
         args.output_dir = os.path.join("outputs", method.name)
+    args.early_stop_method = method.name  # DVARConfig's: the default rule, or the paper preset a window overrides
 
 
 def validate_settings(args: argparse.Namespace) -> None:
@@ -148,26 +152,30 @@ def validate_settings(args: argparse.Namespace) -> None:
     if args.early_stop and args.early_stop_min_steps is not None and not 0 <= args.early_stop_min_steps <= args.max_train_steps:
         raise UsageError(f"--early-stop-min-steps {args.early_stop_min_steps} must be between 0 and --max_train_steps "
                          f"{args.max_train_steps}: past the budget DVAR could never stop the run.")
-    if args.early_stop and args.early_stop_preset == "auto":
+    if not args.early_stop:
+        return
+    config = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
+                        threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
+                        max_train_steps=args.max_train_steps)
+    if config.is_auto:
+        which = config.default_rule_text if config.uses_default else "--early-stop-preset auto"
         try:
-            DVARConfig(preset="auto", window=args.early_stop_window, threshold=args.early_stop_threshold,
-                       eval_every=args.early_stop_eval_every, max_train_steps=args.max_train_steps,
-                       ).resolved_window_threshold()
+            config.resolved_window_threshold()
         except ValueError as error:
-            raise UsageError(f"--early-stop-preset auto: {error}") from None
-    elif args.early_stop:
-        preset = resolve_preset(args.early_stop_preset)
-        window = args.early_stop_window if args.early_stop_window is not None else preset.window
-        threshold = args.early_stop_threshold if args.early_stop_threshold is not None else preset.threshold
-        try:
-            DVARCriterion(window, threshold)
-        except ValueError as error:
-            raise UsageError(f"--early-stop-window/--early-stop-threshold: {error}") from None
-        if window > args.max_train_steps:
-            raise UsageError(
-                f"--early-stop-window {window} is larger than --max_train_steps {args.max_train_steps}: DVAR could "
-                "never fire. Lower the window or raise the step budget."
-            )
+            raise UsageError(f"{which}: {error}") from None
+        return
+    preset = resolve_preset(config.rule_preset) if config.rule_preset else None  # None: window and threshold given
+    window = args.early_stop_window if args.early_stop_window is not None else preset.window
+    threshold = args.early_stop_threshold if args.early_stop_threshold is not None else preset.threshold
+    try:
+        DVARCriterion(window, threshold)
+    except ValueError as error:
+        raise UsageError(f"--early-stop-window/--early-stop-threshold: {error}") from None
+    if window > args.max_train_steps:
+        raise UsageError(
+            f"--early-stop-window {window} is larger than --max_train_steps {args.max_train_steps}: DVAR could "
+            "never fire. Lower the window or raise the step budget."
+        )
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -157,8 +157,9 @@ class Trainer:
         """The run's DVAR stopper (``overrides``: DVARConfig fields, e.g. ``resample=("timesteps",)``)."""
         args, parts = self.args, self.parts
         settings = dict(
-            preset=args.early_stop_preset, window=args.early_stop_window, threshold=args.early_stop_threshold,
-            eval_every=args.early_stop_eval_every, eval_batch_size=args.early_stop_batch_size,
+            preset=args.early_stop_preset, method=self.method.name, window=args.early_stop_window,
+            threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
+            eval_batch_size=args.early_stop_batch_size,
             signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
             seed=args.seed, max_train_steps=args.max_train_steps,
             verbose=False,  # the stop line is printed by finish(), after the progress bar

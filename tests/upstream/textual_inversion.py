@@ -70,8 +70,8 @@ def parse_args(input_args=None):
         action="store_true",
         help="If specified save the checkpoint not in `safetensors` format, but in original PyTorch format instead.",
     )
-    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
-    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
+    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: dvar's default rule)")  # DVAR
+    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: dvar's default rule)")  # DVAR
 
     args = parser.parse_args(input_args)
     return args
@@ -228,7 +228,7 @@ def main(args):
 
     stopper = DVAREarlyStopping(  # DVAR
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        train_dataset=train_dataset, accelerator=accelerator, preset="textual_inversion",
+        train_dataset=train_dataset, accelerator=accelerator, method="textual_inversion",
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR

@@ -66,8 +66,8 @@ def parse_args(input_args=None):
         choices=["DPMSolverMultistepScheduler", "DDPMScheduler"],
         help="Select which scheduler to use for validation. DDPMScheduler is recommended for DeepFloyd IF.",
     )
-    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
-    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
+    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: dvar's default rule)")  # DVAR
+    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: dvar's default rule)")  # DVAR
 
     if input_args is not None:
         args = parser.parse_args(input_args)
@@ -277,7 +277,7 @@ def main(args):
 
     stopper = DVAREarlyStopping(  # DVAR
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        train_dataset=train_dataset, accelerator=accelerator, preset="dreambooth",
+        train_dataset=train_dataset, accelerator=accelerator, method="dreambooth",
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR

@@ -57,8 +57,8 @@ def parse_args(input_args=None):
     parser.add_argument("--lr_warmup_steps", type=int, default=500)
     parser.add_argument("--max_grad_norm", default=1.0, type=float)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
-    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
+    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: dvar's default rule)")  # DVAR
+    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: dvar's default rule)")  # DVAR
 
     if input_args is not None:
         args = parser.parse_args(input_args)
@@ -177,7 +177,7 @@ def main(args):
 
     stopper = DVAREarlyStopping(  # DVAR
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, noise_scheduler=noise_scheduler,
-        train_dataset=train_dataset, accelerator=accelerator, preset="dreambooth_lora",
+        train_dataset=train_dataset, accelerator=accelerator, method="dreambooth_lora",
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR

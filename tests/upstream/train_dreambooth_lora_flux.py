@@ -79,8 +79,8 @@ def parse_args(input_args=None):
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--local_rank", type=int, default=-1, help="For distributed training: local_rank")
     parser.add_argument("--enable_npu_flash_attention", action="store_true", help="Enabla Flash Attention for NPU")
-    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
-    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
+    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: dvar's default rule)")  # DVAR
+    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: dvar's default rule)")  # DVAR
 
     if input_args is not None:
         args = parser.parse_args(input_args)
@@ -395,7 +395,7 @@ def main(args):
     stopper = DVAREarlyStopping(  # DVAR: here, while the text encoders (and the VAE) exist
         transformer=transformer, vae=vae, text_encoder=text_encoder_one, tokenizer=tokenizer_one,
         text_encoder_2=text_encoder_two, tokenizer_2=tokenizer_two, noise_scheduler=noise_scheduler_copy,
-        train_dataset=train_dataset, accelerator=accelerator, preset="dreambooth_lora",
+        train_dataset=train_dataset, accelerator=accelerator, method="dreambooth_lora",
         loss=LossConfig.from_args(args),  # --weighting_scheme, --guidance_scale, --max_sequence_length, ...
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )

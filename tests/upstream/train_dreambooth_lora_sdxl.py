@@ -67,8 +67,8 @@ def parse_args(input_args=None):
         default="lanczos",
         help="The image interpolation method to use for resizing images.",
     )
-    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: the preset's)")  # DVAR
-    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: the preset's)")  # DVAR
+    parser.add_argument("--dvar_window", type=int, default=None, help="DVAR window N in steps (default: dvar's default rule)")  # DVAR
+    parser.add_argument("--dvar_threshold", type=float, default=None, help="DVAR threshold (default: dvar's default rule)")  # DVAR
 
     if input_args is not None:
         args = parser.parse_args(input_args)
@@ -361,7 +361,7 @@ def main(args):
     stopper = DVAREarlyStopping(  # DVAR
         unet=unet, vae=vae, text_encoder=text_encoder_one, tokenizer=tokenizer_one, text_encoder_2=text_encoder_two,
         tokenizer_2=tokenizer_two, noise_scheduler=noise_scheduler, train_dataset=train_dataset,
-        accelerator=accelerator, preset="dreambooth_lora", loss=LossConfig.from_args(args),  # --snr_gamma
+        accelerator=accelerator, method="dreambooth_lora", loss=LossConfig.from_args(args),  # --snr_gamma
         window=args.dvar_window, threshold=args.dvar_threshold, max_train_steps=args.max_train_steps,
     )
     accelerator.register_for_checkpointing(stopper)  # DVAR

@@ -13,13 +13,21 @@ import importlib
 import inspect
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from dvar.rules import PRESETS
+from dvar.rules import DEFAULT_PRESET, PRESETS, default_rule
 
 from .diffusers_model import AsIsLoaderMixin, make_loader_class, needs_as_is_loader
-from .plugin import DVARTrainerMixin, KohyaPluginError, KohyaTrainingDiverged, config_from_args, make_trainer_class
+from .plugin import (
+    KOHYA_METHOD,
+    DVARTrainerMixin,
+    KohyaPluginError,
+    KohyaTrainingDiverged,
+    config_from_args,
+    make_trainer_class,
+)
 
 ENV_VAR = "SD_SCRIPTS"
 EXIT_USAGE = 2  # bad input: nothing was trained or written
@@ -125,10 +133,10 @@ def check_trainer(trainer_cls: type) -> List[str]:
 
 
 def _preset(value: Any) -> str:
-    if isinstance(value, str) and (value in PRESETS or value == "auto"):
+    if isinstance(value, str) and (value in PRESETS or value in ("auto", DEFAULT_PRESET)):
         return value
     raise argparse.ArgumentTypeError(
-        f"{value!r} is not a DVAR preset; choose one of {', '.join(sorted(PRESETS) + ['auto'])}."
+        f"{value!r} is not a DVAR preset; choose one of {', '.join(sorted(PRESETS) + ['auto', DEFAULT_PRESET])}."
     )
 
 
@@ -210,9 +218,12 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
     group = parser.add_argument_group("DVAR early stopping (dvar.integrations.kohya)")
     group.add_argument("--early_stop", action="store_true",
                        help="stop when the loss on a frozen batch of the training images plateaus (DVAR)")
-    group.add_argument("--early_stop_preset", type=_preset, default="dreambooth_lora",
-                       help=f"published DVAR window/threshold: {', '.join(sorted(PRESETS))} (default dreambooth_lora: "
-                            "440 steps, 0.4), or 'auto' (no window; needs --max_train_steps or --early_stop_eval_every)")
+    group.add_argument("--early_stop_preset", type=_preset, default=None,
+                       help=f"DVAR rule: a published window/threshold ({', '.join(sorted(PRESETS))}), 'auto' (no "
+                            "window: a multiple of the loss's settling time) or 'default'. Default: with no "
+                            "--early_stop_window or --early_stop_threshold, dvar's default for LoRA ("
+                            f"{default_rule(KOHYA_METHOD).describe().replace('%', '%%')}); with one, the "
+                            "dreambooth_lora preset (440 steps, 0.4) it overrides")
     group.add_argument("--early_stop_window", type=EARLY_STOP_FLAGS["early_stop_window"], default=None,
                        help="DVAR window N in optimizer steps (overrides the preset)")
     group.add_argument("--early_stop_threshold", type=_threshold, default=None,
@@ -224,9 +235,11 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                             "evaluating costs about that share of the training time)")
     group.add_argument("--early_stop_batch_size", type=EARLY_STOP_FLAGS["early_stop_batch_size"], default=4,
                        help="training examples in the frozen DVAR batch (default 4, as the paper)")
-    group.add_argument("--early_stop_signal", type=_signal, default="loss",
-                       help="what the rule watches: loss (default, the frozen batch's mean loss) or normalized (the "
-                            "mean of each frozen batch's loss divided by its first)")
+    group.add_argument("--early_stop_signal", type=_signal, default=None,
+                       help="what the rule watches (default: the default rule's, else loss): loss (the frozen "
+                            "batch's mean loss), normalized (the mean of each frozen example's loss divided by its "
+                            "first) or bands (those in 3 timestep bands, a rule on each, stopping once all have "
+                            "settled)")
     group.add_argument("--early_stop_min_steps", type=EARLY_STOP_FLAGS["early_stop_min_steps"], default=None,
                        help="never stop before this optimizer step (a NaN/inf loss still stops at once)")
     return parser
@@ -257,8 +270,12 @@ def validate_args(args: argparse.Namespace) -> None:
         )
     if args.early_stop_batch_size < 1:
         raise KohyaPluginError(f"--early_stop_batch_size must be >= 1 (got {args.early_stop_batch_size}).")
+    config = config_from_args(args)
+    if config.is_auto and config.max_train_steps is None and config.eval_every == "auto":
+        # --max_train_epochs: the stride comes from the step budget, known once kohya has built its data
+        config = replace(config, eval_every=1)
     try:
-        config_from_args(args).resolved_window_threshold()
+        config.resolved_window_threshold()
     except ValueError as error:
         raise KohyaPluginError(f"--early_stop_window/--early_stop_threshold/--early_stop_eval_every/"
                                f"--early_stop_min_steps: {error}") from None

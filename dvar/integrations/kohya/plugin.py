@@ -36,7 +36,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Dict, Optional
@@ -82,15 +82,21 @@ class _NothingToSave(Exception):
     """Raised inside kohya's final ``save_model`` to keep it from writing diverged weights."""
 
 
+#: What kohya's network trainers train, for dvar's default rule (:func:`dvar.rules.default_rule`).
+KOHYA_METHOD = "dreambooth_lora"
+
+
 def config_from_args(args: Any) -> DVARConfig:
-    """The DVAR settings of kohya-style ``--early_stop_*`` flags (or TOML keys)."""
+    """The DVAR settings of kohya-style ``--early_stop_*`` flags (or TOML keys): with no preset, dvar's default
+    rule for LoRA, or the ``dreambooth_lora`` preset when a window or threshold overrides it."""
     return DVARConfig(
         preset=args.early_stop_preset,
+        method=KOHYA_METHOD,
         window=args.early_stop_window,
         threshold=args.early_stop_threshold,
         eval_every=args.early_stop_eval_every,
         eval_batch_size=args.early_stop_batch_size,
-        signal=getattr(args, "early_stop_signal", "loss"),
+        signal=getattr(args, "early_stop_signal", None),
         min_steps=getattr(args, "early_stop_min_steps", None),
         max_train_steps=None if args.max_train_epochs is not None else args.max_train_steps,
         verbose=False,  # the plugin prints its own lines, through kohya's accelerator
@@ -222,7 +228,8 @@ class DVARTrainerMixin(AsIsLoaderMixin):
         return super().load_target_model(args, weight_dtype, accelerator)
 
     def _dvar_check_budget(self, args, accelerator) -> None:
-        """With --max_train_epochs the step budget is known only now: refuse a window it cannot fill."""
+        """With --max_train_epochs the step budget is known only now: refuse a window it cannot fill, and give
+        it to a rule that derives its stride from it (``auto``)."""
         run = self._dvar
         if args.max_train_epochs is None or run.dataset is None:
             return
@@ -230,7 +237,11 @@ class DVARTrainerMixin(AsIsLoaderMixin):
         budget = args.max_train_epochs * math.ceil(
             len(run.dataset) / accelerator.num_processes / args.gradient_accumulation_steps
         )
-        window, _ = run.config.resolved_window_threshold()
+        run.config = replace(run.config, max_train_steps=budget)
+        try:
+            window, _ = run.config.resolved_window_threshold()
+        except ValueError as error:
+            raise KohyaPluginError(f"--max_train_epochs {args.max_train_epochs} ({budget} steps): {error}") from None
         if window is not None and window > budget:  # (preset "auto" has no window)
             raise KohyaPluginError(
                 f"--early_stop_window {window} is larger than the step budget of --max_train_epochs "
@@ -556,7 +567,6 @@ class DVARTrainerMixin(AsIsLoaderMixin):
             "trainer": _kohya_base(type(self)).__name__,
             "outcome": outcome,
             **stopper.summary(budget),
-            "preset": run.config.preset if None in (run.config.window, run.config.threshold) else None,
             "dvar_steps_seen": run.dvar_step,
             "kohya_global_step_at_stop": run.kohya_stop_step,
             "stop_epoch": run.stop_epoch,

@@ -1,0 +1,65 @@
+"""The rule dvar uses when none is named: per method, the one chosen on the benchmark (issue 23).
+
+It is method-aware: the paper's preset where that preset kept identity on every selection cell of the
+method, a scale-free rule elsewhere, and the scale-free rule for any method the benchmark did not measure
+(and for the callback when it is not told the method). ``benchmarks/results/rules/`` holds the evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+#: ``preset`` value that names this table explicitly (``None`` with no window or threshold means the same)
+DEFAULT_PRESET = "default"
+
+
+@dataclass(frozen=True)
+class DefaultRule:
+    """One method's default: a preset name (a paper preset or ``"auto"``), the signal it watches, and a floor.
+
+    Example:
+        >>> default_rule("custom_diffusion")
+        DefaultRule(preset='auto', signal='bands', min_steps_share=0.0)
+        >>> default_rule("textual_inversion").preset
+        'textual_inversion'
+    """
+
+    preset: str
+    signal: str = "loss"
+    min_steps_share: float = 0.0  # never stop before this share of the step budget
+
+    def describe(self) -> str:
+        """The rule in the benchmark's words.
+
+        >>> default_rule().describe()
+        'auto (settling time, level 0.8, x2) on signal bands'
+        """
+        from .settling_time import AUTO_LEVEL, AUTO_MULTIPLE
+
+        rule = (f"auto (settling time, level {AUTO_LEVEL:g}, x{AUTO_MULTIPLE:g})" if self.preset == "auto"
+                else f"the {self.preset} preset")
+        floor = f", not before {self.min_steps_share:.0%} of the budget" if self.min_steps_share else ""
+        return f"{rule} on signal {self.signal}{floor}"
+
+
+#: Scale-free: no window, so it follows the run's own time scale (learning rate, model, budget).
+SCALE_FREE_DEFAULT = DefaultRule(preset="auto", signal="bands")
+
+#: Chosen on the selection half of the mini-SD benchmark (benchmarks/results/rules/default-candidates.md, "M").
+DEFAULT_RULES: Dict[str, DefaultRule] = {
+    "textual_inversion": DefaultRule(preset="textual_inversion"),
+    "dreambooth_lora": SCALE_FREE_DEFAULT,
+    "custom_diffusion": SCALE_FREE_DEFAULT,
+}
+
+
+def default_rule(method: Optional[str] = None) -> DefaultRule:
+    """The default for ``method`` (``textual_inversion``, ``dreambooth_lora``, ``custom_diffusion``, ...);
+    :data:`SCALE_FREE_DEFAULT` for any other method or ``None``.
+
+    Example:
+        >>> default_rule("dreambooth") == default_rule(None) == SCALE_FREE_DEFAULT
+        True
+    """
+    return DEFAULT_RULES.get((method or "").lower(), SCALE_FREE_DEFAULT)
