@@ -153,11 +153,30 @@ def test_loader_defaults_to_64_pixels_and_the_pipeline_default_length(pipe):
     assert np.isfinite(image).all() and image.std() > 0.05
 
 
-def test_the_lora_trainer_stops_early_on_mini_flow_and_diffusers_loads_its_lora(root, pipe, tmp_path):
+def test_the_lora_trainer_stops_early_on_mini_flow_and_diffusers_loads_its_lora(root, pipe, tmp_path, monkeypatch):
     """The DreamBooth-LoRA trainer on the shipped weights (64x64 and 32 T5 tokens by default for mini-flow): the
-    settling-time rule stops it before its budget, it exits 0, and the module's pipeline loads the LoRA."""
+    settling-time rule stops it before its budget, it exits 0, and the module's pipeline loads the LoRA. The
+    trainer gets copies of the module pipeline's models instead of reading the weights a second time."""
+    import copy
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    import dvar.integrations.flux
     from dvar.integrations import dreambooth_lora
+    from dvar.integrations.method import Components
     from dvar_lab.world import list_concepts
+
+    loads = []
+
+    def from_the_module_pipeline(path):
+        loads.append(path)
+        return Components(
+            tokenizer=pipe.tokenizer, text_encoder=copy.deepcopy(pipe.text_encoder), vae=copy.deepcopy(pipe.vae),
+            unet=copy.deepcopy(pipe.transformer), model_path=path, family="flux",
+            noise_scheduler=FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config),
+            text_encoder_2=copy.deepcopy(pipe.text_encoder_2), tokenizer_2=pipe.tokenizer_2)
+
+    monkeypatch.setattr(dvar.integrations.flux, "load_flux_components", from_the_module_pipeline)
 
     concept, out = list_concepts("dreambooth")[0], tmp_path / "lora"
     code = dreambooth_lora.main([
@@ -167,6 +186,7 @@ def test_the_lora_trainer_stops_early_on_mini_flow_and_diffusers_loads_its_lora(
         "--checkpointing_steps", "1000",
     ])
     result = json.loads((out / "dvar_summary.json").read_text())
+    assert loads == [str(root)]  # the trainer loaded its models once, from the module's pipeline
     assert code == 0 and result["outcome"] == "early_stop" and result["stop_step"] < 80, result
     assert result["reason"].startswith("settled")
     prompt = f"a photo of sks {concept.class_word}"
