@@ -137,7 +137,7 @@ class SavingsProbe(TrainingObserver):
     def on_train_begin(self, trainer: Trainer) -> None:
         from dvar.callback import eval_mode
 
-        stopper = trainer.make_stopper(max_train_steps=None, eval_every=1)
+        stopper = trainer.make_stopper(preset=trainer.method.preset, max_train_steps=None, eval_every=1)
         wrapped = list(stopper.models.values())
         plain = [trainer.accelerator.unwrap_model(m) for m in wrapped]
         plain_models = dict(zip(stopper.models, plain))

@@ -460,3 +460,20 @@ def test_a_flux_model_refuses_the_methods_that_cannot_train_it(tmp_path, capsys,
     out = tmp_path / "refused"
     assert bench.main(["--preset", "ci", "--model", str(unguided_flux_pipeline_dir), "--out", str(out), *argv]) == 2
     assert message in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("config", ["full", "benchmarks/personalization/lora_rank16.json"])
+def test_the_dvar_control_is_each_methods_paper_preset_not_the_trainers_default_rule(config):
+    """The benchmark compares the paper's rule with the others: its "dvar" stopper (``make_stopper()`` on the trainer
+    flags of the method's settings) must name the paper preset, whatever the trainers' default rule is."""
+    from dvar import DVARConfig
+    from dvar.integrations.cli import build_parser, resolve_defaults
+
+    cfg = preset(config) if config == "full" else load_config(Path(__file__).resolve().parent.parent / config)
+    for settings in cfg.methods:
+        method = bench.method_instance(settings.method)
+        args = build_parser(method).parse_args(["--early-stop", *settings.trainer_args()])
+        resolve_defaults(method, args)
+        rule = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
+                          threshold=args.early_stop_threshold, signal=args.early_stop_signal)
+        assert (rule.rule_preset, rule.signal, rule.uses_default) == (settings.method, "loss", False)

@@ -69,7 +69,9 @@ class MethodSettings:
     def trainer_args(self, max_train_steps: Optional[int] = None) -> List[str]:
         """The trainer flags for these settings (``max_train_steps``: another budget, e.g. few iters)."""
         steps = self.max_train_steps if max_train_steps is None else max_train_steps
-        args = ["--max_train_steps", str(steps), "--learning_rate", repr(self.learning_rate)]
+        # the "dvar" control is the paper's rule: named, so that it is not the trainers' default rule
+        args = ["--max_train_steps", str(steps), "--learning_rate", repr(self.learning_rate),
+                "--early-stop-preset", self.method]
         if self.dvar_window is not None:
             args += ["--early-stop-window", str(self.dvar_window)]
         if self.dvar_threshold is not None:
