@@ -46,7 +46,8 @@ class DefaultRule:
 #: Scale-free: no window, so it follows the run's own time scale (learning rate, model, budget).
 SCALE_FREE_DEFAULT = DefaultRule(preset="auto", signal="bands")
 
-#: Chosen on the selection half of the mini-SD benchmark (benchmarks/results/rules/default-candidates.md, "M").
+#: Chosen on the selection half of the mini-SD benchmark at 1x (benchmarks/results/rules/default-candidates.md, "M");
+#: provisional until the 0.5x and 2x learning-rate runs are in.
 DEFAULT_RULES: Dict[str, DefaultRule] = {
     "textual_inversion": DefaultRule(preset="textual_inversion"),
     "dreambooth_lora": SCALE_FREE_DEFAULT,
