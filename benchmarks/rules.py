@@ -386,6 +386,8 @@ def default_candidates() -> Dict[str, Rule]:
     for share in (0.3, 0.4):  # added 2026-12-07: default-candidates.md, "Added later"
         rules[f"H N level=0.8 x2 from {share:.0%}"] = not_before(normalized_settling(2.0, 0.8), share)
         rules[f"H S level=0.8 x1.5 from {share:.0%}"] = not_before(settling_time(1.5, 0.8), share)
+    for share in (0.3, 0.4, 0.5):  # added 2026-12-07 (sixth session): default-candidates.md, "Added later"
+        rules[f"H B level=0.8 x1.5 from {share:.0%}"] = not_before(band_settling(1.5, 0.8), share)
     return rules
 
 
@@ -550,27 +552,26 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
 
 
 def method_aware_cells(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> List[dict]:
-    """Candidate M of default-candidates.md, built from the others' cells: for each method, the paper preset where
-    it is non-inferior in every ``half`` cell of that method, else the single candidate :func:`choose_default`
-    picks on that method's cells alone. Its cells (both halves) are those rules' cells, named
+    """Candidate M of default-candidates.md, built from the others' cells: for each method, the candidate that
+    :func:`choose_default` picks on that method's ``half`` cells alone, with the paper preset among the candidates
+    there (so the paper preset where it is non-inferior in every cell of the method and no other such candidate saves
+    more; amendment of the sixth session). Its cells (both halves) are those rules' cells, named
     ``"M textual_inversion: paper; dreambooth_lora: B level=0.8 x2; ..."``; none when a method has no candidate
     left.
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
-    ...           "saving_captured_median": 0.5, "saving_captured_mean": 0.5}
-    ...          for r, m, ok in [("paper", "ti", "yes"), ("paper", "cd", "no"), ("a", "ti", "no"), ("a", "cd", "yes")]]
+    ...           "saving_captured_median": s, "saving_captured_mean": s}
+    ...          for r, m, ok, s in [("paper", "ti", "yes", 0.5), ("paper", "cd", "no", 0.5), ("a", "ti", "no", 0.5),
+    ...                              ("a", "cd", "yes", 0.5), ("b", "ti", "yes", 0.3), ("b", "cd", "yes", 0.6)]]
     >>> sorted({c["rule"] for c in method_aware_cells(cells)})
-    ['M ti: paper; cd: a']
+    ['M ti: paper; cd: b']
     """
     methods = list(dict.fromkeys(c["method"] for c in cells))
+    candidates_here = tuple(name for name in reference if name != "paper")
     parts: Dict[str, str] = {}
     for method in methods:
         mine = [c for c in cells if c["method"] == method and not c["rule"].startswith(f"{METHOD_AWARE} ")]
-        paper = [c for c in mine if c["rule"] == "paper" and c["half"] == half]
-        if paper and all(c["noninferior"] == "yes" for c in paper):
-            parts[method] = "paper"
-            continue
-        chosen = choose_default(mine, half, reference)
+        chosen = choose_default(mine, half, candidates_here)
         if chosen is None:
             return []
         parts[method] = chosen
@@ -686,9 +687,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="Report this candidate as the chosen one instead of choosing (a held-out model or axis).")
     parser.add_argument("--default-csv", type=Path, default=None,
                         help="Write the chosen rule's cells here (issue 23's default.csv columns).")
+    parser.add_argument("--selection-only", action="store_true",
+                        help="Replay the selection half's trajectories only, leaving the held-out ones unread: make "
+                             "the choice before any held-out number exists.")
     args = parser.parse_args(argv)
+    if args.selection_only and args.default_csv:
+        parser.error("--default-csv reports the held-out half: leave out --selection-only")
     try:
-        trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)]
+        trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)
+                        if not args.selection_only or t.half == HALVES[0]]
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -175,6 +175,8 @@ class DVAREarlyStopping:
         )
         self._bands: Optional[List[List[int]]] = None
         self._band_labels: Optional[List[str]] = None
+        if hasattr(self.eval_batch, "__len__"):
+            self._fit_bands(len(self.eval_batch))
         if self.config.signal == "bands":
             timesteps = getattr(getattr(self.eval_batch, "frozen", None), "timesteps", None)
             if timesteps is not None:
@@ -323,6 +325,7 @@ class DVAREarlyStopping:
     def _set_bands(self, timesteps: List[float]) -> None:
         """``signal="bands"``: the frozen examples' timestep bands (:func:`~dvar.rules.timestep_bands`) and the
         rule's band names."""
+        self._fit_bands(len(timesteps))
         if len(timesteps) < self.config.bands or not all(math.isfinite(t) for t in timesteps):
             raise ValueError(f"signal='bands' needs a finite timestep for each of at least {self.config.bands} frozen "
                              f"examples (got {timesteps}); use signal='normalized'.")
@@ -331,6 +334,16 @@ class DVAREarlyStopping:
         labels = [f"{name} (t {timesteps[band[0]]:g}" + (f"-{timesteps[band[-1]]:g})" if len(band) > 1 else ")")
                   for name, band in zip(names, bands)]
         self._use_bands(bands, labels)
+
+    def _fit_bands(self, frozen_examples: int) -> None:
+        """Under the default rule, watch at most one band per frozen example (kohya's count is known only at the
+        first evaluation or from a checkpoint: the rule, which has seen nothing yet, is remade)."""
+        bands = self.config.default_bands(frozen_examples)
+        if bands == self.config.bands:
+            return
+        self.config = replace(self.config, bands=bands)
+        if hasattr(self, "rule"):
+            self.rule = self.config.make_rule(self.eval_every or 1)
 
     def _use_bands(self, bands: List[List[int]], labels: List[str]) -> None:
         self._bands, self._band_labels = bands, labels
@@ -544,6 +557,8 @@ class DVAREarlyStopping:
         chosen_by_library = self.eval_every_setting == "auto" or self._probe is not None
         if chosen_by_library and saved_every != self.eval_every:
             self._set_stride(None if saved_every is None else resolve_eval_every(saved_every, self.window or 1))
+        if state.get("bands") is not None:
+            self._fit_bands(len(state["bands"]))
         for key, value in self._settings().items():
             saved = state["settings"].get(key, "loss" if key == "signal" else None)  # no signal before dvar 0.3
             if saved != value:

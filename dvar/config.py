@@ -96,7 +96,8 @@ class DVARConfig:
                           "has (needs a frozen batch with timesteps and an objective with per_example_losses)."},
     )
     bands: int = field(
-        default=3, metadata={"help": "signal='bands': how many timestep bands (at most eval_batch_size)."}
+        default=3, metadata={"help": "signal='bands': how many timestep bands (at most eval_batch_size; under the "
+                                    "default rule, fewer when there are fewer frozen examples)."}
     )
     min_steps: Optional[int] = field(
         default=None,
@@ -121,8 +122,27 @@ class DVARConfig:
                 self.signal = default.signal  # type: ignore[assignment]
             if self.min_steps is None and default.min_steps_share and self.max_train_steps is not None:
                 self.min_steps = math.ceil(default.min_steps_share * self.max_train_steps)
+            if self.threshold is None and default.multiple is not None:
+                self.threshold = default.multiple
+            if isinstance(self.eval_batch_size, int) and not isinstance(self.eval_batch_size, bool):
+                self.bands = self.default_bands(self.eval_batch_size)
         elif self.signal is None:
             self.signal = "loss"
+
+    def default_bands(self, frozen_examples: int) -> int:
+        """How many timestep bands to watch with ``frozen_examples`` examples: under dvar's default rule at most
+        one per example (a small frozen batch, or kohya's few frozen batches, watches fewer bands rather than
+        failing); otherwise :attr:`bands` as given, which the checks hold to the examples there are.
+
+        Example:
+            >>> DVARConfig(method="custom_diffusion").default_bands(2)
+            2
+            >>> DVARConfig(preset="auto", signal="bands").default_bands(2)
+            3
+        """
+        if self.uses_default and self.signal == "bands" and 1 <= frozen_examples < self.bands:
+            return frozen_examples
+        return self.bands
 
     @property
     def uses_default(self) -> bool:
@@ -182,6 +202,8 @@ class DVARConfig:
 
     def _rule_settings(self) -> Tuple[Optional[int], float]:
         self._check_signal_and_floor()
+        if self.uses_default and default_rule(self.method).min_steps_share and self.max_train_steps is None:
+            raise ValueError(f"{self.default_rule_text} sets its floor from the step budget: pass max_train_steps.")
         if self.is_auto:
             if self.window is not None:
                 raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
@@ -258,9 +280,13 @@ class DVARConfig:
 def default_band_labels(bands: int) -> List[str]:
     """Names of the timestep bands, lowest timesteps (least noise) first.
 
-    >>> default_band_labels(3), default_band_labels(2)
-    (['low-noise band', 'mid-noise band', 'high-noise band'], ['band 1 of 2, lowest timesteps', 'band 2 of 2'])
+    >>> default_band_labels(3), default_band_labels(2), default_band_labels(1)
+    (['low-noise band', 'mid-noise band', 'high-noise band'], ['low-noise band', 'high-noise band'], ['one band'])
+    >>> default_band_labels(4)[0]
+    'band 1 of 4, lowest timesteps'
     """
-    if bands == 3:
-        return ["low-noise band", "mid-noise band", "high-noise band"]
+    named = {1: ["one band"], 2: ["low-noise band", "high-noise band"],
+             3: ["low-noise band", "mid-noise band", "high-noise band"]}
+    if bands in named:
+        return named[bands]
     return [f"band {i + 1} of {bands}" + (", lowest timesteps" if i == 0 else "") for i in range(bands)]

@@ -467,13 +467,12 @@ def test_the_dvar_control_is_each_methods_paper_preset_not_the_trainers_default_
     """The benchmark compares the paper's rule with the others: its "dvar" stopper (``make_stopper()`` on the trainer
     flags of the method's settings) must name the paper preset, whatever the trainers' default rule is."""
     from dvar import DVARConfig
-    from dvar.integrations.cli import build_parser, resolve_defaults
+    from dvar.integrations.cli import build_parser, dvar_settings, resolve_defaults
 
     cfg = preset(config) if config == "full" else load_config(Path(__file__).resolve().parent.parent / config)
     for settings in cfg.methods:
         method = bench.method_instance(settings.method)
         args = build_parser(method).parse_args(["--early-stop", *settings.trainer_args()])
         resolve_defaults(method, args)
-        rule = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
-                          threshold=args.early_stop_threshold, signal=args.early_stop_signal)
+        rule = DVARConfig(**dvar_settings(args))
         assert (rule.rule_preset, rule.signal, rule.uses_default) == (settings.method, "loss", False)

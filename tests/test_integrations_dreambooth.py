@@ -4,6 +4,7 @@ run's own samples), prior preservation with generated class images, checkpoints 
 bf16 mixed precision, and bad input refused before anything is written."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +254,21 @@ def test_the_summary_records_the_frozen_batch_size_used(cli, tmp_path, caplog, a
                     f"batch holds all {used} (dvar_summary.json: early_stop_batch_size_used)."] if used < asked else [])
 
 
+@pytest.mark.parametrize("photos", [1, 2])
+def test_the_default_rule_trains_on_one_or_two_photos(cli, concept_dir, tmp_path, photos):
+    """Fewer photos than the default's three timestep bands: it watches one band per frozen example."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for image in sorted(Path(concept_dir).glob("*.png"))[:photos]:
+        shutil.copy(image, folder / image.name)
+    args = cli("--early-stop", "--num_validation_images", "0", steps=4)
+    args[args.index("--instance_data_dir") + 1] = str(folder)
+    assert dreambooth_lora.main(args + ["--instance_prompt", "a photo of sks circle"]) == 0
+    result = summary(tmp_path / "out")
+    assert (result["default_rule"], result["signal"], result["early_stop_batch_size_used"]) == (True, "bands", photos)
+    assert len(result["bands"]) == photos and result["outcome"] == "budget"
+
+
 # -- mixed precision -----------------------------------------------------------------------
 
 
@@ -307,6 +323,14 @@ BAD = [
     ("class-folder-is-the-photos", dreambooth, ["--with_prior_preservation", "--class_data_dir", "CONCEPT"],
      "--class_data_dir is --instance_data_dir"),
     ("no-class-images", dreambooth, ["--with_prior_preservation", "--num_class_images", "0"], "--num_class_images"),
+    # three timestep bands named, for two frozen examples: asked for, or all the photos there are (known only once
+    # the data is read, after the model loads)
+    ("bands-for-two-frozen-examples", dreambooth_lora,
+     ["--early-stop", "--early-stop-preset", "auto", "--early-stop-signal", "bands", "--early-stop-batch-size", "2"],
+     "--early-stop-preset auto: bands must be an integer from 1 to eval_batch_size (2)"),
+    ("bands-for-two-photos", dreambooth_lora,
+     ["PHOTOS", "--instance_prompt", "a photo of sks dog", "--early-stop", "--early-stop-preset", "auto",
+      "--early-stop-signal", "bands"], "--early-stop: signal='bands' needs a finite timestep for each of at least 3"),
 ]
 
 

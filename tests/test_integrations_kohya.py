@@ -506,3 +506,17 @@ def test_early_stop_alone_runs_dvars_default_rule_for_lora_with_a_step_or_epoch_
     assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")
     assert (summary["max_train_steps"], summary["eval_every"]) == (60, 1)  # the stride from the budget, as auto's
     assert summary["outcome"] == "budget"  # the fake's loss is still settling at 60: twice its 80% time is later
+
+
+@pytest.mark.parametrize("train_batch, items", [(3, 2), (4, 1)])
+def test_the_default_watches_one_band_per_frozen_kohya_batch_when_there_are_fewer_than_three(fake_kohya, photos,
+                                                                                              tmp_path, train_batch,
+                                                                                              items):
+    """kohya freezes whole batches and reports one timestep per batch: four examples or more, in batches of 3 or 4,
+    are two batches or one, fewer than the default's three bands; the default watches that many instead of failing."""
+    train(fake_kohya["train_network"], "sd",
+          flags(photos, tmp_path / "run", "--max_train_steps", "30", "--train_batch_size", str(train_batch),
+                "--early_stop", "--early_stop_batch_size", "4"))
+    summary = json.loads((tmp_path / "run" / "dvar_summary.json").read_text())
+    assert len(summary["frozen_batch"]["dataset_indices"]) == len(summary["bands"]) == items
+    assert (summary["default_rule"], summary["signal"], summary["outcome"]) == (True, "bands", "budget")

@@ -1,6 +1,7 @@
 """benchmarks/rules.py judges a stopping rule by each concept's saturation step: planted trajectories whose
 loss settles and whose identity saturates at known steps."""
 
+import csv
 import json
 import math
 
@@ -240,6 +241,10 @@ def with_method_aware(cells):
     ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
       _cell("never", "ti", "yes", 0.0, 0.0), _cell("never", "cd", "yes", 0.0, 0.0),
       _cell("a", "ti", "no", -0.05, 0.6), _cell("a", "cd", "undecided", -0.03, 0.2)], "M ti: paper; cd: a"),
+    # per method, the paper preset is one of the candidates: passed over where another safe one saves more
+    ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "yes", -0.01, 0.2),
+      _cell("b", "ti", "yes", -0.015, 0.5), _cell("b", "cd", "undecided", -0.025, 0.1)], "M ti: b; cd: a"),
 ])
 def test_the_method_aware_candidate_is_chosen_only_when_no_single_rule_qualifies(cells, chosen):
     assert rules.choose_default(with_method_aware(cells)) == chosen
@@ -276,6 +281,8 @@ def test_a_floor_only_delays_an_early_stop(stop, share, expected):
 CALLBACK_SETTINGS = {
     "H N level=0.8 x2 from 40%": lambda budget: {"signal": "normalized", "min_steps": math.ceil(0.4 * budget)},
     "B level=0.8 x2": lambda budget: {"signal": "bands"},
+    "H B level=0.8 x1.5 from 40%": lambda budget: {"signal": "bands", "threshold": 1.5,
+                                                   "min_steps": math.ceil(0.4 * budget)},
 }
 
 
@@ -361,3 +368,18 @@ def test_checks_pool_with_rescorings_image_for_image(tmp_path):
     trace["identity_checks"] = {"steps": [0, 25, 50], "identity": [0.4, 0.7, 0.7]}
     with pytest.raises(ValueError, match="no score for the checks at steps \\[50\\]"):
         rules.pooled_checks(tmp_path, trace, 8, ["seed1237"])
+
+
+def test_selection_only_replays_no_held_out_trajectory(tmp_path, monkeypatch, capsys):
+    """``--selection-only``: the choice is made before any held-out number exists (and default.csv, which reports
+    the held-out half, cannot be asked for with it)."""
+    trajectories = [with_signals(planted(f"c{i}", tau, 4 * tau, half=rules.HALVES[i % 2]), [tau] * 4, [1, 2, 3, 4])
+                    for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    monkeypatch.setattr(rules, "load_trajectories", lambda folder, rescored=(): trajectories)
+    assert rules.main([str(tmp_path), "--selection-only", "--csv", str(tmp_path / "cells.csv")]) == 0
+    with open(tmp_path / "cells.csv") as handle:
+        assert {row["half"] for row in csv.DictReader(handle)} == {"selection"}
+    assert "Chosen on the selection half" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        rules.main([str(tmp_path), "--selection-only", "--default-csv", str(tmp_path / "default.csv")])
+    assert exit_.value.code == 2 and not (tmp_path / "default.csv").exists()

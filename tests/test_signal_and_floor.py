@@ -390,3 +390,112 @@ def test_the_default_rule_stops_planted_bands_and_says_so(toy_dataset):
     summary = run(stopper).summary()
     assert stopper.stop_step == 96 and "every timestep band has settled" in stopper.reason
     assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")
+
+
+@pytest.mark.parametrize(
+    "settings, bands",
+    [
+        ({"eval_batch_size": 4}, 3),
+        ({"eval_batch_size": 3}, 3),
+        ({"eval_batch_size": 2}, 2),  # the default watches one band per frozen example when there are fewer
+        ({"eval_batch_size": 1}, 1),  # one band: the normalized signal
+        ({"eval_batch_size": 1, "preset": "default"}, 1),
+    ],
+)
+def test_the_default_fits_its_bands_to_the_frozen_examples(settings, bands):
+    config = DVARConfig(**{"method": "dreambooth_lora", "max_train_steps": 100, **settings})
+    assert config.bands == bands and type(config.make_rule(1)).__name__ == "AllSettled"
+
+
+@pytest.mark.parametrize("settings", [{"preset": "auto", "signal": "bands"}, {"signal": "bands", "bands": 3}])
+def test_bands_named_with_too_few_frozen_examples_are_refused(settings):
+    """Only the default adapts; a rule the user names keeps what was asked for, and says what to change."""
+    settings = {"method": "dreambooth_lora", "max_train_steps": 100, "eval_batch_size": 2, **settings}
+    if settings.get("preset") is None:  # the default's own signal and band count, named: it still adapts
+        assert DVARConfig(**settings).bands == 2
+        return
+    with pytest.raises(ValueError, match=r"bands must be an integer from 1 to eval_batch_size \(2\).*Lower bands"):
+        DVARConfig(**settings).make_rule(1)
+
+
+@pytest.mark.parametrize("examples, stop", [(1, 40), (2, 96)])
+def test_the_default_runs_on_a_frozen_batch_of_one_or_two(toy_dataset, examples, stop):
+    """A DreamBooth run on one or two photos: the default watches that many bands (two: the slow one holds the
+    stop, as with three)."""
+    from diffusers import DDPMScheduler
+
+    curves = [decay(tau, 600) for tau in (10, 30)[:examples]]
+    stopper = run(planted_stopper(toy_dataset, curves, preset=None, method="dreambooth_lora",
+                                  noise_scheduler=DDPMScheduler()))
+    assert len(stopper._bands) == stopper.config.bands == examples
+    if examples == 2:  # which example is the slow one depends on the timesteps: plant tau 30 on the higher band
+        stopper = planted_stopper(toy_dataset, curves, preset=None, method="dreambooth_lora",
+                                  noise_scheduler=DDPMScheduler())
+        for band, tau in zip(stopper._bands, (10, 30)):
+            stopper.objective.curves[band[0]] = decay(tau, 600)
+        run(stopper)
+    assert stopper.stop_step == stop and stopper.summary()["default_rule"] is True
+
+
+class FrozenInWholeBatches:
+    """kohya's shape of frozen batch: four examples in ``units`` whole batches, each with one loss (and one
+    timestep, which the objective reports at the first evaluation)."""
+
+    def __init__(self, units):
+        self.units = units
+
+    def next(self):
+        return self
+
+    def __len__(self):
+        return 4
+
+    def shard(self, rank, world_size):
+        return list(range(self.units)) if rank == 0 else []
+
+    def shard_start(self, rank, world_size):
+        return 0 if rank == 0 else self.units
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def reported_default_stopper(units):
+    """The default rule on fewer frozen units than its three bands, known only at the first evaluation."""
+    curves = [decay(tau, 600) for tau in (10, 30)[:units]]
+    return DVAREarlyStopping(objective=ReportedTimesteps(curves, [900, 100][:units]),
+                             eval_batch=FrozenInWholeBatches(units), method="dreambooth_lora", eval_every=1,
+                             max_train_steps=600)
+
+
+@pytest.mark.parametrize("units, cut", [(1, None), (2, None), (1, 20), (2, 50)])
+def test_the_default_fits_its_bands_to_reported_timesteps_and_resumes(units, cut):
+    assert reported_default_stopper(units).config.bands == 3  # four examples: three bands, until it sees the units
+    straight = run(reported_default_stopper(units))
+    assert len(straight._bands) == straight.config.bands == units and straight.stop_step == (40 if units == 1 else 96)
+    if cut is not None:
+        first = run(reported_default_stopper(units), last_step=cut)
+        resumed = reported_default_stopper(units)
+        resumed.load_state_dict(first.state_dict())
+        resumed = run(resumed, first_step=cut + 1)
+        assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason)
+
+
+def test_a_default_with_a_floor_and_a_multiple_resolves_to_them(monkeypatch):
+    """A table row such as ``H B level=0.8 x1.5 from 40%``: the multiple becomes auto's threshold and the share of
+    the budget its floor; both need the budget, and a named threshold or floor wins."""
+    from dvar.rules import DefaultRule
+    from dvar.rules import default as defaults
+
+    monkeypatch.setitem(defaults.DEFAULT_RULES, "textual_inversion", DefaultRule("auto", "bands", 0.4, 1.5))
+    config = DVARConfig(method="textual_inversion", max_train_steps=500)
+    assert (config.rule_preset, config.signal, config.threshold, config.min_steps) == ("auto", "bands", 1.5, 200)
+    assert type(config.make_rule(5)).__name__ == "NotBefore"
+    assert "x1.5) on signal bands, not before 40% of the budget" in config.default_rule_text
+    named = DVARConfig(method="textual_inversion", max_train_steps=500, preset="default", min_steps=0, threshold=3.0)
+    assert (named.threshold, named.min_steps) == (3.0, 0)
+    with pytest.raises(ValueError, match="sets its floor from the step budget: pass max_train_steps"):
+        DVARConfig(method="textual_inversion", eval_every=5).make_rule(5)

@@ -320,14 +320,13 @@ def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
 )
 def test_the_trainers_rule_flags_resolve_to(module, flags, preset, method_preset, signal):
     """No rule flag: dvar's default for the method; a window or threshold alone: the paper preset it overrides."""
-    from dvar.integrations.cli import build_parser, resolve_defaults
+    from dvar.integrations.cli import build_parser, dvar_settings, resolve_defaults
 
     method = {m.name: m for m in (textual_inversion.TextualInversion, dreambooth.DreamBooth,
                                   dreambooth_lora.DreamBoothLoRA, custom_diffusion.CustomDiffusion)}[module]()
     args = build_parser(method).parse_args(["--early-stop", *flags])
     resolve_defaults(method, args)
-    config = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
-                        threshold=args.early_stop_threshold, signal=args.early_stop_signal)
+    config = DVARConfig(**dvar_settings(args))
     assert (config.preset, config.rule_preset, config.signal) == (preset, method_preset, signal)
 
 

@@ -11,7 +11,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -135,6 +135,26 @@ def resolve_defaults(method: Method, args: argparse.Namespace) -> None:
     args.early_stop_method = method.name  # DVARConfig's: the default rule, or the paper preset a window overrides
 
 
+def dvar_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The :class:`~dvar.DVARConfig` fields that the ``--early-stop-*`` flags (after :func:`resolve_defaults`) and
+    the run's ``--seed`` and ``--max_train_steps`` name: the one place where flags become settings.
+
+    Example:
+        >>> from dvar import DVARConfig
+        >>> from dvar.integrations.textual_inversion import TextualInversion
+        >>> args = build_parser(TextualInversion()).parse_args(["--early-stop", "--early-stop-window", "200"])
+        >>> resolve_defaults(TextualInversion(), args)
+        >>> DVARConfig(**dvar_settings(args)).resolved_window_threshold()  # the TI preset's threshold, overridden window
+        (200, 0.15)
+    """
+    return dict(
+        preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
+        threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
+        eval_batch_size=args.early_stop_batch_size, signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
+        seed=args.seed, max_train_steps=args.max_train_steps,
+    )
+
+
 def validate_settings(args: argparse.Namespace) -> None:
     """Settings that can never work, refused before anything is loaded or written."""
     from dvar import DVARConfig
@@ -154,9 +174,7 @@ def validate_settings(args: argparse.Namespace) -> None:
                          f"{args.max_train_steps}: past the budget DVAR could never stop the run.")
     if not args.early_stop:
         return
-    config = DVARConfig(preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
-                        threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
-                        max_train_steps=args.max_train_steps)
+    config = DVARConfig(**dvar_settings(args))
     if config.is_auto:
         which = config.default_rule_text if config.uses_default else "--early-stop-preset auto"
         try:
@@ -176,6 +194,10 @@ def validate_settings(args: argparse.Namespace) -> None:
             f"--early-stop-window {window} is larger than --max_train_steps {args.max_train_steps}: DVAR could "
             "never fire. Lower the window or raise the step budget."
         )
+    try:
+        config.resolved_window_threshold()  # what no flag above names: the signal with the frozen batch, the stride
+    except ValueError as error:
+        raise UsageError(f"--early-stop-signal {config.signal}: {error}") from None
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")

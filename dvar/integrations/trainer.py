@@ -36,6 +36,7 @@ from .data import UsageError, collate, load_image_folder
 from .cli import (
     build_parser,
     check_output_dir,
+    dvar_settings,
     find_checkpoint,
     load_components,
     resolve_defaults,
@@ -134,8 +135,10 @@ def main(method: Method, argv: Optional[Sequence[str]] = None, callbacks: Sequen
     parser = build_parser(method)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(message)s", level=logging.INFO)
+    created = None  # the output folder, if this run made it: a bad setting found late leaves nothing behind
     try:
         resolve_defaults(method, args)
+        created = None if os.path.exists(args.output_dir) else args.output_dir
         validate_settings(args)
         images = load_image_folder(method.data_dir(args), method.data_flag)
         check_output_dir(args)
@@ -144,6 +147,8 @@ def main(method: Method, argv: Optional[Sequence[str]] = None, callbacks: Sequen
         return Trainer(method, args, images, callbacks).run()
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
+        if created is not None and os.path.isdir(created) and not os.listdir(created):
+            os.rmdir(created)
         return EXIT_USAGE
 
 
@@ -156,15 +161,7 @@ class Trainer:
     def make_stopper(self, **overrides: Any) -> DVAREarlyStopping:
         """The run's DVAR stopper (``overrides``: DVARConfig fields, e.g. ``resample=("timesteps",)``)."""
         args, parts = self.args, self.parts
-        settings = dict(
-            preset=args.early_stop_preset, method=self.method.name, window=args.early_stop_window,
-            threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
-            eval_batch_size=args.early_stop_batch_size,
-            signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
-            seed=args.seed, max_train_steps=args.max_train_steps,
-            verbose=False,  # the stop line is printed by finish(), after the progress bar
-        )
-        settings.update(overrides)
+        settings = {**dvar_settings(args), "verbose": False, **overrides}  # finish() prints the stop line
         family: Dict[str, Any] = {"unet": parts.unet}
         if parts.family == "flux":  # the loss it trains on: --weighting_scheme, --guidance_scale, ...
             family = dict(transformer=parts.unet, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
@@ -255,7 +252,10 @@ class Trainer:
         self.trainable = trainable
         stopper = None
         if args.early_stop:
-            stopper = self.make_stopper()
+            try:
+                stopper = self.make_stopper()
+            except ValueError as error:  # settings that only the data can refuse (e.g. bands with a few photos)
+                raise UsageError(f"--early-stop: {error}") from None
             accelerator.register_for_checkpointing(stopper)
             used = len(stopper.eval_batch)
             if used < args.early_stop_batch_size:

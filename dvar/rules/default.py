@@ -20,7 +20,7 @@ class DefaultRule:
 
     Example:
         >>> default_rule("custom_diffusion")
-        DefaultRule(preset='auto', signal='bands', min_steps_share=0.0)
+        DefaultRule(preset='auto', signal='bands', min_steps_share=0.0, multiple=None)
         >>> default_rule("textual_inversion").preset
         'textual_inversion'
     """
@@ -28,16 +28,20 @@ class DefaultRule:
     preset: str
     signal: str = "loss"
     min_steps_share: float = 0.0  # never stop before this share of the step budget
+    multiple: Optional[float] = None  # preset "auto": the multiple of the settling time (None: AUTO_MULTIPLE)
 
     def describe(self) -> str:
         """The rule in the benchmark's words.
 
         >>> default_rule().describe()
         'auto (settling time, level 0.8, x2) on signal bands'
+        >>> DefaultRule("auto", "bands", min_steps_share=0.4, multiple=1.5).describe()
+        'auto (settling time, level 0.8, x1.5) on signal bands, not before 40% of the budget'
         """
         from .settling_time import AUTO_LEVEL, AUTO_MULTIPLE
 
-        rule = (f"auto (settling time, level {AUTO_LEVEL:g}, x{AUTO_MULTIPLE:g})" if self.preset == "auto"
+        multiple = AUTO_MULTIPLE if self.multiple is None else self.multiple
+        rule = (f"auto (settling time, level {AUTO_LEVEL:g}, x{multiple:g})" if self.preset == "auto"
                 else f"the {self.preset} preset")
         floor = f", not before {self.min_steps_share:.0%} of the budget" if self.min_steps_share else ""
         return f"{rule} on signal {self.signal}{floor}"
