@@ -186,8 +186,9 @@ class DVARConfig:
         if self.signal not in ("loss", "normalized", "bands"):
             raise ValueError(f"signal must be 'loss', 'normalized' or 'bands' (got {self.signal!r}).")
         if self.per_example and self.resample:
-            raise ValueError(f"signal={self.signal!r} divides each frozen example's loss by its first value, so the "
-                             f"examples must stay frozen; drop resample={tuple(self.resample)} or use signal='loss'.")
+            which = f" ({self.default_rule_text})" if self.uses_default else ""
+            raise ValueError(f"signal={self.signal!r}{which} divides each frozen example's loss by its first value, so "
+                             f"the examples must stay frozen; drop resample={tuple(self.resample)} or use signal='loss'.")
         if self.signal == "bands" and (isinstance(self.bands, bool) or not isinstance(self.bands, int)
                                        or not 1 <= self.bands <= self.eval_batch_size):
             raise ValueError(f"bands must be an integer from 1 to eval_batch_size ({self.eval_batch_size}): each band "

@@ -95,6 +95,8 @@ def test_min_steps_is_counted_in_evaluations_at_the_stride(min_steps, every, eva
          "examples must stay frozen"),
         ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "resample": ("timesteps",)},
          "examples must stay frozen"),
+        ({"method": "dreambooth_lora", "max_train_steps": 100, "resample": ("timesteps",)},  # the default's bands
+         r"signal='bands' \(dvar's default rule for dreambooth_lora .*\) divides .* must stay frozen"),
         ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "bands": 5},
          r"bands must be an integer from 1 to eval_batch_size \(4\)"),
         ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "bands": 0}, "bands must be an integer"),
@@ -435,6 +437,9 @@ def test_the_default_runs_on_a_frozen_batch_of_one_or_two(toy_dataset, examples,
             stopper.objective.curves[band[0]] = decay(tau, 600)
         run(stopper)
     assert stopper.stop_step == stop and stopper.summary()["default_rule"] is True
+    if examples == 1:  # one band: said as the normalized loss's own reason, not as "every band has settled"
+        assert stopper.reason.startswith("settled: the smoothed normalized loss covered 80% of its drop")
+        assert stopper.reason.endswith("(timestep band: one band (t " + stopper._band_labels[0].split("(t ")[1] + ")")
 
 
 class FrozenInWholeBatches:

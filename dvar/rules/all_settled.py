@@ -92,6 +92,8 @@ class AllSettled(StopRule):
         if any(step is None for step in self.fired):
             return None
         last = max(range(self.num_signals), key=lambda i: (self.fired[i], i))
+        if self.num_signals == 1:  # (a default rule on one or two photos, or kohya's one frozen batch)
+            return f"{self.rules[0].reason} ({self.noun}: {self.labels[0]})"
         where = ", ".join(f"{label} at evaluation {step}" for label, step in zip(self.labels, self.fired))
         return (f"{self.rules[last].fires_with.value}: every {self.noun} has settled ({where}); last, the "
                 f"{self.labels[last]}: {self.rules[last].reason.split(': ', 1)[-1]}")
