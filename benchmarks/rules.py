@@ -298,6 +298,32 @@ def displacement_settling(multiple: float, level: float) -> Rule:
     return rule
 
 
+def displacement_exponent(below: float, min_evaluations: int = 20) -> Rule:
+    """E: the growth exponent of the distance travelled, ``log2(D(t) / D(t/2))`` with ``D = |w_t - w_0|^2``, at the
+    budget's stride: 2 while the weights move in one direction, 1 once they diffuse, 0 once confined. Stop at the
+    first evaluation (from ``min_evaluations`` on) where it is below ``below``; no forward pass.
+
+    >>> from types import SimpleNamespace as NS
+    >>> steps = np.arange(1, 1001, dtype=float)
+    >>> directed_then_diffusing = np.where(steps < 300, steps**2, 300.0**2 + 300.0 * (steps - 300))
+    >>> displacement_exponent(1.5)(NS(budget=1000, displacement_sq=directed_then_diffusing))[0]
+    440
+    >>> displacement_exponent(1.5)(NS(budget=1000, displacement_sq=steps**2))[0] is None  # directed to the end
+    True
+    """
+
+    def rule(t: Trajectory) -> tuple:
+        k = budget_stride(t.budget)
+        seen = _require(t, "displacement_sq")[k - 1::k]  # D after steps k, 2k, ...
+        for i in range(max(min_evaluations, 2), seen.size + 1):  # evaluation i is step i * k
+            now, half = seen[i - 1], seen[i // 2 - 1]
+            if half > 0 and now > 0 and math.log2(now / half) < below:
+                return i * k, 0
+        return None, 0
+
+    return rule
+
+
 def guarded(main: Rule, guard: Rule) -> Rule:
     """G: ``main``'s stop, but not before ``guard`` has fired; never when either never fires. The guard's
     evaluations come from the same forward passes (B) or none (F), so the count is ``main``'s."""
@@ -388,6 +414,9 @@ def default_candidates() -> Dict[str, Rule]:
         rules[f"H S level=0.8 x1.5 from {share:.0%}"] = not_before(settling_time(1.5, 0.8), share)
     for share in (0.3, 0.4, 0.5):  # added 2026-12-07 (sixth session): default-candidates.md, "Added later"
         rules[f"H B level=0.8 x1.5 from {share:.0%}"] = not_before(band_settling(1.5, 0.8), share)
+    for below in (1.5, 1.0):  # added 2026-12-07 (sixth session), before its first replay
+        rules[f"E a={below:g}"] = displacement_exponent(below)
+    rules["G B x1.5 guard E a=1.5"] = guarded(band_settling(1.5, 0.8), displacement_exponent(1.5))
     return rules
 
 
