@@ -175,8 +175,6 @@ class DVAREarlyStopping:
         )
         self._bands: Optional[List[List[int]]] = None
         self._band_labels: Optional[List[str]] = None
-        if hasattr(self.eval_batch, "__len__"):
-            self._fit_bands(len(self.eval_batch))
         if self.config.signal == "bands":
             timesteps = getattr(getattr(self.eval_batch, "frozen", None), "timesteps", None)
             if timesteps is not None:
