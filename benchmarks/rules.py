@@ -417,6 +417,8 @@ def default_candidates() -> Dict[str, Rule]:
     for below in (1.5, 1.0):  # added 2026-12-07 (sixth session), before its first replay
         rules[f"E a={below:g}"] = displacement_exponent(below)
     rules["G B x1.5 guard E a=1.5"] = guarded(band_settling(1.5, 0.8), displacement_exponent(1.5))
+    rules["B level=0.8 x1.75"] = band_settling(1.75, 0.8)  # added 2026-12-07 (seventh session), before its replay
+    rules["B level=0.9 x1.5"] = band_settling(1.5, 0.9)
     return rules
 
 
@@ -580,13 +582,15 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     return max(names, key=closest)
 
 
-def method_aware_cells(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES) -> List[dict]:
+def method_aware_cells(cells: List[dict], half: str = "selection", reference: Sequence[str] = REFERENCES,
+                       excluded: Optional[Dict[str, Sequence[str]]] = None) -> List[dict]:
     """Candidate M of default-candidates.md, built from the others' cells: for each method, the candidate that
     :func:`choose_default` picks on that method's ``half`` cells alone, with the paper preset among the candidates
     there (so the paper preset where it is non-inferior in every cell of the method and no other such candidate saves
     more; amendment of the sixth session). Its cells (both halves) are those rules' cells, named
     ``"M textual_inversion: paper; dreambooth_lora: B level=0.8 x2; ..."``; none when a method has no candidate
-    left.
+    left. ``excluded[method]``: that method's candidates that failed a check outside the benchmark (the main job
+    did not stop), left out for it (``--exclude``).
 
     >>> cells = [{"rule": r, "half": "selection", "method": m, "lr_scale": 1.0, "noninferior": ok,
     ...           "saving_captured_median": s, "saving_captured_mean": s}
@@ -594,12 +598,16 @@ def method_aware_cells(cells: List[dict], half: str = "selection", reference: Se
     ...                              ("a", "cd", "yes", 0.5), ("b", "ti", "yes", 0.3), ("b", "cd", "yes", 0.6)]]
     >>> sorted({c["rule"] for c in method_aware_cells(cells)})
     ['M ti: paper; cd: b']
+    >>> sorted({c["rule"] for c in method_aware_cells(cells, excluded={"ti": ["paper"]})})
+    ['M ti: b; cd: b']
     """
     methods = list(dict.fromkeys(c["method"] for c in cells))
     candidates_here = tuple(name for name in reference if name != "paper")
     parts: Dict[str, str] = {}
     for method in methods:
-        mine = [c for c in cells if c["method"] == method and not c["rule"].startswith(f"{METHOD_AWARE} ")]
+        left_out = (excluded or {}).get(method, ())
+        mine = [c for c in cells if c["method"] == method and not c["rule"].startswith(f"{METHOD_AWARE} ")
+                and c["rule"] not in left_out]
         chosen = choose_default(mine, half, candidates_here)
         if chosen is None:
             return []
@@ -716,12 +724,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="Report this candidate as the chosen one instead of choosing (a held-out model or axis).")
     parser.add_argument("--default-csv", type=Path, default=None,
                         help="Write the chosen rule's cells here (issue 23's default.csv columns).")
+    parser.add_argument("--exclude", action="append", default=[], metavar="METHOD=RULE",
+                        help="Leave RULE out of METHOD's part of the method-aware candidate, and out of the single "
+                             "candidates: it failed a check outside the benchmark (e.g. the README's main job did not "
+                             "stop). Repeatable.")
     parser.add_argument("--selection-only", action="store_true",
                         help="Replay the selection half's trajectories only, leaving the held-out ones unread: make "
                              "the choice before any held-out number exists.")
     args = parser.parse_args(argv)
     if args.selection_only and args.default_csv:
         parser.error("--default-csv reports the held-out half: leave out --selection-only")
+    excluded: Dict[str, List[str]] = {}
+    for item in args.exclude:
+        method, _, rule = item.partition("=")
+        if not method or not rule:
+            parser.error(f"--exclude {item!r}: give METHOD=RULE, e.g. 'textual_inversion=H B level=0.8 x1.5 from 40%'")
+        excluded.setdefault(method, []).append(rule)
     try:
         trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)
                         if not args.selection_only or t.half == HALVES[0]]
@@ -740,9 +758,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --rule: {error}", file=sys.stderr)
         return 2
     named = list(parts.values()) if parts else [args.rule] if args.rule is not None else []
+    named += [rule for rules_out in excluded.values() for rule in rules_out]
     unknown = [rule for rule in named if rule not in rules]
     if unknown:
-        print(f"error: --rule {unknown[0]!r} is not one of the {args.candidates} candidates: {sorted(rules)}",
+        print(f"error: {unknown[0]!r} (--rule, --exclude) is not one of the {args.candidates} candidates: {sorted(rules)}",
               file=sys.stderr)
         return 2
     skipped: Dict[str, List[str]] = {}
@@ -758,11 +777,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chosen = composed[0]["rule"] if composed else chosen
     else:
         if args.candidates == "default":
-            cells += method_aware_cells(cells)
-            chosen = choose_default(cells)
+            left_out = {rule for rules_out in excluded.values() for rule in rules_out}
+            cells += method_aware_cells(cells, excluded=excluded)
+            chosen = choose_default([c for c in cells if c["rule"] not in left_out])
         else:
             chosen = choose(cells)
-        how = "Chosen on the selection half (even positions)"
+        how = "Chosen on the selection half (even positions)" + "".join(
+            f"; left out for {method} (failed outside the benchmark): {', '.join(rules_out)}"
+            for method, rules_out in excluded.items())
     text = markdown(cells, chosen, trajectories, how)
     print(text)
     if args.markdown:

@@ -444,8 +444,10 @@ class DVAREarlyStopping:
             return stop_message(self.stop_step, self.config.max_train_steps, self.reason, self.diverged)
         last = self.history[-1] if self.history else None
         value = format_statistic(last.statistic if last else math.nan)
+        held = self.rule.waiting_for
         return (f"DVAR did not stop: {len(self.history)} evaluations, last at step {last.step if last else '-'}, "
-                f"{self.rule.statistic_name} = {value} ({self.rule.threshold_text})")
+                f"{self.rule.statistic_name} = {value} ({self.rule.threshold_text})"
+                + (f", but not settled: {held}" if held else ""))
 
     def report(self) -> str:
         """Print :meth:`status_line` on the main process (every process returns it).

@@ -383,3 +383,23 @@ def test_selection_only_replays_no_held_out_trajectory(tmp_path, monkeypatch, ca
     with pytest.raises(SystemExit) as exit_:
         rules.main([str(tmp_path), "--selection-only", "--default-csv", str(tmp_path / "default.csv")])
     assert exit_.value.code == 2 and not (tmp_path / "default.csv").exists()
+
+
+def test_a_candidate_excluded_for_a_method_is_not_chosen_for_it(tmp_path, monkeypatch, capsys):
+    """``--exclude METHOD=RULE``: a candidate that failed a check outside the benchmark (the main job did not stop)
+    is left out of that method's part of M and out of the single rules; the note says so. A name that is not a
+    candidate is refused."""
+    trajectories = [with_signals(planted(f"c{i}", tau, 4 * tau, half=rules.HALVES[i % 2]), [tau] * 4, [1, 2, 3, 4])
+                    for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    monkeypatch.setattr(rules, "load_trajectories", lambda folder, rescored=(): trajectories)
+    assert rules.main([str(tmp_path), "--selection-only"]) == 0
+    first = capsys.readouterr().out.split("**")[1]
+    assert first != "none qualifies"
+    part = rules.parse_method_aware(first)["dreambooth_lora"] if first.startswith("M ") else first
+    assert rules.main([str(tmp_path), "--selection-only", "--exclude", f"dreambooth_lora={part}"]) == 0
+    out = capsys.readouterr().out
+    second = out.split("**")[1]
+    assert (rules.parse_method_aware(second)["dreambooth_lora"] if second.startswith("M ") else second) != part
+    assert f"left out for dreambooth_lora (failed outside the benchmark): {part}" in out
+    assert rules.main([str(tmp_path), "--selection-only", "--exclude", "dreambooth_lora=no such rule"]) == 2
+    assert "'no such rule' (--rule, --exclude) is not one of" in capsys.readouterr().err

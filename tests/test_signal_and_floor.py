@@ -257,6 +257,19 @@ def test_bands_stop_once_every_band_has_settled(toy_dataset, taus, stop, last):
             assert f"last, the {last}" in stopper.reason
 
 
+def test_a_band_that_never_fell_beyond_its_noise_holds_the_stop_and_the_report_says_so(toy_dataset):
+    """A flat, noisy band has nothing to settle from: its n / T passes the multiple, but its drop is within 5x its
+    evaluation noise, so the bands never all settle. The "did not stop" line says which band and why, instead of
+    showing a statistic past the threshold without a reason."""
+    stopper = banded_stopper(toy_dataset, [10, 10, 10])
+    for position in stopper._bands[2]:
+        stopper.objective.curves[position] = 1.0 + 0.05 * np.sin(2.1 * np.arange(600))
+    line = run(stopper).status_line()
+    assert stopper.stop_step is None and stopper.rule.statistic >= 2.0
+    assert ", but not settled: high-noise band (t " in line and "is within 5x the evaluation noise" in line
+    assert "not settled" not in run(banded_stopper(toy_dataset, [10, 10, None])).status_line()  # still falling
+
+
 @pytest.mark.parametrize("tau", [40, 150, 600])
 def test_planted_decays_stop_at_a_similar_multiple_of_tau_in_bands(toy_dataset, tau):
     stopper = run(banded_stopper(toy_dataset, [tau] * 3, steps=8 * tau))

@@ -78,6 +78,13 @@ class AllSettled(StopRule):
         return min(waiting) if self.stops_when == "above" else max(waiting)
 
     @property
+    def waiting_for(self) -> Optional[str]:
+        """The first unsettled signal held back by its own rule (see :attr:`StopRule.waiting_for`), named."""
+        held = [f"{label}: {rule.waiting_for}" for rule, label, fired in zip(self.rules, self.labels, self.fired)
+                if fired is None and rule.waiting_for]
+        return "; ".join(held) or None
+
+    @property
     def statistic_name(self) -> str:  # type: ignore[override]
         return f"{self.rules[0].statistic_name} (the least settled of {self.num_signals} {self.noun}s)"
 

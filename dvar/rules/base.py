@@ -116,6 +116,12 @@ class StopRule(ABC):
         return self.stop_kind is StopKind.NON_FINITE
 
     @property
+    def waiting_for(self) -> Optional[str]:
+        """Why the rule has not fired though its statistic says it could, for the "did not stop" line; None when the
+        statistic tells the whole story."""
+        return None
+
+    @property
     def threshold_text(self) -> str:
         """``"stops below 0.15"`` / ``"stops at 2"``."""
         return f"stops {'below' if self.stops_when == 'below' else 'at'} {self.threshold:g}"

@@ -50,6 +50,10 @@ class NotBefore(StopRule):
         return self.inner.statistic
 
     @property
+    def waiting_for(self) -> Optional[str]:
+        return self.inner.waiting_for
+
+    @property
     def statistic_name(self) -> str:  # type: ignore[override]
         return self.inner.statistic_name
 

@@ -89,6 +89,24 @@ class SettlingTimeCriterion(StopRule):
         return self.num_values / t if t else math.nan
 
     @property
+    def waiting_for(self) -> Optional[str]:
+        """Set while n has reached ``multiple`` x T but the drop is still within ``min_drop_snr`` x the noise.
+
+        >>> rule = SettlingTimeCriterion(multiple=2.0, level=0.8, min_evaluations=10)
+        >>> for i in range(60):  # flat noise: n / T passes the multiple, but there was no drop to settle from
+        ...     _ = rule.update(1.0 + 0.1 * math.sin(2.1 * i))
+        >>> rule.stopped, round(rule.statistic, 2), rule.waiting_for
+        (False, 8.57, 'its drop 0.0342 is within 5x the evaluation noise 0.0869')
+        """
+        t = self.settling_evaluations
+        if self.stopped or t is None or self.num_values < max(self.min_evaluations, self.multiple * t):
+            return None
+        drop = self._smoothed[0] - self._lowest
+        if drop > self.min_drop_snr * self.noise:
+            return None
+        return f"its drop {drop:.3g} is within {self.min_drop_snr:g}x the evaluation noise {self.noise:.3g}"
+
+    @property
     def noise(self) -> float:
         """The evaluation noise: RMS of successive differences / sqrt(2) (0 before two values)."""
         n = self.num_values
