@@ -135,7 +135,7 @@ class DVARConfig:
         failing); otherwise :attr:`bands` as given, which the checks hold to the examples there are.
 
         Example:
-            >>> DVARConfig(method="custom_diffusion").default_bands(2)
+            >>> DVARConfig(method="dreambooth_lora").default_bands(2)
             2
             >>> DVARConfig(preset="auto", signal="bands").default_bands(2)
             3
@@ -153,8 +153,10 @@ class DVARConfig:
     def default_rule_text(self) -> str:
         """The default rule as messages name it.
 
+        >>> DVARConfig(method="dreambooth_lora").default_rule_text
+        "dvar's default rule for dreambooth_lora (auto (settling time, level 0.8, x2) on signal bands)"
         >>> DVARConfig(method="custom_diffusion").default_rule_text
-        "dvar's default rule for custom_diffusion (auto (settling time, level 0.8, x2) on signal bands)"
+        "dvar's default rule for custom_diffusion (auto (settling time, level 0.8, x3) on signal loss)"
         """
         return f"dvar's default rule for {self.method or 'an unnamed method'} ({default_rule(self.method).describe()})"
 

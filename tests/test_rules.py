@@ -283,6 +283,7 @@ CALLBACK_SETTINGS = {
     "B level=0.8 x2": lambda budget: {"signal": "bands"},
     "H B level=0.8 x1.5 from 40%": lambda budget: {"signal": "bands", "threshold": 1.5,
                                                    "min_steps": math.ceil(0.4 * budget)},
+    "S level=0.8 x3": lambda budget: {"signal": "loss", "threshold": 3.0},  # Custom Diffusion's default
 }
 
 
@@ -318,6 +319,7 @@ def test_the_replayed_default_candidates_stop_where_the_callback_does(toy_datase
     # the trajectory's examples at the frozen batch's own timesteps (B bands them by timestep)
     timesteps = stopper.eval_batch.frozen.timesteps.tolist()
     t = with_signals(planted("a", 50, 250, budget=budget), taus=taus, timesteps=timesteps, budget=budget)
+    t.losses = list(t.per_example.mean(axis=1))  # the frozen-batch loss the callback's objective gives
     replayed, _ = rules.default_candidates()[candidate](t)
     for objective.step in range(1, budget + 1):
         if stopper.step(objective.step):

@@ -367,18 +367,19 @@ def test_bands_from_timesteps_the_objective_reports_at_the_first_evaluation(toy_
 
 
 @pytest.mark.parametrize(
-    "method, preset, signal, rule",
+    "method, preset, signal, threshold, rule",
     [
-        ("textual_inversion", "textual_inversion", "loss", "DVARCriterion"),
-        ("dreambooth_lora", "auto", "bands", "AllSettled"),
-        ("custom_diffusion", "auto", "bands", "AllSettled"),
-        ("dreambooth", "auto", "bands", "AllSettled"),  # not benchmarked: the scale-free default
-        (None, "auto", "bands", "AllSettled"),  # the callback, not told the method
+        ("textual_inversion", "textual_inversion", "loss", 0.15, "DVARCriterion"),
+        ("dreambooth_lora", "auto", "bands", 2.0, "AllSettled"),  # B level=0.8 x2
+        ("custom_diffusion", "auto", "loss", 3.0, "SettlingTimeCriterion"),  # S level=0.8 x3
+        ("dreambooth", "auto", "bands", 2.0, "AllSettled"),  # not benchmarked: the scale-free default
+        (None, "auto", "bands", 2.0, "AllSettled"),  # the callback, not told the method
     ],
 )
-def test_naming_no_rule_gives_the_methods_default(method, preset, signal, rule):
+def test_naming_no_rule_gives_the_methods_default(method, preset, signal, threshold, rule):
     config = DVARConfig(method=method, max_train_steps=1000)
     assert (config.preset, config.rule_preset, config.signal) == ("default", preset, signal)
+    assert config.resolved_window_threshold()[1] == threshold
     assert type(config.make_rule(config.resolved_eval_every())).__name__ == rule
 
 

@@ -310,7 +310,7 @@ def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
     [
         ("textual_inversion", [], "default", "textual_inversion", "loss"),  # dvar's default per method
         ("dreambooth_lora", [], "default", "auto", "bands"),
-        ("custom_diffusion", [], "default", "auto", "bands"),
+        ("custom_diffusion", [], "default", "auto", "loss"),
         ("dreambooth", [], "default", "auto", "bands"),  # not benchmarked: the scale-free default
         ("dreambooth_lora", ["--early-stop-window", "300"], "dreambooth_lora", "dreambooth_lora", "loss"),
         ("custom_diffusion", ["--early-stop-threshold", "0.2"], "custom_diffusion", "custom_diffusion", "loss"),
