@@ -79,7 +79,7 @@ class AllSettled(StopRule):
 
     @property
     def waiting_for(self) -> Optional[str]:
-        """The first unsettled signal held back by its own rule (see :attr:`StopRule.waiting_for`), named."""
+        """Each unsettled signal that its own rule holds back (:attr:`StopRule.waiting_for`), named; None if none."""
         held = [f"{label}: {rule.waiting_for}" for rule, label, fired in zip(self.rules, self.labels, self.fired)
                 if fired is None and rule.waiting_for]
         return "; ".join(held) or None
