@@ -9,6 +9,7 @@ set -u
 name=${1:?a name for the run (its output goes to ${TMPDIR:-/tmp}/main-job/NAME)}; shift
 out=${TMPDIR:-/tmp}/main-job/$name
 mkdir -p "$out"
+rm -f "$out/dvar_summary.json"  # a summary left by an earlier run of this NAME must not stand in for this one's
 python integrations/textual_inversion.py --early-stop --overwrite_output_dir --output_dir "$out" "$@" > "$out.log" 2>&1
 code=$?
 python - "$out/dvar_summary.json" "$name" "$code" <<'PY'

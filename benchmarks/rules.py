@@ -740,6 +740,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not method or not rule:
             parser.error(f"--exclude {item!r}: give METHOD=RULE, e.g. 'textual_inversion=H B level=0.8 x1.5 from 40%'")
         excluded.setdefault(method, []).append(rule)
+    left_out = {rule for rules_out in excluded.values() for rule in rules_out}
     try:
         trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)
                         if not args.selection_only or t.half == HALVES[0]]
@@ -758,7 +759,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --rule: {error}", file=sys.stderr)
         return 2
     named = list(parts.values()) if parts else [args.rule] if args.rule is not None else []
-    named += [rule for rules_out in excluded.values() for rule in rules_out]
+    named += sorted(left_out)
     unknown = [rule for rule in named if rule not in rules]
     if unknown:
         print(f"error: {unknown[0]!r} (--rule, --exclude) is not one of the {args.candidates} candidates: {sorted(rules)}",
@@ -777,7 +778,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             chosen = composed[0]["rule"] if composed else chosen
     else:
         if args.candidates == "default":
-            left_out = {rule for rules_out in excluded.values() for rule in rules_out}
             cells += method_aware_cells(cells, excluded=excluded)
             chosen = choose_default([c for c in cells if c["rule"] not in left_out])
         else:

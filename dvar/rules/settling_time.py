@@ -98,13 +98,23 @@ class SettlingTimeCriterion(StopRule):
         >>> rule.stopped, round(rule.statistic, 2), rule.waiting_for
         (False, 8.57, 'its drop 0.0342 is within 5x the evaluation noise 0.0869')
         """
+        if self.stopped or not self._past_multiple() or not self._drop_within_noise():
+            return None
+        return f"its drop {self._drop:.3g} is within {self.min_drop_snr:g}x the evaluation noise {self.noise:.3g}"
+
+    @property
+    def _drop(self) -> float:
+        """D: how far the smoothed loss has fallen from its first value."""
+        return self._smoothed[0] - self._lowest
+
+    def _past_multiple(self) -> bool:
+        """n has reached ``multiple`` x T (and ``min_evaluations``): the time condition of a stop."""
         t = self.settling_evaluations
-        if self.stopped or t is None or self.num_values < max(self.min_evaluations, self.multiple * t):
-            return None
-        drop = self._smoothed[0] - self._lowest
-        if drop > self.min_drop_snr * self.noise:
-            return None
-        return f"its drop {drop:.3g} is within {self.min_drop_snr:g}x the evaluation noise {self.noise:.3g}"
+        return t is not None and self.num_values >= self.min_evaluations and self.num_values >= self.multiple * t
+
+    def _drop_within_noise(self) -> bool:
+        """D is no more than ``min_drop_snr`` x the evaluation noise: no real drop to have settled from yet."""
+        return self._drop <= self.min_drop_snr * self.noise
 
     @property
     def noise(self) -> float:
@@ -131,14 +141,10 @@ class SettlingTimeCriterion(StopRule):
 
     def _observe(self, value: float) -> Optional[str]:
         self._add(value)
-        n, t = self.num_values, self.settling_evaluations
-        if t is None or n < self.min_evaluations or n < self.multiple * t:
+        if not self._past_multiple() or self._drop_within_noise():
             return None
-        drop = self._smoothed[0] - self._lowest
-        if drop <= self.min_drop_snr * self.noise:
-            return None
-        return (f"settled: the smoothed {self.value_name} covered {self.level:.0%} of its drop {drop:.3g} by evaluation "
-                f"{t}, and {n} evaluations are {self.multiple:g}x that")
+        return (f"settled: the smoothed {self.value_name} covered {self.level:.0%} of its drop {self._drop:.3g} by "
+                f"evaluation {self.settling_evaluations}, and {self.num_values} evaluations are {self.multiple:g}x that")
 
     def _state(self) -> Dict[str, Any]:
         """The values seen; the smoothed curve and T are rebuilt on load, bit for bit."""
