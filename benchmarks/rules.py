@@ -717,7 +717,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--csv", type=Path, default=None, help="Write every cell here.")
     parser.add_argument("--rescored", nargs="*", default=[], metavar="NAME",
                         help="Pool each identity check with these rescorings of its weights (OUT/rescored/NAME, "
-                             "another seed): less check noise, narrower intervals.")
+                             "another seed): less check noise, narrower intervals. A folder without OUT/rescored/NAME "
+                             "is judged on its own checks (a note says so); one that has it must hold every "
+                             "trajectory.")
     parser.add_argument("--candidates", choices=sorted(CANDIDATE_LISTS), default="default",
                         help="default: issue 23's pre-registered list (default-candidates.md); issue12: issue 12's.")
     parser.add_argument("--rule", default=None,
@@ -741,8 +743,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--exclude {item!r}: give METHOD=RULE, e.g. 'textual_inversion=H B level=0.8 x1.5 from 40%'")
         excluded.setdefault(method, []).append(rule)
     left_out = {rule for rules_out in excluded.values() for rule in rules_out}
+    rescored_in = {folder: [n for n in args.rescored if (folder / "rescored" / n).is_dir()] for folder in args.folders}
+    for folder, names in rescored_in.items():
+        for name in args.rescored:
+            if name not in names:
+                print(f"note: {folder} has no rescoring {name!r}: its trajectories are judged on their own checks",
+                      file=sys.stderr)
     try:
-        trajectories = [t for folder in args.folders for t in load_trajectories(folder, args.rescored)
+        trajectories = [t for folder in args.folders for t in load_trajectories(folder, rescored_in[folder])
                         if not args.selection_only or t.half == HALVES[0]]
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -372,6 +372,25 @@ def test_checks_pool_with_rescorings_image_for_image(tmp_path):
         rules.pooled_checks(tmp_path, trace, 8, ["seed1237"])
 
 
+def test_a_folder_without_the_rescoring_is_judged_on_its_own_checks_and_the_note_says_so(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """``--rescored NAME`` pools the folders that hold ``rescored/NAME`` and names those judged without it."""
+    rescored, plain = tmp_path / "rescored-run", tmp_path / "plain-run"
+    (rescored / "rescored" / "seed1237").mkdir(parents=True)
+    plain.mkdir()
+    seen = {}
+
+    def load(folder, names=()):
+        seen[folder] = list(names)
+        return [with_signals(planted(f"c{i}", tau, 4 * tau, half=rules.HALVES[i % 2]), [tau] * 4, [1, 2, 3, 4])
+                for i, tau in enumerate([30, 40, 50, 60])]
+
+    monkeypatch.setattr(rules, "load_trajectories", load)
+    assert rules.main([str(rescored), str(plain), "--rescored", "seed1237", "--selection-only"]) == 0
+    assert seen == {rescored: ["seed1237"], plain: []}
+    assert f"note: {plain} has no rescoring 'seed1237'" in capsys.readouterr().err
+
+
 def test_selection_only_replays_no_held_out_trajectory(tmp_path, monkeypatch, capsys):
     """``--selection-only``: the choice is made before any held-out number exists (and default.csv, which reports
     the held-out half, cannot be asked for with it)."""
