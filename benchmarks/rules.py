@@ -105,6 +105,11 @@ def model_name(meta: dict) -> str:
     return recorded
 
 
+def rescoring_folder(folder: Path, name: str) -> Path:
+    """Where ``benchmarks.personalization.rescore --name NAME`` wrote a benchmark folder's rescoring."""
+    return Path(folder) / "rescored" / name
+
+
 def pooled_checks(folder: Path, trace: dict, check_per_prompt: int, rescored: Sequence[str]) -> tuple:
     """(identity per check, image factor): each check's identity pooled, image for image, with the same weights'
     identity in each rescoring ``folder/rescored/NAME`` (``benchmarks.personalization.rescore``, another sampling
@@ -116,7 +121,7 @@ def pooled_checks(folder: Path, trace: dict, check_per_prompt: int, rescored: Se
     total = float(check_per_prompt)
     sums = [value * check_per_prompt for value in identity]
     for name in rescored:
-        path = Path(folder) / "rescored" / name / trace["method"] / f"{trace['concept']}.json"
+        path = rescoring_folder(folder, name) / trace["method"] / f"{trace['concept']}.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: rescoring {name!r} has not scored {trace['method']} {trace['concept']} "
                                     f"yet (python -m benchmarks.personalization.rescore {folder} --name {name} ...)")
@@ -743,7 +748,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error(f"--exclude {item!r}: give METHOD=RULE, e.g. 'textual_inversion=H B level=0.8 x1.5 from 40%'")
         excluded.setdefault(method, []).append(rule)
     left_out = {rule for rules_out in excluded.values() for rule in rules_out}
-    rescored_in = {folder: [n for n in args.rescored if (folder / "rescored" / n).is_dir()] for folder in args.folders}
+    rescored_in = {folder: [n for n in args.rescored if rescoring_folder(folder, n).is_dir()] for folder in args.folders}
     for folder, names in rescored_in.items():
         for name in args.rescored:
             if name not in names:
