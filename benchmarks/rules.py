@@ -31,6 +31,7 @@ import csv
 import json
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,6 +57,8 @@ from dvar.rules import AllSettled, SettlingTimeCriterion, resolve_preset, timest
 from dvar.stride import budget_stride, resolve_eval_every, strided_stop_step  # noqa: E402
 
 HALVES = ("selection", "held_out")
+#: ``--pooled``: every concept in one set (the design set of all 48, or a fresh confirmation set)
+POOLED = "all"
 
 
 @dataclass
@@ -263,16 +266,18 @@ def normalized_settling(multiple: float, level: float) -> Rule:
     return rule
 
 
-def band_settling(multiple: float, level: float, bands: int = 3) -> Rule:
+def band_settling(multiple: float, level: float, bands: int = 3, flat_bands: str = "hold") -> Rule:
     """B: the frozen examples in ``bands`` timestep bands, each normalised as N; the settling-time rule on each,
-    stopping once every band has settled."""
+    stopping once every band has settled. Bf (``flat_bands="skip"``): a band that has not fallen beyond its noise does
+    not hold the stop once another has settled (``DVARConfig(signal="bands", flat_bands="skip")``)."""
 
     def rule(t: Trajectory) -> tuple:
         k = budget_stride(t.budget)
         normalized = normalized_examples(t, k)
         groups = [g for g in timestep_bands(_require(t, "timesteps").tolist(), bands) if g]
         signals = np.stack([normalized[:, g].mean(axis=1) for g in groups], axis=1)
-        watcher = AllSettled([SettlingTimeCriterion(multiple=multiple, level=level) for _ in groups])
+        watcher = AllSettled([SettlingTimeCriterion(multiple=multiple, level=level) for _ in groups],
+                             flat_holds=flat_bands != "skip")
         stop = replay_stop_step(watcher, list(signals), 1)
         return (None if stop is None else stop * k), stop or signals.shape[0]
 
@@ -424,6 +429,17 @@ def default_candidates() -> Dict[str, Rule]:
     rules["G B x1.5 guard E a=1.5"] = guarded(band_settling(1.5, 0.8), displacement_exponent(1.5))
     rules["B level=0.8 x1.75"] = band_settling(1.75, 0.8)  # added 2026-12-07 (seventh session), before its replay
     rules["B level=0.9 x1.5"] = band_settling(1.5, 0.9)
+    # added 2026-12-08 (ninth session), for the choice on all 48 concepts confirmed on a fresh set
+    for multiple in (2.5, 3.0, 4.0):
+        rules[f"B level=0.8 x{multiple:g}"] = band_settling(multiple, 0.8)
+        rules[f"N level=0.8 x{multiple:g}"] = normalized_settling(multiple, 0.8)
+    for share in (0.3, 0.4, 0.5):
+        rules[f"H B level=0.8 x2 from {share:.0%}"] = not_before(band_settling(2.0, 0.8), share)
+        rules[f"H S level=0.8 x2 from {share:.0%}"] = not_before(settling_time(2.0, 0.8), share)
+        rules[f"H paper from {share:.0%}"] = not_before(paper_preset, share)
+    for multiple in (1.5, 1.75, 2.0):
+        rules[f"Bf level=0.8 x{multiple:g}"] = band_settling(multiple, 0.8, flat_bands="skip")
+        rules[f"H Bf level=0.8 x{multiple:g} from 40%"] = not_before(band_settling(multiple, 0.8, flat_bands="skip"), 0.4)
     return rules
 
 
@@ -537,7 +553,9 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     rate cell, the highest smallest-over-methods median saving captured at 1x (then mean saving); if none is, the
     method-aware candidate M (:func:`method_aware_cells`, when ``cells`` hold it) if it is non-inferior in every
     cell; else the one whose worst cell's CI low is highest (nearest to non-inferior), then by saving; ties go to
-    the earlier, simpler, candidate. ``reference`` (the paper presets, the saturation oracles) are not candidates,
+    the earlier, simpler, candidate. When single candidates are non-inferior everywhere but none meets the bar
+    (:func:`meets_default_bar`), M competes with them on saving: the issue allows a method-aware default "only if
+    one rule cannot do it", and a single rule that hardly stops cannot (amendment of 2026-12-08). ``reference`` (the paper presets, the saturation oracles) are not candidates,
     and neither is a rule that never stops before the budget for some method at 1x (mean saving captured 0): it is
     trivially non-inferior, and a default that does not stop is no stopping rule. A rule that stops on few
     concepts (median saving 0, mean above 0) is a candidate: the issue's fallback is the best rule non-inferior in
@@ -552,6 +570,13 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     >>> choose_default(cells + [{**c, "rule": "never", "noninferior": "yes", "saving_captured_median": 0.0,
     ...                          "saving_captured_mean": 0.0} for c in cells if c["rule"] == "a"])
     'c'
+
+    No single rule meets the bar (0.6 at 1x): the method-aware one that saves more is taken.
+
+    >>> slow = [{**c, "saving_captured_median": 0.1, "saving_captured_mean": 0.1} for c in cells if c["rule"] == "c"]
+    >>> aware = [{**c, "rule": "M ti: x; cd: y", "saving_captured_median": 0.5} for c in slow]
+    >>> choose_default(slow + aware)
+    'M ti: x; cd: y'
     """
     names = list(dict.fromkeys(c["rule"] for c in cells if c["rule"] not in reference and c["half"] == half))
 
@@ -575,9 +600,11 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
         return [name for name in candidates if all(c["noninferior"] == "yes" for c in cells_of(name))]
 
     single = everywhere([name for name in names if not name.startswith(f"{METHOD_AWARE} ")])
-    if single:
-        return max(single, key=lambda name: (*saving(name), -names.index(name)))
     method_aware = everywhere([name for name in names if name.startswith(f"{METHOD_AWARE} ")])
+    if any(meets_default_bar(cells_of(name), half) for name in single) or (single and not method_aware):
+        return max(single, key=lambda name: (*saving(name), -names.index(name)))
+    if single:  # no single rule meets the bar: M competes with them on saving (amendment of 2026-12-08)
+        return max(single + method_aware, key=lambda name: (*saving(name), -names.index(name)))
     if method_aware:
         return method_aware[0]
 
@@ -691,9 +718,10 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
                  f"(`preset='auto'` ships `{AUTO}`).\n")
     head = ("| rule | model | method | lr x | n (judged) | stop / saturation, median (IQR) | saving captured | regret | "
             "too early | too late | step speedup | speedup | mean Δ identity [95% CI] | non-inferior |")
-    for half in HALVES:
-        shown = [c for c in cells if c["half"] == half and (half == "selection" or c["rule"] in {"paper", AUTO, chosen})]
-        lines += [f"\n### {half.replace('_', '-')} half\n", head, "|" + "---|" * 14]
+    for half in [h for h in (*HALVES, POOLED) if any(c["half"] == h for c in cells)]:
+        shown = [c for c in cells if c["half"] == half and (half != "held_out" or c["rule"] in {"paper", AUTO, chosen})]
+        title = "all concepts, one set" if half == POOLED else f"{half.replace('_', '-')} half"
+        lines += [f"\n### {title}\n", head, "|" + "---|" * 14]
         for c in shown:
             lines.append(
                 f"| {c['rule']}{' (reference)' if c['rule'] in REFERENCES else ''} | {c['model']} | {c['method']} | "
@@ -702,15 +730,18 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
                 f"{_fmt(c['regret_median'])} | {_fmt(c['too_early'])} | {_fmt(c['too_late'])} | "
                 f"{_fmt(c['step_speedup_median'])} | {_fmt(c['speedup_median'])} | "
                 f"{_fmt(c['mean_delta'])} [{_fmt(c['ci_low'])}, {_fmt(c['ci_high'])}] | {c['noninferior']} |")
-    held = [c for c in cells if c["half"] == "held_out"]
+    reported = "held_out" if any(c["half"] == "held_out" for c in cells) else POOLED
+    held = [c for c in cells if c["half"] == reported]
     for name in dict.fromkeys([AUTO, chosen, "paper"]):
         mine = [c for c in held if c["rule"] == name]
         if name and mine:
             errors = [c["abs_error_median"] for c in mine if c["abs_error_median"] is not None]
-            lines.append(f"\nheld-out, {name}: non-inferior in {sum(c['noninferior'] == 'yes' for c in mine)} of "
+            where = "held-out" if reported == "held_out" else "all concepts"
+            lines.append(f"\n{where}, {name}: non-inferior in {sum(c['noninferior'] == 'yes' for c in mine)} of "
                          f"{len(mine)} cells; issue 12's target (stop / saturation in [0.8, 1.5] and non-inferior) met "
                          f"in {sum(map(meets_target, mine))}; issue 23's bar (non-inferior everywhere, saving captured "
-                         f">= {SAVING_BAR:g} at 1x): {'met' if meets_default_bar(mine) else 'not met'}; median over "
+                         f">= {SAVING_BAR:g} at 1x): {'met' if meets_default_bar(mine, reported) else 'not met'}; "
+                         f"median over "
                          f"cells of median |stop / saturation - 1|: {_fmt(median(errors))}")
     return "\n".join(lines) + "\n"
 
@@ -738,7 +769,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--selection-only", action="store_true",
                         help="Replay the selection half's trajectories only, leaving the held-out ones unread: make "
                              "the choice before any held-out number exists.")
+    parser.add_argument("--pooled", action="store_true",
+                        help="Judge every concept as one set (half 'all') instead of splitting by position: choose on "
+                             "all of them (the design set), or report a fresh set with --rule.")
     args = parser.parse_args(argv)
+    if args.selection_only and args.pooled:
+        parser.error("--selection-only and --pooled: pick one (the selection half, or every concept as one set)")
     if args.selection_only and args.default_csv:
         parser.error("--default-csv reports the held-out half: leave out --selection-only")
     excluded: Dict[str, List[str]] = {}
@@ -757,6 +793,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         trajectories = [t for folder in args.folders for t in load_trajectories(folder, rescored_in[folder])
                         if not args.selection_only or t.half == HALVES[0]]
+        if args.pooled:
+            trajectories = [dataclasses.replace(t, half=POOLED) for t in trajectories]
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -790,12 +828,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cells += composed
             chosen = composed[0]["rule"] if composed else chosen
     else:
+        design = POOLED if args.pooled else HALVES[0]
         if args.candidates == "default":
-            cells += method_aware_cells(cells, excluded=excluded)
-            chosen = choose_default([c for c in cells if c["rule"] not in left_out])
+            cells += method_aware_cells(cells, design, excluded=excluded)
+            chosen = choose_default([c for c in cells if c["rule"] not in left_out], design)
         else:
-            chosen = choose(cells)
-        how = "Chosen on the selection half (even positions)" + "".join(
+            chosen = choose(cells, design)
+        how = ("Chosen on all concepts (--pooled)" if args.pooled else "Chosen on the selection half (even positions)") + "".join(
             f"; left out for {method} (failed outside the benchmark): {', '.join(rules_out)}"
             for method, rules_out in excluded.items())
     text = markdown(cells, chosen, trajectories, how)
