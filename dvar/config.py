@@ -68,6 +68,11 @@ class DVARConfig:
         default=None, metadata={"help": "alpha: stop when var(last N) / var(all) falls below it (overrides the preset); "
                                         "for 'auto', the multiple of the settling time."}
     )
+    level: Optional[float] = field(
+        default=None,
+        metadata={"help": f"preset='auto': the share of its drop by which the smoothed loss counts as settled (default "
+                          f"{AUTO_LEVEL:g}, or the default rule's); the run stops at threshold x that time."},
+    )
     eval_every: EvalEvery = field(
         default="auto",
         metadata={
@@ -99,6 +104,13 @@ class DVARConfig:
         default=3, metadata={"help": "signal='bands': how many timestep bands (at most eval_batch_size; under the "
                                     "default rule, fewer when there are fewer frozen examples)."}
     )
+    flat_bands: Optional[Literal["hold", "skip"]] = field(
+        default=None,
+        metadata={"help": "signal='bands': what a band whose normalized loss has not fallen beyond 5x its evaluation "
+                          "noise does once another band has settled: 'hold' the stop until it falls and settles, or "
+                          "'skip' it (a band with nothing to learn cannot say when learning is done). Default: the "
+                          "default rule's when it is used, else 'hold'."},
+    )
     min_steps: Optional[int] = field(
         default=None,
         metadata={"help": "Never stop before this optimizer step: a rule that fires earlier keeps the run going to "
@@ -124,10 +136,16 @@ class DVARConfig:
                 self.min_steps = math.ceil(default.min_steps_share * self.max_train_steps)
             if self.threshold is None and default.multiple is not None:
                 self.threshold = default.multiple
+            if self.flat_bands is None and self.signal == "bands":
+                self.flat_bands = default.flat_bands  # type: ignore[assignment]
+            if self.level is None and default.level is not None:
+                self.level = default.level
             if isinstance(self.eval_batch_size, int) and not isinstance(self.eval_batch_size, bool):
                 self.bands = self.default_bands(self.eval_batch_size)
         elif self.signal is None:
             self.signal = "loss"
+        if self.flat_bands is None and self.signal == "bands":
+            self.flat_bands = "hold"
 
     def default_bands(self, frozen_examples: int) -> int:
         """How many timestep bands to watch with ``frozen_examples`` examples: under dvar's default rule at most
@@ -154,9 +172,9 @@ class DVARConfig:
         """The default rule as messages name it.
 
         >>> DVARConfig(method="dreambooth_lora").default_rule_text
-        "dvar's default rule for dreambooth_lora (auto (settling time, level 0.8, x2) on signal bands)"
+        "dvar's default rule for dreambooth_lora (auto (settling time, level 0.8, x2) on signal bands, not before 50% of the budget)"
         >>> DVARConfig(method="custom_diffusion").default_rule_text
-        "dvar's default rule for custom_diffusion (auto (settling time, level 0.8, x3) on signal loss)"
+        "dvar's default rule for custom_diffusion (auto (settling time, level 0.9, x2) on signal loss)"
         """
         return f"dvar's default rule for {self.method or 'an unnamed method'} ({default_rule(self.method).describe()})"
 
@@ -164,6 +182,11 @@ class DVARConfig:
     def rule_preset(self) -> Optional[str]:
         """The preset the rule comes from (``"default"`` resolved for :attr:`method`); None for window + threshold."""
         return default_rule(self.method).preset if self.uses_default else self.preset
+
+    @property
+    def auto_level(self) -> float:
+        """``preset="auto"``'s level: :attr:`level`, else ``AUTO_LEVEL``."""
+        return AUTO_LEVEL if self.level is None else self.level
 
     @property
     def is_auto(self) -> bool:
@@ -195,6 +218,11 @@ class DVARConfig:
                                        or not 1 <= self.bands <= self.eval_batch_size):
             raise ValueError(f"bands must be an integer from 1 to eval_batch_size ({self.eval_batch_size}): each band "
                              f"needs a frozen example (got {self.bands!r}). Lower bands or raise eval_batch_size.")
+        if self.flat_bands is not None and self.flat_bands not in ("hold", "skip"):
+            raise ValueError(f"flat_bands must be 'hold' or 'skip' (got {self.flat_bands!r}).")
+        if self.flat_bands == "skip" and self.signal != "bands":
+            raise ValueError(f"flat_bands='skip' says what a flat timestep band does, but signal={self.signal!r} "
+                             "watches no bands; use signal='bands' or leave flat_bands out.")
         if self.min_steps is None:
             return
         if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or self.min_steps < 0:
@@ -205,15 +233,16 @@ class DVARConfig:
 
     def _rule_settings(self) -> Tuple[Optional[int], float]:
         self._check_signal_and_floor()
-        if self.uses_default and default_rule(self.method).min_steps_share and self.max_train_steps is None:
-            raise ValueError(f"{self.default_rule_text} sets its floor from the step budget: pass max_train_steps.")
         if self.is_auto:
             if self.window is not None:
                 raise ValueError("preset='auto' sets its window from the run itself: leave window out (or pick a "
                                  "fixed-window preset).")
             threshold = AUTO_MULTIPLE if self.threshold is None else self.threshold
-            SettlingTimeCriterion(threshold, AUTO_LEVEL)  # validates it
+            SettlingTimeCriterion(threshold, self.auto_level)  # validates both
             return None, threshold
+        if self.level is not None:
+            raise ValueError(f"level={self.level!r} is the settling-time rule's (preset='auto'); the "
+                             f"{self.rule_preset or 'window'} rule has no level: leave it out.")
         preset = resolve_preset(self.rule_preset) if self.rule_preset else None
         window = self.window if self.window is not None else (preset.window if preset else None)
         threshold = self.threshold if self.threshold is not None else (preset.threshold if preset else None)
@@ -261,10 +290,13 @@ class DVARConfig:
             ('AllSettled', ['low-noise band', 'mid-noise band', 'high-noise band'])
         """
         window, threshold = self._rule_settings()
+        if self.uses_default and default_rule(self.method).min_steps_share and self.max_train_steps is None:
+            # (checked here, not with the other settings: kohya's --max_train_epochs gives the budget later)
+            raise ValueError(f"{self.default_rule_text} sets its floor from the step budget: pass max_train_steps.")
 
         def one_rule() -> StopRule:
             if window is None:
-                settling = SettlingTimeCriterion(threshold, AUTO_LEVEL, nonfinite=self.nonfinite)
+                settling = SettlingTimeCriterion(threshold, self.auto_level, nonfinite=self.nonfinite)
                 if self.per_example:
                     settling.value_name = "normalized loss"
                 return settling
@@ -274,7 +306,7 @@ class DVARConfig:
         if self.signal == "bands":
             rule = AllSettled([rule] + [one_rule() for _ in range(self.bands - 1)],
                               list(band_labels) if band_labels is not None else default_band_labels(self.bands),
-                              noun="timestep band")
+                              noun="timestep band", flat_holds=self.flat_bands != "skip")
         if self.min_steps:
             rule = NotBefore(rule, math.ceil(self.min_steps / eval_every), f"min_steps={self.min_steps}")
         return rule

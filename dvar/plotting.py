@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -47,7 +48,7 @@ def plot_history(
     ax_var.plot(steps, [row.statistic for row in history], color="C1", label=statistic_name)
     ax_var.axhline(threshold, color="C3", linestyle="--", linewidth=1,
                    label=f"threshold {threshold:g} (stops {'below' if stops_when == 'below' else 'at or above'} it)")
-    ax_var.set_ylabel(statistic_name)
+    ax_var.set_ylabel(textwrap.fill(statistic_name, 34), fontsize=9)  # a long name would run into the panel above
     ax_var.set_xlabel("optimizer step")
     ax_var.set_ylim(bottom=0)
     for ax in (ax_loss, ax_var):

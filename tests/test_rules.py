@@ -113,15 +113,30 @@ def test_the_settling_time_rule_never_stops_a_loss_that_has_not_settled(trace):
 
 
 def with_signals(t, taus, timesteps, budget=1000, pflug_turns=None, displacement_tau=None):
-    """Give a planted trajectory format-3 signals: example e's loss exp(-t / taus[e]) (plus a floor), the updates'
-    successive inner products positive until ``pflug_turns`` and negative after, |w_t - w_0|^2 = 1 - exp(-t / tau)."""
+    """Give a planted trajectory format-3 signals: example e's loss exp(-t / taus[e]) (plus a floor; tau 0: flat, with
+    a little noise), the updates' successive inner products positive until ``pflug_turns`` and negative after,
+    |w_t - w_0|^2 = 1 - exp(-t / tau)."""
     steps = np.arange(1, budget + 1)[:, None]
-    t.per_example = 0.1 + np.exp(-steps / np.asarray(taus, dtype=float)[None, :])
+    taus = np.asarray(taus, dtype=float)[None, :]
+    falling = 0.1 + np.exp(-steps / np.where(taus > 0, taus, 1.0))
+    t.per_example = np.where(taus > 0, falling, 1.0 + 0.001 * np.sin(2.1 * steps))
     t.timesteps = np.asarray(timesteps, dtype=float)
     turns = pflug_turns or budget + 1
     t.dot_previous = [None] + [1.0 if s < turns else -3.0 for s in range(2, budget + 1)]
     t.displacement_sq = list(1 - np.exp(-np.arange(1, budget + 1) / (displacement_tau or 50)))
     return t
+
+
+@pytest.mark.parametrize("taus, hold, skip", [
+    ([20, 20, 20, 20], 200, 200),  # every band falls: B and Bf agree
+    ([20, 20, 20, 0], None, 200),  # the high-noise band never falls: B waits for it forever, Bf does not
+    ([0, 0, 0, 0], None, None),  # nothing falls: neither stops
+    ([20, 20, 20, 150], 560, 560),  # a band that falls slowly is no flat band: both wait for it
+])
+def test_a_band_that_never_falls_holds_b_but_not_bf(taus, hold, skip):
+    t = with_signals(planted("a", 50, 250), taus, timesteps=[100, 300, 600, 900])
+    assert rules.band_settling(2.0, 0.8)(t)[0] == hold
+    assert rules.band_settling(2.0, 0.8, flat_bands="skip")(t)[0] == skip
 
 
 def test_normalized_examples_weigh_a_small_loss_like_a_large_one():
@@ -283,7 +298,11 @@ CALLBACK_SETTINGS = {
     "B level=0.8 x2": lambda budget: {"signal": "bands"},
     "H B level=0.8 x1.5 from 40%": lambda budget: {"signal": "bands", "threshold": 1.5,
                                                    "min_steps": math.ceil(0.4 * budget)},
-    "S level=0.8 x3": lambda budget: {"signal": "loss", "threshold": 3.0},  # Custom Diffusion's default
+    "S level=0.8 x3": lambda budget: {"signal": "loss", "threshold": 3.0},
+    # the default's parts (dvar.rules.DEFAULT_RULES): Textual Inversion, DreamBooth-LoRA, Custom Diffusion
+    "Bf level=0.8 x1.75": lambda budget: {"signal": "bands", "threshold": 1.75, "flat_bands": "skip"},
+    "H B level=0.8 x2 from 50%": lambda budget: {"signal": "bands", "min_steps": math.ceil(0.5 * budget)},
+    "S level=0.9 x2": lambda budget: {"signal": "loss", "threshold": 2.0, "level": 0.9},
 }
 
 
@@ -294,6 +313,7 @@ CALLBACK_SETTINGS = {
     ([10, 10, 60, 60], 500),  # fires at 170, held to 200 (H)
     ([300, 20, 20, 20], 1000),  # one example settles last: B waits for its band, N (mean of four) does not
     ([5000, 5000, 5000, 5000], 800),  # still falling at the budget: never
+    ([20, 0, 60, 0], 1000),  # two examples never fall: Bf does not wait for a band of them, B does
 ])
 def test_the_replayed_default_candidates_stop_where_the_callback_does(toy_dataset, candidate, taus, budget):
     from types import SimpleNamespace
@@ -325,7 +345,8 @@ def test_the_replayed_default_candidates_stop_where_the_callback_does(toy_datase
         if stopper.step(objective.step):
             break
     assert stopper.stop_step == replayed
-    assert (replayed is None) == (taus[0] == 5000)
+    if 0 not in taus:
+        assert (replayed is None) == (taus[0] == 5000)
 
 
 def test_a_trajectory_without_update_statistics_is_left_out_of_the_candidates_that_need_them():

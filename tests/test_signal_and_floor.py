@@ -102,6 +102,15 @@ def test_min_steps_is_counted_in_evaluations_at_the_stride(min_steps, every, eva
         ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "bands": 0}, "bands must be an integer"),
         ({"preset": "auto", "max_train_steps": 100, "signal": "bands"},  # no scheduler: no timesteps to band by
          "groups the frozen examples by their timesteps.*use signal='normalized'"),
+        ({"preset": "auto", "max_train_steps": 100, "flat_bands": "skip"},
+         r"flat_bands='skip' says what a flat timestep band does, but signal='loss' watches no bands"),
+        ({"preset": "auto", "max_train_steps": 100, "signal": "bands", "flat_bands": "ignore"},
+         "flat_bands must be 'hold' or 'skip'"),
+        ({"preset": "auto", "max_train_steps": 100, "level": 1.2}, "settling-time level must be between 0 and 1"),
+        ({"preset": "auto", "max_train_steps": 100, "level": 0.4},  # x2 at level 0.4 would stop a straight fall
+         r"multiple \* level > 1"),
+        ({"preset": "textual_inversion", "max_train_steps": 1000, "level": 0.9},
+         "the textual_inversion rule has no level: leave it out"),
     ],
 )
 def test_impossible_signal_and_floor_settings(toy_dataset, kwargs, message):
@@ -217,14 +226,17 @@ def test_two_processes_gather_the_per_example_signal(tmp_path, signal):
 
 def banded_stopper(toy_dataset, taus, steps=600, **settings):
     """The settling-time callback with ``signal="bands"`` on six planted examples, two per timestep band: the
-    examples of band b decay with ``taus[b]`` (None: fall in a straight line), whatever their positions."""
+    examples of band b decay with ``taus[b]`` (None: fall in a straight line; 0: stay flat, with a little noise),
+    whatever their positions."""
     from diffusers import DDPMScheduler
 
     stopper = planted_stopper(toy_dataset, [decay(10, steps)] * 6, noise_scheduler=DDPMScheduler(),
                               **{"signal": "bands", **settings})
     for band, tau in zip(stopper._bands, taus):
         for position in band:
-            stopper.objective.curves[position] = decay(tau, steps) if tau else np.linspace(2.0, 1.0, steps)
+            stopper.objective.curves[position] = (
+                decay(tau, steps) if tau else np.linspace(2.0, 1.0, steps) if tau is None
+                else 1.0 + 0.001 * np.sin(2.1 * np.arange(steps)))
     return stopper
 
 
@@ -367,20 +379,25 @@ def test_bands_from_timesteps_the_objective_reports_at_the_first_evaluation(toy_
 
 
 @pytest.mark.parametrize(
-    "method, preset, signal, threshold, rule",
+    "method, signal, threshold, level, flat_bands, min_steps, rule",
     [
-        ("textual_inversion", "textual_inversion", "loss", 0.15, "DVARCriterion"),
-        ("dreambooth_lora", "auto", "bands", 2.0, "AllSettled"),  # B level=0.8 x2
-        ("custom_diffusion", "auto", "loss", 3.0, "SettlingTimeCriterion"),  # S level=0.8 x3
-        ("dreambooth", "auto", "bands", 2.0, "AllSettled"),  # not benchmarked: the scale-free default
-        (None, "auto", "bands", 2.0, "AllSettled"),  # the callback, not told the method
+        ("textual_inversion", "bands", 1.75, 0.8, "skip", None, "AllSettled"),  # Bf level=0.8 x1.75
+        ("dreambooth_lora", "bands", 2.0, 0.8, "hold", 500, "NotBefore"),  # H B level=0.8 x2 from 50%
+        ("custom_diffusion", "loss", 2.0, 0.9, None, None, "SettlingTimeCriterion"),  # S level=0.9 x2
+        ("dreambooth", "bands", 2.0, 0.8, "hold", None, "AllSettled"),  # not benchmarked: the scale-free default
+        (None, "bands", 2.0, 0.8, "hold", None, "AllSettled"),  # the callback, not told the method
     ],
 )
-def test_naming_no_rule_gives_the_methods_default(method, preset, signal, threshold, rule):
+def test_naming_no_rule_gives_the_methods_default(method, signal, threshold, level, flat_bands, min_steps, rule):
     config = DVARConfig(method=method, max_train_steps=1000)
-    assert (config.preset, config.rule_preset, config.signal) == ("default", preset, signal)
-    assert config.resolved_window_threshold()[1] == threshold
-    assert type(config.make_rule(config.resolved_eval_every())).__name__ == rule
+    assert (config.preset, config.rule_preset, config.signal) == ("default", "auto", signal)
+    assert (config.resolved_window_threshold()[1], config.auto_level) == (threshold, level)
+    assert (config.flat_bands, config.min_steps) == (flat_bands, min_steps)
+    made = config.make_rule(config.resolved_eval_every())
+    assert type(made).__name__ == rule
+    if flat_bands is not None:
+        bands = made.inner if rule == "NotBefore" else made
+        assert bands.flat_holds == (flat_bands == "hold")
 
 
 @pytest.mark.parametrize(
@@ -392,7 +409,8 @@ def test_naming_no_rule_gives_the_methods_default(method, preset, signal, thresh
         ({"window": 300}, "dreambooth_lora", "loss"),  # alone, it overrides the method's paper preset
         ({"threshold": 0.3}, "dreambooth_lora", "loss"),
         ({"signal": "normalized"}, "auto", "normalized"),  # the default rule on another signal
-        ({"preset": "default", "method": "textual_inversion"}, "textual_inversion", "loss"),
+        ({"preset": "default", "method": "textual_inversion"}, "auto", "bands"),
+        ({"window": 300, "method": "textual_inversion"}, "textual_inversion", "loss"),
     ],
 )
 def test_what_is_named_overrides_the_default(settings, preset, signal):
@@ -400,11 +418,20 @@ def test_what_is_named_overrides_the_default(settings, preset, signal):
     assert (config.rule_preset, config.signal) == (preset, signal)
 
 
-def test_the_default_rule_stops_planted_bands_and_says_so(toy_dataset):
-    """The callback with nothing named stops where ``signal="bands"`` does, and its summary says it was the default."""
-    stopper = banded_stopper(toy_dataset, [10, 30, 10], preset=None, signal=None, method="dreambooth_lora")
+@pytest.mark.parametrize("method, taus, stop, reason", [
+    (None, [10, 30, 10], 96, "every timestep band has settled"),  # the scale-free default: B level=0.8 x2
+    ("dreambooth_lora", [10, 30, 10], 300, "held until min_steps=300"),  # the same, not before 50% of the budget
+    ("dreambooth_lora", [10, 200, 10], 568, "every timestep band has settled"),  # a band settling late decides
+    ("textual_inversion", [10, 30, 10], 77, "every timestep band has settled"),  # x1.75
+    ("textual_inversion", [10, 30, 0], 77, "the high-noise band (t "),  # a band that never fell does not hold it
+    (None, [10, 30, 0], None, None),  # ... but it does under the scale-free default (flat_bands="hold")
+])
+def test_the_default_rule_stops_planted_bands_and_says_so(toy_dataset, method, taus, stop, reason):
+    """The callback with nothing named stops as its method's default rule does, and its summary says it was the
+    default."""
+    stopper = banded_stopper(toy_dataset, taus, preset=None, signal=None, method=method)
     summary = run(stopper).summary()
-    assert stopper.stop_step == 96 and "every timestep band has settled" in stopper.reason
+    assert stopper.stop_step == stop and (reason is None or reason in stopper.reason)
     assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")
 
 
@@ -420,7 +447,7 @@ def test_the_default_rule_stops_planted_bands_and_says_so(toy_dataset):
 )
 def test_the_default_fits_its_bands_to_the_frozen_examples(settings, bands):
     config = DVARConfig(**{"method": "dreambooth_lora", "max_train_steps": 100, **settings})
-    assert config.bands == bands and type(config.make_rule(1)).__name__ == "AllSettled"
+    assert config.bands == bands and type(config.make_rule(1).inner).__name__ == "AllSettled"  # inside the floor
 
 
 @pytest.mark.parametrize("settings", [{"preset": "auto", "signal": "bands"}, {"signal": "bands", "bands": 3}])
@@ -442,7 +469,7 @@ def test_the_default_runs_on_a_frozen_batch_of_one_or_two(toy_dataset, taus, sto
     """A DreamBooth run on one or two photos: the default watches one band per photo."""
     from diffusers import DDPMScheduler
 
-    stopper = planted_stopper(toy_dataset, [decay(10, 600)] * len(taus), preset=None, method="dreambooth_lora",
+    stopper = planted_stopper(toy_dataset, [decay(10, 600)] * len(taus), preset=None, method="dreambooth",
                               noise_scheduler=DDPMScheduler())
     assert len(stopper._bands) == stopper.config.bands == len(taus)
     for band, tau in zip(stopper._bands, taus):  # band 1 holds the lower timestep, whichever example that is
@@ -482,7 +509,7 @@ def reported_default_stopper(units):
     """The default rule on fewer frozen units than its three bands, known only at the first evaluation."""
     curves = [decay(tau, 600) for tau in (10, 30)[:units]]
     return DVAREarlyStopping(objective=ReportedTimesteps(curves, [900, 100][:units]),
-                             eval_batch=FrozenInWholeBatches(units), method="dreambooth_lora", eval_every=1,
+                             eval_batch=FrozenInWholeBatches(units), method="dreambooth", eval_every=1,
                              max_train_steps=600)
 
 

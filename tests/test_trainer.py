@@ -189,7 +189,13 @@ def test_bad_data_folders(ti_args, tmp_path, capsys, kind, message):
         (["--initializer_token", "a dog"], "--initializer_token 'a dog' is 2 tokens"),
         (["--initializer_token", "ktn"], "--initializer_token 'ktn' is 2 tokens"),
         (["--early-stop", "--early-stop-window", "30"], "--early-stop-window 30 is larger than --max_train_steps 20"),
-        (["--early-stop"], "--early-stop-window 310 is larger than --max_train_steps 20"),  # TI's default: the paper's
+        (["--early-stop", "--early-stop-preset", "textual_inversion"],
+         "--early-stop-window 310 is larger than --max_train_steps 20"),  # the paper's preset
+        (["--early-stop", "--early-stop-preset", "textual_inversion", "--early-stop-window", "5", "--early-stop-level",
+          "0.9"],
+         "the textual_inversion rule has no level"),
+        (["--early-stop", "--early-stop-signal", "loss", "--early-stop-flat-bands", "skip"],
+         "flat_bands='skip' says what a flat timestep band does"),
         (["--early-stop", "--early-stop-threshold", "0"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-threshold", "-1"], "threshold must be a finite number > 0"),
         (["--early-stop", "--early-stop-window", "1"], "window must be an integer >= 2"),
@@ -308,14 +314,14 @@ def test_defaults_train_the_embedded_model_on_a_bundled_concept(tmp_path):
 @pytest.mark.parametrize(
     "module, flags, preset, method_preset, signal",
     [
-        ("textual_inversion", [], "default", "textual_inversion", "loss"),  # dvar's default per method
+        ("textual_inversion", [], "default", "auto", "bands"),  # dvar's default per method
         ("dreambooth_lora", [], "default", "auto", "bands"),
         ("custom_diffusion", [], "default", "auto", "loss"),
         ("dreambooth", [], "default", "auto", "bands"),  # not benchmarked: the scale-free default
         ("dreambooth_lora", ["--early-stop-window", "300"], "dreambooth_lora", "dreambooth_lora", "loss"),
         ("custom_diffusion", ["--early-stop-threshold", "0.2"], "custom_diffusion", "custom_diffusion", "loss"),
         ("dreambooth_lora", ["--early-stop-preset", "auto"], "auto", "auto", "loss"),
-        ("textual_inversion", ["--early-stop-signal", "bands"], "default", "textual_inversion", "bands"),
+        ("textual_inversion", ["--early-stop-signal", "loss"], "default", "auto", "loss"),
     ],
 )
 def test_the_trainers_rule_flags_resolve_to(module, flags, preset, method_preset, signal):

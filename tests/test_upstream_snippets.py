@@ -155,27 +155,23 @@ def test_loop_stops_early_leaves_both_loops_and_saves(name, photo_dir, tmp_path,
     assert [row["step"] for row in state["history"]] == [1, 2, 3, 4] and state["stop_step"] is None
 
 
-@pytest.mark.parametrize("name, preset, signal", [
-    ("textual_inversion", "textual_inversion", "loss"),  # (whose 310-step window cannot fill 40 steps: refused)
-    ("train_dreambooth_lora", "auto", "bands"),
-    ("train_dreambooth_lora_sdxl", "auto", "bands"),
-    ("train_dreambooth_lora_flux", "auto", "bands"),
+@pytest.mark.parametrize("name, rule", [
+    ("textual_inversion", "all_settled"),  # every band that fell has settled (flat_bands="skip")
+    ("train_dreambooth_lora", "not_before"),  # every band has settled, not before half the budget
+    ("train_dreambooth_lora_sdxl", "not_before"),
+    ("train_dreambooth_lora_flux", "not_before"),
 ])
-def test_without_the_dvar_flags_the_loop_runs_dvars_default_rule_for_its_method(name, preset, signal, photo_dir,
-                                                                                  tmp_path, request):
+def test_without_the_dvar_flags_the_loop_runs_dvars_default_rule_for_its_method(name, rule, photo_dir, tmp_path,
+                                                                                  request):
     reset_accelerate()
     module = importlib.import_module(f"upstream.{name}")
     out = tmp_path / name
     argv = flags(name, request.getfixturevalue(PIPELINE.get(name, "tiny_pipeline_dir")), photo_dir, out)
     argv = [a for i, a in enumerate(argv) if not ({a, argv[i - 1]} & {"--dvar_window", "--dvar_threshold"})]
-    if preset == "textual_inversion":
-        with pytest.raises(ValueError, match=r"window \(310 steps\) is larger than the step budget \(40\)"):
-            module.main(module.parse_args(argv))
-        return
     result = module.main(module.parse_args(argv))
     summary = json.loads((out / "dvar_summary.json").read_text())
-    assert (summary["preset"], summary["default_rule"], summary["signal"]) == (preset, True, signal)
-    assert summary["rule"] == "all_settled" and len(summary["bands"]) == 3
+    assert (summary["preset"], summary["default_rule"], summary["signal"]) == ("auto", True, "bands")
+    assert summary["rule"] == rule and len(summary["bands"]) == 3
     assert result["global_step"] == (result["stop_step"] or MAX_STEPS)
     for file in SAVED[name]:
         assert (out / file).is_file(), file

@@ -92,6 +92,13 @@ def build_parser(method: Method) -> argparse.ArgumentParser:
         "batch's mean loss), normalized (the mean of each frozen "
         "example's loss divided by its first, so high-noise examples weigh as much as low-noise ones) or bands (the "
         "normalized losses in 3 timestep bands, a rule on each; stops once all have settled).")
+    add("--early-stop-level", "--early_stop_level", dest="early_stop_level", type=float, default=None,
+        help="For auto: the share of its drop by which the smoothed loss counts as settled (default: the default "
+        "rule's, else 0.8).")
+    add("--early-stop-flat-bands", "--early_stop_flat_bands", dest="early_stop_flat_bands", default=None,
+        choices=("hold", "skip"),
+        help="With bands: whether a band whose loss has not fallen beyond its noise holds the stop once the others "
+        "have settled (hold) or not (skip); default: the default rule's, else hold.")
     add("--early-stop-min-steps", "--early_stop_min_steps", dest="early_stop_min_steps", type=int, default=None,
         help="Never stop before this optimizer step (a NaN/inf loss still stops at once).")
     method.add_arguments(parser)
@@ -151,7 +158,7 @@ def dvar_settings(args: argparse.Namespace) -> Dict[str, Any]:
         preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
         threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
         eval_batch_size=args.early_stop_batch_size, signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
-        seed=args.seed, max_train_steps=args.max_train_steps,
+        flat_bands=args.early_stop_flat_bands, level=args.early_stop_level, seed=args.seed, max_train_steps=args.max_train_steps,
     )
 
 

@@ -30,6 +30,12 @@ class AllSettled(StopRule):
     The statistic is the least advanced band's: its rule's statistic, the one furthest from the threshold
     among the rules that have not fired.
 
+    With ``flat_holds=False`` (``DVARConfig(flat_bands="skip")``) a signal that has not fallen does not hold the
+    stop: once another signal's rule has fired, a signal whose own rule is held back only for lack of a drop
+    (:attr:`StopRule.waiting_for`: its time has come, but its drop is within its noise) counts as settled for as
+    long as that lasts. A band with nothing to learn (one frozen example at a high timestep, say) cannot say when
+    learning is done.
+
     Example:
         >>> from dvar.rules import SettlingTimeCriterion
         >>> import math
@@ -39,12 +45,26 @@ class AllSettled(StopRule):
         ([40, 70], 70)
         >>> rule.reason.split(";")[0]
         'settled: every signal has settled (fast at evaluation 40, slow at evaluation 70)'
+
+        A flat signal holds the stop unless ``flat_holds=False``:
+
+        >>> flat = [1.0 + 0.01 * math.sin(2.1 * t) for t in range(200)]
+        >>> hold = AllSettled([SettlingTimeCriterion(min_evaluations=10) for _ in range(2)], ["falls", "flat"])
+        >>> skip = AllSettled([SettlingTimeCriterion(min_evaluations=10) for _ in range(2)], ["falls", "flat"],
+        ...                   flat_holds=False)
+        >>> for t, f in enumerate(flat):
+        ...     _ = hold.update([math.exp(-t / 10), f]), skip.update([math.exp(-t / 10), f])
+        >>> hold.stopped, skip.stop_step
+        (False, 40)
+        >>> skip.reason.split("; ")[-1]
+        'the flat (not fallen beyond its noise) did not hold the stop'
     """
 
     name = "all_settled"
     version = 1
 
-    def __init__(self, rules: Sequence[StopRule], labels: Optional[Sequence[str]] = None, noun: str = "signal") -> None:
+    def __init__(self, rules: Sequence[StopRule], labels: Optional[Sequence[str]] = None, noun: str = "signal",
+                 flat_holds: bool = True) -> None:
         rules = list(rules)
         if not rules:
             raise ValueError("AllSettled needs at least one rule.")
@@ -57,7 +77,7 @@ class AllSettled(StopRule):
         super().__init__(rules[0].threshold, rules[0].nonfinite)
         for rule in rules:
             rule.nonfinite = "skip"  # non-finite values are this rule's to handle, for all signals at once
-        self.rules, self.labels, self.noun = rules, labels, noun
+        self.rules, self.labels, self.noun, self.flat_holds = rules, labels, noun, bool(flat_holds)
         self.multi_signal, self.num_signals = True, len(rules)
         self.fires_with = rules[0].fires_with  # type: ignore[misc]  # the inner rules' kind, per instance
         self.stops_when = rules[0].stops_when  # type: ignore[misc]
@@ -89,21 +109,33 @@ class AllSettled(StopRule):
         return f"{self.rules[0].statistic_name} (the least settled of {self.num_signals} {self.noun}s)"
 
     def settings(self) -> Dict[str, Any]:
-        return {"signals": self.num_signals, "rule": self.rules[0].name, **self.rules[0].settings()}
+        flat = {} if self.flat_holds else {"flat_holds": False}  # (a state saved before the option loads as before)
+        return {"signals": self.num_signals, "rule": self.rules[0].name, **self.rules[0].settings(), **flat}
+
+    def _flat(self) -> List[int]:
+        """The signals that have not fired and are held back only for lack of a drop, when they do not hold the
+        stop (``flat_holds=False``) and another signal has fired; else none."""
+        if self.flat_holds or all(step is None for step in self.fired):
+            return []
+        return [i for i, (rule, step) in enumerate(zip(self.rules, self.fired)) if step is None and rule.waiting_for]
 
     def _observe(self, values: Sequence[float]) -> Optional[str]:
         self._count += 1
         for i, (rule, value) in enumerate(zip(self.rules, values)):
             if rule.update(value) and self.fired[i] is None:
                 self.fired[i] = self._count
-        if any(step is None for step in self.fired):
+        flat = self._flat()
+        if any(step is None for i, step in enumerate(self.fired) if i not in flat):
             return None
-        last = max(range(self.num_signals), key=lambda i: (self.fired[i], i))
+        settled = [i for i in range(self.num_signals) if i not in flat]
+        last = max(settled, key=lambda i: (self.fired[i], i))
         if self.num_signals == 1:  # (a default rule on one or two photos, or kohya's one frozen batch)
             return f"{self.rules[0].reason} ({self.noun}: {self.labels[0]})"
-        where = ", ".join(f"{label} at evaluation {step}" for label, step in zip(self.labels, self.fired))
-        return (f"{self.rules[last].fires_with.value}: every {self.noun} has settled ({where}); last, the "
-                f"{self.labels[last]}: {self.rules[last].reason.split(': ', 1)[-1]}")
+        where = ", ".join(f"{self.labels[i]} at evaluation {self.fired[i]}" for i in settled)
+        every = f"every {self.noun} that fell has settled" if flat else f"every {self.noun} has settled"
+        skipped = "".join(f"; the {self.labels[i]} (not fallen beyond its noise) did not hold the stop" for i in flat)
+        return (f"{self.rules[last].fires_with.value}: {every} ({where}); last, the "
+                f"{self.labels[last]}: {self.rules[last].reason.split(': ', 1)[-1]}{skipped}")
 
     def _state(self) -> Dict[str, Any]:
         return {"rules": [rule.state_dict() for rule in self.rules], "fired": list(self.fired), "count": self._count}

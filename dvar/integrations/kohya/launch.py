@@ -194,6 +194,13 @@ def _signal(value: Any) -> str:
                                      "timestep bands, each settling).")
 
 
+def _flat_bands(value: Any) -> str:
+    if value in ("hold", "skip"):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is not a choice for a flat band; choose hold (it holds the stop until "
+                                     "it falls and settles) or skip (a band that has not fallen does not hold it).")
+
+
 def _switch(value: Any) -> bool:
     if isinstance(value, bool):
         return value
@@ -210,6 +217,7 @@ EARLY_STOP_FLAGS: Dict[str, Callable[[Any], Any]] = {
     "early_stop_batch_size": _whole("how many training examples to freeze", "4"),
     "early_stop_signal": _signal,
     "early_stop_min_steps": _whole("the optimizer step before which DVAR never stops", "400"),
+    "early_stop_flat_bands": _flat_bands,
 }
 
 
@@ -242,6 +250,9 @@ def add_early_stop_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
                             "settled)")
     group.add_argument("--early_stop_min_steps", type=EARLY_STOP_FLAGS["early_stop_min_steps"], default=None,
                        help="never stop before this optimizer step (a NaN/inf loss still stops at once)")
+    group.add_argument("--early_stop_flat_bands", type=_flat_bands, default=None,
+                       help="with bands: whether a band whose loss has not fallen beyond its noise holds the stop once "
+                            "the others have settled (hold) or not (skip); default: the default rule's, else hold")
     return parser
 
 

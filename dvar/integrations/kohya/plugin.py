@@ -98,6 +98,7 @@ def config_from_args(args: Any) -> DVARConfig:
         eval_batch_size=args.early_stop_batch_size,
         signal=getattr(args, "early_stop_signal", None),
         min_steps=getattr(args, "early_stop_min_steps", None),
+        flat_bands=getattr(args, "early_stop_flat_bands", None),
         max_train_steps=None if args.max_train_epochs is not None else args.max_train_steps,
         verbose=False,  # the plugin prints its own lines, through kohya's accelerator
     )
