@@ -295,14 +295,34 @@ def test_a_nan_in_one_band_stops_the_run_as_diverged(toy_dataset):
     assert (stopper.stop_step, stopper.diverged) == (31, True) and stopper.reason.startswith("non-finite")
 
 
-@pytest.mark.parametrize("cut", [1, 39, 40, 41, 100, 179])
-def test_bands_resume_to_the_same_stop_and_reason(toy_dataset, cut):
-    straight = run(banded_stopper(toy_dataset, [10, 10, 60]))
-    first = run(banded_stopper(toy_dataset, [10, 10, 60]), last_step=cut)
-    resumed = banded_stopper(toy_dataset, [10, 10, 60])
+@pytest.mark.parametrize("taus, settings, stop", [
+    ([10, 10, 60], {}, 180),
+    ([10, 30, 0], {"flat_bands": "skip"}, 96),  # the flat high-noise band does not hold the stop (Bf x2)
+    ([10, 30, 0], {"preset": None, "signal": None, "method": "textual_inversion"}, 77),  # TI's default: Bf x1.75
+])
+@pytest.mark.parametrize("cut", [1, 39, 40, 41, 76, 100, 179])
+def test_bands_resume_to_the_same_stop_and_reason(toy_dataset, cut, taus, settings, stop):
+    straight = run(banded_stopper(toy_dataset, taus, **settings))
+    first = run(banded_stopper(toy_dataset, taus, **settings), last_step=min(cut, stop - 1))
+    resumed = banded_stopper(toy_dataset, taus, **settings)
     resumed.load_state_dict(first.state_dict())
-    resumed = run(resumed, first_step=cut + 1)
-    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason) == (180, straight.reason)
+    resumed = run(resumed, first_step=min(cut, stop - 1) + 1)
+    assert (resumed.stop_step, resumed.reason) == (straight.stop_step, straight.reason) == (stop, straight.reason)
+
+
+@pytest.mark.parametrize("saved_with, resumed_with", [("hold", "skip"), ("skip", "hold")])
+def test_a_checkpoint_with_the_other_flat_bands_setting_is_refused(toy_dataset, saved_with, resumed_with):
+    saved = run(banded_stopper(toy_dataset, [10, 30, 0], flat_bands=saved_with), last_step=20).state_dict()
+    with pytest.raises(ValueError, match="flat_holds"):
+        banded_stopper(toy_dataset, [10, 30, 0], flat_bands=resumed_with).load_state_dict(saved)
+
+
+def test_a_bands_checkpoint_from_before_flat_bands_resumes_as_hold(toy_dataset):
+    saved = run(banded_stopper(toy_dataset, [10, 10, 60]), last_step=50).state_dict()
+    assert saved["rule"]["settings"].pop("flat_holds") is True  # as dvar wrote it before the setting existed
+    resumed = banded_stopper(toy_dataset, [10, 10, 60])
+    resumed.load_state_dict(saved)
+    assert run(resumed, first_step=51).stop_step == 180
 
 
 def test_a_checkpoint_with_other_bands_is_refused(toy_dataset):

@@ -109,8 +109,14 @@ class AllSettled(StopRule):
         return f"{self.rules[0].statistic_name} (the least settled of {self.num_signals} {self.noun}s)"
 
     def settings(self) -> Dict[str, Any]:
-        flat = {} if self.flat_holds else {"flat_holds": False}  # (a state saved before the option loads as before)
-        return {"signals": self.num_signals, "rule": self.rules[0].name, **self.rules[0].settings(), **flat}
+        return {"signals": self.num_signals, "rule": self.rules[0].name, **self.rules[0].settings(),
+                "flat_holds": self.flat_holds}
+
+    def _upgrade(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A state saved before ``flat_holds`` existed was written by a rule in which every signal held the stop."""
+        if "flat_holds" in state.get("settings", {"flat_holds": None}):
+            return state
+        return {**state, "settings": {**state["settings"], "flat_holds": True}}
 
     def _flat(self) -> List[int]:
         """The signals that have not fired and are held back only for lack of a drop, when they do not hold the
