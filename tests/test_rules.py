@@ -246,9 +246,18 @@ def with_method_aware(cells):
     ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
       _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "yes", -0.01, 0.2),
       _cell("b", "ti", "yes", -0.01, 0.1), _cell("b", "cd", "undecided", -0.025, 0.1)], "M ti: paper; cd: a"),
-    # a single rule non-inferior everywhere is chosen over M, even if M would save more
+    # a single rule that meets the bar (non-inferior everywhere, 0.6 at 1x) is chosen over M, even if M saves more
     ([_cell("paper", "ti", "yes", -0.01, 0.9), _cell("paper", "cd", "no", -0.06, 0.8),
-      _cell("a", "ti", "yes", -0.01, 0.1), _cell("a", "cd", "yes", -0.01, 0.1)], "a"),
+      _cell("a", "ti", "yes", -0.01, 0.6), _cell("a", "cd", "yes", -0.01, 0.6),
+      _cell("c", "ti", "undecided", -0.03, 0.9), _cell("c", "cd", "yes", -0.01, 0.8)], "a"),
+    # no single rule meets it: M competes with the safe single rules on saving, and saves more than this one
+    ([_cell("paper", "ti", "yes", -0.01, 0.9), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "yes", -0.01, 0.1), _cell("a", "cd", "yes", -0.01, 0.1),
+      _cell("c", "ti", "undecided", -0.03, 0.9), _cell("c", "cd", "yes", -0.01, 0.5)], "M ti: paper; cd: c"),
+    # ... but not more than this one: the single rule (the simpler) stays
+    ([_cell("paper", "ti", "yes", -0.01, 0.9), _cell("paper", "cd", "no", -0.06, 0.8),
+      _cell("a", "ti", "yes", -0.01, 0.5), _cell("a", "cd", "yes", -0.01, 0.5),
+      _cell("c", "ti", "undecided", -0.03, 0.9), _cell("c", "cd", "yes", -0.01, 0.4)], "a"),
     # M is not non-inferior everywhere either (no rule is on cd): the nearest, which M is
     ([_cell("paper", "ti", "yes", -0.01, 0.2), _cell("paper", "cd", "no", -0.06, 0.8),
       _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "undecided", -0.021, 0.2)], "M ti: paper; cd: a"),
@@ -261,7 +270,7 @@ def with_method_aware(cells):
       _cell("a", "ti", "undecided", -0.03, 0.6), _cell("a", "cd", "yes", -0.01, 0.2),
       _cell("b", "ti", "yes", -0.015, 0.5), _cell("b", "cd", "undecided", -0.025, 0.1)], "M ti: b; cd: a"),
 ])
-def test_the_method_aware_candidate_is_chosen_only_when_no_single_rule_qualifies(cells, chosen):
+def test_the_method_aware_candidate_competes_only_when_no_single_rule_meets_the_bar(cells, chosen):
     assert rules.choose_default(with_method_aware(cells)) == chosen
 
 

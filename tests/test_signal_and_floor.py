@@ -288,6 +288,30 @@ def test_planted_decays_stop_at_a_similar_multiple_of_tau_in_bands(toy_dataset, 
     assert stopper.stop_step is not None and 2.7 <= stopper.stop_step / tau <= 3.3
 
 
+def default_stopper(toy_dataset, method, curve):
+    """dvar's default rule for ``method`` on six planted examples that all follow ``curve``."""
+    from diffusers import DDPMScheduler
+
+    return planted_stopper(toy_dataset, [curve] * 6, noise_scheduler=DDPMScheduler(), preset=None, method=method)
+
+
+@pytest.mark.parametrize("method, low, high", [
+    ("textual_inversion", 2.1, 2.6),  # Bf level=0.8 x1.75
+    ("dreambooth_lora", 4.0, 4.0),  # B level=0.8 x2 fires near 3 tau: held to half the budget (8 tau)
+    ("custom_diffusion", 4.3, 4.8),  # S level=0.9 x2 on the loss
+])
+@pytest.mark.parametrize("tau", [40, 150, 600])
+def test_the_default_stops_planted_decays_at_one_multiple_of_tau_per_method(toy_dataset, method, low, high, tau):
+    stopper = run(default_stopper(toy_dataset, method, decay(tau, 8 * tau)))
+    assert stopper.stop_step is not None and low <= stopper.stop_step / tau <= high
+
+
+@pytest.mark.parametrize("method", ["textual_inversion", "dreambooth_lora", "custom_diffusion", None])
+def test_the_default_never_stops_a_steadily_falling_loss(toy_dataset, method):
+    stopper = run(default_stopper(toy_dataset, method, np.linspace(2.0, 1.0, 3000)))
+    assert stopper.stop_step is None and len(stopper.history) == 3000
+
+
 def test_a_nan_in_one_band_stops_the_run_as_diverged(toy_dataset):
     stopper = banded_stopper(toy_dataset, [10, 10, 60])
     stopper.objective.curves[stopper._bands[2][0]][30:] = math.nan
