@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import sys
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -438,8 +438,9 @@ def default_candidates() -> Dict[str, Rule]:
         rules[f"H S level=0.8 x2 from {share:.0%}"] = not_before(settling_time(2.0, 0.8), share)
         rules[f"H paper from {share:.0%}"] = not_before(paper_preset, share)
     for multiple in (1.5, 1.75, 2.0):
-        rules[f"Bf level=0.8 x{multiple:g}"] = band_settling(multiple, 0.8, flat_bands="skip")
-        rules[f"H Bf level=0.8 x{multiple:g} from 40%"] = not_before(band_settling(multiple, 0.8, flat_bands="skip"), 0.4)
+        skipping = band_settling(multiple, 0.8, flat_bands="skip")
+        rules[f"Bf level=0.8 x{multiple:g}"] = skipping
+        rules[f"H Bf level=0.8 x{multiple:g} from 40%"] = not_before(skipping, 0.4)
     return rules
 
 
@@ -555,7 +556,8 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
     cell; else the one whose worst cell's CI low is highest (nearest to non-inferior), then by saving; ties go to
     the earlier, simpler, candidate. When single candidates are non-inferior everywhere but none meets the bar
     (:func:`meets_default_bar`), M competes with them on saving: the issue allows a method-aware default "only if
-    one rule cannot do it", and a single rule that hardly stops cannot (amendment of 2026-12-08). ``reference`` (the paper presets, the saturation oracles) are not candidates,
+    one rule cannot do it", and a single rule that hardly stops cannot (amendment of 2026-12-08). ``reference``
+    (the paper presets, the saturation oracles) are not candidates,
     and neither is a rule that never stops before the budget for some method at 1x (mean saving captured 0): it is
     trivially non-inferior, and a default that does not stop is no stopping rule. A rule that stops on few
     concepts (median saving 0, mean above 0) is a candidate: the issue's fallback is the best rule non-inferior in
@@ -741,8 +743,7 @@ def markdown(cells: List[dict], chosen: Optional[str], trajectories: Sequence[Tr
                          f"{len(mine)} cells; issue 12's target (stop / saturation in [0.8, 1.5] and non-inferior) met "
                          f"in {sum(map(meets_target, mine))}; issue 23's bar (non-inferior everywhere, saving captured "
                          f">= {SAVING_BAR:g} at 1x): {'met' if meets_default_bar(mine, reported) else 'not met'}; "
-                         f"median over "
-                         f"cells of median |stop / saturation - 1|: {_fmt(median(errors))}")
+                         f"median over cells of median |stop / saturation - 1|: {_fmt(median(errors))}")
     return "\n".join(lines) + "\n"
 
 

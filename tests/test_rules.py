@@ -436,6 +436,27 @@ def test_selection_only_replays_no_held_out_trajectory(tmp_path, monkeypatch, ca
     assert exit_.value.code == 2 and not (tmp_path / "default.csv").exists()
 
 
+def test_pooled_judges_every_concept_as_one_set_and_chooses_on_it(tmp_path, monkeypatch, capsys):
+    """``--pooled``: both halves are one design set (half "all"), chosen on; with ``--rule`` it reports a fresh set
+    the same way, into default.csv's columns."""
+    trajectories = [with_signals(planted(f"c{i}", tau, 4 * tau, half=rules.HALVES[i % 2]), [tau] * 4, [1, 2, 3, 4])
+                    for i, tau in enumerate([30, 40, 50, 60, 70, 80])]
+    monkeypatch.setattr(rules, "load_trajectories", lambda folder, rescored=(): trajectories)
+    assert rules.main([str(tmp_path), "--pooled", "--csv", str(tmp_path / "cells.csv")]) == 0
+    with open(tmp_path / "cells.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {row["half"] for row in rows} == {"all"} and {row["n"] for row in rows} == {"6"}
+    out = capsys.readouterr().out
+    assert "Chosen on all concepts (--pooled)" in out and "### all concepts, one set" in out
+    assert rules.main([str(tmp_path), "--pooled", "--rule", "S level=0.8 x2", "--default-csv",
+                       str(tmp_path / "fresh.csv")]) == 0
+    with open(tmp_path / "fresh.csv") as handle:
+        assert [(row["half"], row["n"]) for row in csv.DictReader(handle)] == [("all", "6")]
+    with pytest.raises(SystemExit) as exit_:
+        rules.main([str(tmp_path), "--pooled", "--selection-only"])
+    assert exit_.value.code == 2
+
+
 def test_a_candidate_excluded_for_a_method_is_not_chosen_for_it(tmp_path, monkeypatch, capsys):
     """``--exclude METHOD=RULE``: a candidate that failed a check outside the benchmark (the main job did not stop)
     is left out of that method's part of M and out of the single rules; the note says so. A name that is not a
