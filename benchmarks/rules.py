@@ -603,12 +603,10 @@ def choose_default(cells: List[dict], half: str = "selection", reference: Sequen
 
     single = everywhere([name for name in names if not name.startswith(f"{METHOD_AWARE} ")])
     method_aware = everywhere([name for name in names if name.startswith(f"{METHOD_AWARE} ")])
-    if any(meets_default_bar(cells_of(name), half) for name in single) or (single and not method_aware):
-        return max(single, key=lambda name: (*saving(name), -names.index(name)))
-    if single:  # no single rule meets the bar: M competes with them on saving (amendment of 2026-12-08)
-        return max(single + method_aware, key=lambda name: (*saving(name), -names.index(name)))
-    if method_aware:
-        return method_aware[0]
+    # no single rule meets the bar: M competes with the safe ones on saving (amendment of 2026-12-08)
+    contenders = single if any(meets_default_bar(cells_of(name), half) for name in single) else single + method_aware
+    if contenders:
+        return max(contenders, key=lambda name: (*saving(name), -names.index(name)))
 
     def closest(name: str) -> tuple:  # the worst cell's CI low nearest the margin, then the saving
         return lowest([c["ci_low"] for c in cells_of(name)]), *saving(name), -names.index(name)

@@ -114,9 +114,10 @@ class AllSettled(StopRule):
 
     def _upgrade(self, state: Dict[str, Any]) -> Dict[str, Any]:
         """A state saved before ``flat_holds`` existed was written by a rule in which every signal held the stop."""
-        if "flat_holds" in state.get("settings", {"flat_holds": None}):
+        settings = state.get("settings")
+        if settings is None or "flat_holds" in settings:
             return state
-        return {**state, "settings": {**state["settings"], "flat_holds": True}}
+        return {**state, "settings": {**settings, "flat_holds": True}}
 
     def _flat(self) -> List[int]:
         """The signals that have not fired and are held back only for lack of a drop, when they do not hold the
